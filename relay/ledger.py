@@ -1,0 +1,239 @@
+"""SQL persistence (SQLAlchemy Core): verdicts, opt-outs, quotes, payments, messages, refunds."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from relay.moderation import Verdict
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    Connection,
+    Engine,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    insert,
+    select,
+)
+from sqlalchemy.exc import IntegrityError
+
+SCHEMA_VERSION = 1
+
+metadata = MetaData()
+
+schema_info = Table(
+    "relay_schema",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("version", Integer, nullable=False),
+)
+
+verdicts = Table(
+    "verdicts",
+    metadata,
+    Column("key", String(128), primary_key=True),
+    Column("verdict", JSON, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+opt_outs = Table(
+    "opt_outs",
+    metadata,
+    Column("phone", String(32), primary_key=True),
+    Column("opted_out_at", Float, nullable=False),
+)
+
+payments = Table(
+    "payments",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("payment_key", String(64), nullable=False, unique=True),
+    Column("payment_identifier", String(128), unique=True),
+    Column("quote_id", String(64), nullable=False, unique=True),
+    Column("payer", String(42), nullable=False),
+    Column("nonce", String(66), nullable=False),
+    Column("amount_atomic", BigInteger, nullable=False),
+    Column("network", String(32), nullable=False),
+    Column("asset", String(42), nullable=False),
+    Column("pay_to", String(42), nullable=False),
+    Column("destination", String(32), nullable=False),
+    Column("segments", Integer, nullable=False),
+    Column("state", String(24), nullable=False),
+    Column("payload", JSON, nullable=False),
+    Column("requirements", JSON, nullable=False),
+    Column("tx_hash", String(66)),
+    Column("error", String(200)),
+    Column("response_status", Integer),
+    Column("response_body", JSON),
+    Column("response_headers", JSON),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    UniqueConstraint("payer", "nonce", name="uq_payments_authorization"),
+)
+
+messages = Table(
+    "messages",
+    metadata,
+    Column("message_id", String(64), primary_key=True),
+    Column("payment_id", String(32), nullable=False, unique=True),
+    Column("destination", String(32), nullable=False),
+    Column("segments", Integer, nullable=False),
+    Column("status", String(24), nullable=False),
+    Column("provider", String(16), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+message_events = Table(
+    "message_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("message_id", String(64), nullable=False, index=True),
+    Column("status", String(24), nullable=False),
+    Column("at", Float, nullable=False),
+    Column("detail", String(200)),
+)
+
+refunds = Table(
+    "refunds",
+    metadata,
+    Column("payment_id", String(32), primary_key=True),
+    Column("tx_hash", String(66)),
+    Column("amount_atomic", BigInteger, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("error", String(200)),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("message_id", String(64), primary_key=True),
+    Column("client_reference", String(64), nullable=False, unique=True),
+    Column("destination", String(32), nullable=False),
+    Column("body", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+settler_nonces = Table(
+    "settler_nonces",
+    metadata,
+    Column("address", String(42), primary_key=True),
+    Column("next_nonce", BigInteger, nullable=False),
+)
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for the URL; SQLite gets WAL and a busy timeout so threads can share it."""
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    if not url.startswith("sqlite"):
+        return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+    event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+class Ledger:
+    """The relay's one database."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @classmethod
+    def from_url(cls, url: str) -> Ledger:
+        """A ledger on the database at URL (the schema is not touched)."""
+        return cls(make_engine(url))
+
+    def upgrade(self) -> int:
+        """Create or migrate the schema; returns the schema version."""
+        metadata.create_all(self.engine)
+        with self.engine.begin() as conn:
+            row = conn.execute(select(schema_info.c.version)).first()
+            if row is None:
+                conn.execute(insert(schema_info).values(id=1, version=SCHEMA_VERSION))
+                return SCHEMA_VERSION
+            return int(row.version)
+
+    @contextmanager
+    def begin(self) -> Iterator[Connection]:
+        """A transaction."""
+        with self.engine.begin() as conn:
+            yield conn
+
+    def ping(self) -> None:
+        """Raise if the database cannot be reached."""
+        with self.engine.connect() as conn:
+            conn.execute(select(1))
+
+    # Verdict cache -----------------------------------------------------------------
+    def get_verdict(self, key: str) -> dict[str, Any] | None:
+        """The cached verdict stored under KEY, if any."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(verdicts.c.verdict).where(verdicts.c.key == key)).first()
+        return None if row is None else _as_dict(row.verdict)
+
+    def put_verdict(self, key: str, verdict: dict[str, Any], now: float) -> None:
+        """Store a verdict; the first one stored for a key wins."""
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(verdicts).values(key=key, verdict=verdict, created_at=now))
+        except IntegrityError:
+            pass
+
+    # Opt-out registry ------------------------------------------------------------
+    def is_opted_out(self, phone: str) -> bool:
+        """Whether the number has asked for no more messages."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(opt_outs.c.phone).where(opt_outs.c.phone == phone)).first()
+        return row is not None
+
+    def set_opt_out(self, phone: str, opted_out: bool, now: float) -> None:
+        """Add the number to the registry (STOP) or remove it (START)."""
+        with self.engine.begin() as conn:
+            conn.execute(opt_outs.delete().where(opt_outs.c.phone == phone))
+            if opted_out:
+                conn.execute(insert(opt_outs).values(phone=phone, opted_out_at=now))
+
+
+class LedgerVerdictCache:
+    """The moderation verdict cache, shared by every process through the database."""
+
+    def __init__(self, ledger: Ledger, clock: Callable[[], float]) -> None:
+        self._ledger = ledger
+        self._clock = clock
+
+    def get(self, key: str) -> Verdict | None:
+        """The verdict stored under KEY, if any."""
+        stored = self._ledger.get_verdict(key)
+        return None if stored is None else Verdict.from_dict(stored)
+
+    def put(self, key: str, verdict: Verdict) -> None:
+        """Remember a verdict."""
+        self._ledger.put_verdict(key, verdict.to_dict(), self._clock())
+
+
+def _as_dict(value: Any) -> dict[str, Any]:
+    if isinstance(value, str):
+        loaded: dict[str, Any] = json.loads(value)
+        return loaded
+    return dict(value)

@@ -1,0 +1,45 @@
+"""The bundle of collaborators every flow uses, built in exactly one place."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from relay.moderation import Moderator, build_moderator
+
+from relay.ledger import Ledger, LedgerVerdictCache
+from relay.quote_tokens import QuoteSigner
+from relay.ratelimit import Limiter, lockout_rule
+from relay.settings import Settings
+
+
+@dataclass
+class Services:
+    """Moderator, ledger, signer, limiters and clock for one app."""
+
+    settings: Settings
+    ledger: Ledger
+    moderator: Moderator
+    signer: QuoteSigner
+    quote_limiter: Limiter
+    password_limiter: Limiter
+    clock: Callable[[], float] = field(default=time.time)
+
+
+def build_services(settings: Settings, clock: Callable[[], float] = time.time) -> Services:
+    """Wire every collaborator from the settings."""
+    ledger = Ledger.from_url(settings.database_url)
+    ledger.upgrade()
+    lockout = lockout_rule(
+        settings.pay_password_max_failures, settings.pay_password_lockout_seconds
+    )
+    return Services(
+        settings=settings,
+        ledger=ledger,
+        moderator=build_moderator(settings, LedgerVerdictCache(ledger, clock)),
+        signer=QuoteSigner(settings.quote_secret, settings.quote_ttl_seconds),
+        quote_limiter=Limiter(settings.rate_limit_storage_url, settings.quote_rate_limit),
+        password_limiter=Limiter(settings.rate_limit_storage_url, lockout),
+        clock=clock,
+    )

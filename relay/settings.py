@@ -1,0 +1,288 @@
+"""The one settings object, loaded from the environment (and an optional .env) at start-up."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any, Literal
+
+from dotenv import dotenv_values
+from eth_account import Account
+from eth_utils import is_address, to_checksum_address
+from limits import parse_many
+from x402.mechanisms.evm.default_assets import DEFAULT_ASSETS
+from x402.mechanisms.evm.v1.constants import V1_NETWORK_CHAIN_IDS
+
+DEFAULT_RPC_URLS = {
+    "eip155:84532": "https://sepolia.base.org",
+    "eip155:8453": "https://mainnet.base.org",
+}
+DEFAULT_FACILITATOR_URL = "https://x402.org/facilitator"
+MAX_BODY_BYTES = 64 * 1024
+
+
+class SettingsError(Exception):
+    """Raised at start-up with every configuration problem found, one per line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("Invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _secret() -> Any:
+    return field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of the relay. Secrets are kept out of repr()."""
+
+    quote_secret: str = field(default="", repr=False)
+    pay_to_address: str = ""
+    pay_password: str | None = _secret()
+    quote_ttl_seconds: int = 600
+    price_per_segment_usd: Decimal = Decimal("0.05")
+    max_segments: int = 10
+    x402_network: str = "eip155:84532"
+    usdc_address: str = ""
+    rpc_url: str = ""
+    facilitator: Literal["local", "remote"] = "remote"
+    facilitator_url: str = DEFAULT_FACILITATOR_URL
+    settler_private_key: str | None = _secret()
+    refund_private_key: str | None = _secret()
+    moderation_provider: Literal["gemini", "rules"] = "gemini"
+    gemini_api_key: str | None = _secret()
+    gemini_model: str = "gemini-2.5-flash"
+    gemini_base_url: str | None = None
+    gemini_price_input_per_m: Decimal | None = None
+    gemini_price_output_per_m: Decimal | None = None
+    gemini_timeout_seconds: float = 15.0
+    gemini_max_attempts: int = 3
+    sms_provider: Literal["sinch", "outbox"] = "sinch"
+    sinch_service_plan_id: str | None = None
+    sinch_api_token: str | None = _secret()
+    sinch_region: str = "us"
+    sinch_from: str | None = None
+    sinch_base_url: str | None = None
+    sinch_callback_secret: str | None = _secret()
+    opt_out_line: str = "Reply STOP to opt out"
+    database_url: str = "sqlite:///relay.db"
+    quote_rate_limit: str = "30/minute"
+    rate_limit_storage_url: str = "memory://"
+    public_base_url: str | None = None
+    pay_password_max_failures: int = 5
+    pay_password_lockout_seconds: int = 300
+    max_body_bytes: int = MAX_BODY_BYTES
+
+    def __post_init__(self) -> None:
+        if not self.usdc_address and self.x402_network in DEFAULT_ASSETS:
+            asset = DEFAULT_ASSETS[self.x402_network][0]["asset"]
+            object.__setattr__(self, "usdc_address", asset)
+        if not self.rpc_url:
+            object.__setattr__(self, "rpc_url", DEFAULT_RPC_URLS.get(self.x402_network, ""))
+
+    @property
+    def chain_id(self) -> int:
+        """The EVM chain id of the configured CAIP-2 network."""
+        return int(self.x402_network.split(":", 1)[1])
+
+    @property
+    def v1_network(self) -> str:
+        """The x402 v1 network name (e.g. base-sepolia) of the configured network."""
+        names = {chain: name for name, chain in V1_NETWORK_CHAIN_IDS.items()}
+        return names.get(self.chain_id, self.x402_network)
+
+    @property
+    def usdc_eip712(self) -> tuple[str, str]:
+        """The token's EIP-712 domain name and version."""
+        for asset in DEFAULT_ASSETS.get(self.x402_network, []):
+            if asset["asset"].lower() == self.usdc_address.lower():
+                return asset["name"], asset["version"]
+        return "USD Coin", "2"
+
+    @property
+    def sinch_base(self) -> str:
+        """The Sinch REST base URL."""
+        return self.sinch_base_url or f"https://{self.sinch_region}.sms.api.sinch.com"
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with some fields changed (tests and the dev stack use it)."""
+        return dataclasses.replace(self, **changes)
+
+    def problems(self) -> list[str]:
+        """Every inconsistency between the fields, as human-readable lines."""
+        return [p for check in _CHECKS for p in check(self)]
+
+
+def _check_core(s: Settings) -> list[str]:
+    out = []
+    if len(s.quote_secret) < 16:
+        out.append("QUOTE_SECRET must be set to at least 16 characters")
+    if not is_address(s.pay_to_address):
+        out.append("PAY_TO_ADDRESS must be an EVM address (0x + 40 hex digits)")
+    if not s.x402_network.startswith("eip155:") or not s.x402_network[7:].isdigit():
+        out.append("X402_NETWORK must be a CAIP-2 EVM network such as eip155:84532")
+    if not is_address(s.usdc_address):
+        out.append("USDC_ADDRESS must be set to the token address for this network")
+    if s.quote_ttl_seconds < 30 or s.max_segments < 1 or s.price_per_segment_usd <= 0:
+        out.append("QUOTE_TTL_SECONDS >= 30, MAX_SEGMENTS >= 1, PRICE_PER_SEGMENT_USD > 0")
+    return out
+
+
+def _check_payments(s: Settings) -> list[str]:
+    out = []
+    if s.facilitator == "local":
+        if not s.rpc_url:
+            out.append("RPC_URL is required with FACILITATOR=local")
+        if not _is_key(s.settler_private_key):
+            out.append("SETTLER_PRIVATE_KEY (a 32-byte hex key) is required with FACILITATOR=local")
+    elif not s.facilitator_url.startswith(("http://", "https://")):
+        out.append("FACILITATOR_URL must be an http(s) URL")
+    if s.refund_private_key is not None and not _is_key(s.refund_private_key):
+        out.append("REFUND_PRIVATE_KEY must be a 32-byte hex key")
+    return out
+
+
+def _check_providers(s: Settings) -> list[str]:
+    out = []
+    if s.moderation_provider == "gemini" and not s.gemini_api_key:
+        out.append("GEMINI_API_KEY is required (or set MODERATION_PROVIDER=rules for development)")
+    if s.sms_provider == "sinch":
+        for name in ("sinch_service_plan_id", "sinch_api_token", "sinch_from"):
+            if not getattr(s, name):
+                out.append(f"{name.upper()} is required with SMS_PROVIDER=sinch")
+    try:
+        parse_many(s.quote_rate_limit)
+    except ValueError:
+        out.append('QUOTE_RATE_LIMIT must look like "30/minute" or "30/minute;500/hour"')
+    return out
+
+
+_CHECKS: list[Callable[[Settings], list[str]]] = [_check_core, _check_payments, _check_providers]
+
+
+def _is_key(value: str | None) -> bool:
+    if not value:
+        return False
+    try:
+        Account.from_key(value)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+# Environment variable -> (field, parser). Parsers raise ValueError with a readable message.
+def _choice(*options: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in options:
+            raise ValueError(f"must be one of {', '.join(options)}")
+        return value
+
+    return parse
+
+
+def _int(raw: str) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError("must be an integer") from None
+
+
+def _decimal(raw: str) -> Decimal:
+    try:
+        value = Decimal(raw)
+    except InvalidOperation:
+        raise ValueError("must be a decimal number") from None
+    if not value.is_finite() or value < 0:
+        raise ValueError("must be a non-negative decimal number")
+    return value
+
+
+def _address(raw: str) -> str:
+    if not is_address(raw):
+        raise ValueError("must be an EVM address")
+    return to_checksum_address(raw)
+
+
+def _text(raw: str) -> str:
+    return raw
+
+
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "QUOTE_SECRET": _text,
+    "PAY_TO_ADDRESS": _address,
+    "PAY_PASSWORD": _text,
+    "QUOTE_TTL_SECONDS": _int,
+    "PRICE_PER_SEGMENT_USD": _decimal,
+    "MAX_SEGMENTS": _int,
+    "X402_NETWORK": _text,
+    "USDC_ADDRESS": _address,
+    "RPC_URL": _text,
+    "FACILITATOR": _choice("local", "remote"),
+    "FACILITATOR_URL": _text,
+    "SETTLER_PRIVATE_KEY": _text,
+    "REFUND_PRIVATE_KEY": _text,
+    "MODERATION_PROVIDER": _choice("gemini", "rules"),
+    "GEMINI_API_KEY": _text,
+    "GEMINI_MODEL": _text,
+    "GEMINI_BASE_URL": _text,
+    "GEMINI_PRICE_INPUT_PER_M": _decimal,
+    "GEMINI_PRICE_OUTPUT_PER_M": _decimal,
+    "GEMINI_TIMEOUT_SECONDS": _decimal,
+    "GEMINI_MAX_ATTEMPTS": _int,
+    "SMS_PROVIDER": _choice("sinch", "outbox"),
+    "SINCH_SERVICE_PLAN_ID": _text,
+    "SINCH_API_TOKEN": _text,
+    "SINCH_REGION": _text,
+    "SINCH_FROM": _text,
+    "SINCH_BASE_URL": _text,
+    "SINCH_CALLBACK_SECRET": _text,
+    "OPT_OUT_LINE": _text,
+    "DATABASE_URL": _text,
+    "QUOTE_RATE_LIMIT": _text,
+    "RATE_LIMIT_STORAGE_URL": _text,
+    "PUBLIC_BASE_URL": _text,
+    "PAY_PASSWORD_MAX_FAILURES": _int,
+    "PAY_PASSWORD_LOCKOUT_SECONDS": _int,
+}
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None, env_file: str | Path | None = ".env"
+) -> Settings:
+    """Read, parse and check every variable; raise SettingsError listing all problems."""
+    source: dict[str, str | None] = {}
+    if env_file is not None and Path(env_file).is_file():
+        source.update(dotenv_values(env_file))
+    source.update(os.environ if environ is None else environ)
+    values, problems = _parse(source)
+    if problems:
+        raise SettingsError(problems)
+    settings = Settings(**values)
+    problems = settings.problems()
+    if problems:
+        raise SettingsError(problems)
+    return settings
+
+
+def _parse(source: Mapping[str, str | None]) -> tuple[dict[str, Any], list[str]]:
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    for name, parser in _PARSERS.items():
+        raw = source.get(name)
+        if raw is None or raw.strip() == "":
+            continue
+        try:
+            value = parser(raw.strip())
+        except ValueError as exc:
+            problems.append(f"{name} {exc}")
+            continue
+        if name == "GEMINI_TIMEOUT_SECONDS":
+            value = float(value)
+        values[name.lower()] = value
+    return values, problems

@@ -1,0 +1,63 @@
+import pytest
+
+from relay.errors import InvalidInput, QuoteContentMismatch, QuoteExpired
+from relay.quote_tokens import QuoteClaims, QuoteSigner, message_sha256
+
+NOW = 1_800_000_000
+
+
+def claims(**changes: object) -> QuoteClaims:
+    fields: dict[str, object] = dict(
+        message_sha256=message_sha256("hello"),
+        to="+13012576365",
+        segments=1,
+        encoding="GSM-7",
+        price_atomic=50626,
+        verdict_id="v1",
+        smart_encoding=False,
+        issued_at=NOW,
+    )
+    fields.update(changes)
+    return QuoteClaims.new(**fields)
+
+
+SIGNER = QuoteSigner("s" * 32, ttl_seconds=600)
+
+
+def test_round_trip() -> None:
+    original = claims()
+    token = SIGNER.sign(original)
+    assert SIGNER.verify(token, message="hello", to="+13012576365", now=NOW + 10) == original
+
+
+def test_token_never_contains_the_text() -> None:
+    token = SIGNER.sign(claims(message_sha256=message_sha256("secret words")))
+    assert "secret" not in token
+
+
+@pytest.mark.parametrize(("message", "to"), [("hello!", "+13012576365"), ("hello", "+13012576366")])
+def test_mismatch(message: str, to: str) -> None:
+    token = SIGNER.sign(claims())
+    with pytest.raises(QuoteContentMismatch):
+        SIGNER.verify(token, message=message, to=to, now=NOW)
+
+
+def test_expired_after_ttl() -> None:
+    token = SIGNER.sign(claims())
+    SIGNER.verify(token, message="hello", to="+13012576365", now=NOW + 600)
+    with pytest.raises(QuoteExpired):
+        SIGNER.verify(token, message="hello", to="+13012576365", now=NOW + 601)
+
+
+@pytest.mark.parametrize(
+    "token",
+    ["", "garbage", QuoteSigner("x" * 32, 600).sign(claims()), SIGNER.sign(claims()) + "x"],
+)
+def test_bad_signature_is_invalid_input(token: str) -> None:
+    with pytest.raises(InvalidInput) as info:
+        SIGNER.verify(token, message="hello", to="+13012576365", now=NOW)
+    assert info.value.details == {"field": "quote_token"}
+
+
+def test_unique_quote_ids() -> None:
+    assert claims().quote_id != claims().quote_id

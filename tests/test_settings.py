@@ -1,0 +1,89 @@
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from relay.settings import Settings, SettingsError, load_settings
+
+PAY_TO = "0x85F37873f97afa61263A27107f2e7b0B672d7CFF"
+GOOD = {
+    "QUOTE_SECRET": "q" * 32,
+    "PAY_TO_ADDRESS": PAY_TO.lower(),
+    "MODERATION_PROVIDER": "rules",
+    "SMS_PROVIDER": "outbox",
+}
+
+
+def test_minimal_development_configuration() -> None:
+    settings = load_settings(GOOD, env_file=None)
+    assert settings.pay_to_address == PAY_TO
+    assert settings.usdc_address == "0x036CbD53842c5426634e7929541eC2318f3dCF7e"
+    assert settings.usdc_eip712 == ("USDC", "2")
+    assert settings.v1_network == "base-sepolia"
+    assert settings.price_per_segment_usd == Decimal("0.05")
+    assert settings.quote_ttl_seconds == 600
+    assert settings.database_url == "sqlite:///relay.db"
+
+
+def test_mainnet_is_a_configuration_change() -> None:
+    settings = load_settings({**GOOD, "X402_NETWORK": "eip155:8453"}, env_file=None)
+    assert settings.usdc_address == "0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913"
+    assert settings.usdc_eip712 == ("USD Coin", "2")
+    assert settings.v1_network == "base"
+    assert settings.rpc_url == "https://mainnet.base.org"
+
+
+def test_every_problem_reported_at_once() -> None:
+    env = {
+        "QUOTE_TTL_SECONDS": "ten",
+        "PRICE_PER_SEGMENT_USD": "cheap",
+        "FACILITATOR": "elsewhere",
+        "PAY_TO_ADDRESS": "0x123",
+    }
+    with pytest.raises(SettingsError) as info:
+        load_settings(env, env_file=None)
+    text = str(info.value)
+    for name in ("QUOTE_TTL_SECONDS", "PRICE_PER_SEGMENT_USD", "FACILITATOR", "PAY_TO_ADDRESS"):
+        assert name in text
+
+
+def test_consistency_problems_listed_together() -> None:
+    env = {"QUOTE_SECRET": "short", "PAY_TO_ADDRESS": PAY_TO, "FACILITATOR": "local"}
+    with pytest.raises(SettingsError) as info:
+        load_settings(env, env_file=None)
+    problems = "\n".join(info.value.problems)
+    for name in ("QUOTE_SECRET", "SETTLER_PRIVATE_KEY", "GEMINI_API_KEY", "SINCH_API_TOKEN"):
+        assert name in problems
+
+
+def test_refuses_to_start_without_gemini_key_or_rules() -> None:
+    env = {k: v for k, v in GOOD.items() if k != "MODERATION_PROVIDER"}
+    with pytest.raises(SettingsError, match="GEMINI_API_KEY"):
+        load_settings(env, env_file=None)
+
+
+def test_env_file_is_read_and_environment_wins(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("QUOTE_SECRET=" + "f" * 32 + "\nMAX_SEGMENTS=4\n")
+    env = {k: v for k, v in GOOD.items() if k != "QUOTE_SECRET"} | {"MAX_SEGMENTS": "7"}
+    settings = load_settings(env, env_file=env_file)
+    assert settings.quote_secret == "f" * 32
+    assert settings.max_segments == 7
+
+
+def test_secrets_stay_out_of_repr() -> None:
+    settings = Settings(
+        quote_secret="topsecretvalue123",
+        pay_to_address=PAY_TO,
+        gemini_api_key="gemini-key-abc",
+        sinch_api_token="sinch-token-xyz",
+        pay_password="hunter2hunter2",
+    )
+    text = repr(settings)
+    for secret in ("topsecretvalue123", "gemini-key-abc", "sinch-token-xyz", "hunter2hunter2"):
+        assert secret not in text
+
+
+def test_bad_rate_limit_notation() -> None:
+    with pytest.raises(SettingsError, match="QUOTE_RATE_LIMIT"):
+        load_settings({**GOOD, "QUOTE_RATE_LIMIT": "lots"}, env_file=None)
