@@ -9,6 +9,7 @@ import simplejson
 from flask import Flask, Response
 from flask.json.provider import JSONProvider
 from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from relay.errors import (
     InternalError,
@@ -50,6 +51,9 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.json = DecimalJSONProvider(app)
     app.config["MAX_CONTENT_LENGTH"] = services.settings.max_body_bytes
     app.extensions["relay"] = services
+    hops = services.settings.trusted_proxy_hops
+    if hops:
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)  # type: ignore[method-assign]
     from relay.api import api
 
     app.register_blueprint(api)

@@ -74,6 +74,7 @@ class Settings:
     quote_rate_limit: str = "30/minute"
     rate_limit_storage_url: str = "memory://"
     public_base_url: str | None = None
+    trusted_proxy_hops: int = 0
     pay_password_max_failures: int = 5
     pay_password_lockout_seconds: int = 300
     max_body_bytes: int = MAX_BODY_BYTES
@@ -247,6 +248,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "QUOTE_RATE_LIMIT": _text,
     "RATE_LIMIT_STORAGE_URL": _text,
     "PUBLIC_BASE_URL": _text,
+    "TRUSTED_PROXY_HOPS": _int,
     "PAY_PASSWORD_MAX_FAILURES": _int,
     "PAY_PASSWORD_LOCKOUT_SECONDS": _int,
 }
