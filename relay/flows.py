@@ -6,11 +6,10 @@ import logging
 from dataclasses import dataclass
 from decimal import Decimal
 
-from relay.moderation import Verdict
-from relay.phone import mask, normalize_destination
-
 from relay.errors import MessageTooLong, RecipientOptedOut, Rejected
 from relay.inputs import MessageRequest
+from relay.moderation import Verdict
+from relay.phone import mask, normalize_destination
 from relay.pricing import Price, moderation_cost, quote_price, token_prices
 from relay.quote_tokens import QuoteClaims, message_sha256
 from relay.segments import SegmentInfo, count_segments, smart_encode, validate_text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -11,6 +12,9 @@ from relay.errors import InvalidInput
 MAX_MESSAGE_CHARS = 5000
 MAX_TO_CHARS = 64
 MAX_TOKEN_CHARS = 2048
+MAX_JSON_DEPTH = 32
+_JSON_STRING = re.compile(rb'"(?:\\.|[^"\\])*"')
+_BRACKETS = re.compile(rb"[\[\]{}]")
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,8 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     """Decode a UTF-8 JSON object or raise invalid_input saying what is wrong."""
     if not raw.strip():
         _fail("The request body must be a JSON object.", reason="empty_body")
+    if _nesting_depth(raw) > MAX_JSON_DEPTH:
+        _fail("The request body is nested too deeply.", reason="too_deep")
     try:
         data = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
     except UnicodeDecodeError:
@@ -44,6 +50,15 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     if not isinstance(data, dict):
         _fail("The request body must be a JSON object.", reason="not_an_object")
     return data
+
+
+def _nesting_depth(raw: bytes) -> int:
+    """The deepest bracket nesting outside strings; checked before the C parser recurses."""
+    depth = deepest = 0
+    for bracket in _BRACKETS.findall(_JSON_STRING.sub(b"", raw)):
+        depth += 1 if bracket in (b"[", b"{") else -1
+        deepest = max(deepest, depth)
+    return deepest
 
 
 def _string(data: dict[str, Any], name: str, limit: int, *, required: bool) -> str | None:

@@ -7,7 +7,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from relay.moderation import Verdict
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -27,6 +26,8 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.exc import IntegrityError
+
+from relay.moderation import Verdict
 
 SCHEMA_VERSION = 1
 

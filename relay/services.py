@@ -6,9 +6,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from relay.moderation import Moderator, build_moderator
-
 from relay.ledger import Ledger, LedgerVerdictCache
+from relay.moderation import Moderator, build_moderator
 from relay.quote_tokens import QuoteSigner
 from relay.ratelimit import Limiter, lockout_rule
 from relay.settings import Settings

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from dotenv import dotenv_values
 from eth_account import Account
-from eth_utils import is_address, to_checksum_address
+from eth_utils.address import is_address, to_checksum_address
 from limits import parse_many
 from x402.mechanisms.evm.default_assets import DEFAULT_ASSETS
 from x402.mechanisms.evm.v1.constants import V1_NETWORK_CHAIN_IDS
@@ -263,10 +263,9 @@ def load_settings(
         source.update(dotenv_values(env_file))
     source.update(os.environ if environ is None else environ)
     values, problems = _parse(source)
-    if problems:
-        raise SettingsError(problems)
     settings = Settings(**values)
-    problems = settings.problems()
+    failed = [line.split(" ", 1)[0] for line in problems]
+    problems += [p for p in settings.problems() if not any(name in p for name in failed)]
     if problems:
         raise SettingsError(problems)
     return settings

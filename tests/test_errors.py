@@ -1,6 +1,6 @@
 import pytest
 
-from relay.errors import RelayError, RateLimited, all_error_classes
+from relay.errors import RateLimited, RelayError, all_error_classes
 
 EXPECTED = {
     "unauthorized": 401,

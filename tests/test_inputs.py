@@ -14,7 +14,8 @@ from relay.inputs import MessageRequest, parse_json_object, parse_message_reques
         (b'"text"', "not_an_object"),
         (b"\xff\xfe{}", "not_utf8"),
         (b'{"a": NaN}', None),
-        (b"[" * 100_000, "not_json"),
+        (b"[" * 100_000, "too_deep"),
+        (b'{"a": ' * 40 + b"1" + b"}" * 40, "too_deep"),
     ],
 )
 def test_bad_bodies(raw: bytes, reason: str | None) -> None:
@@ -56,3 +57,8 @@ def test_quote_token_not_accepted_on_quote() -> None:
 def test_good_request() -> None:
     data = {"message": "hi", "to": "+1", "quote_token": "t", "smart_encoding": True}
     assert parse_message_request(data, allow_token=True) == MessageRequest("hi", "+1", "t", True)
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
+    raw = b'{"message": "' + b"[{" * 100 + b'\\"]", "to": "+1"}'
+    assert parse_json_object(raw)["to"] == "+1"
