@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hmac
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from relay import flows
-from relay.errors import RateLimited
+from relay.errors import NotFound, RateLimited, Unauthorized
 from relay.inputs import parse_json_object, parse_message_request
 from relay.pricing import token_prices
 from relay.services import Services
@@ -140,3 +141,58 @@ def get_health() -> Response:
     response = jsonify({"status": "ok" if ok else "degraded", "checks": checks})
     response.status_code = 200 if ok else 503
     return response
+
+
+def require_password(svc: Services) -> None:
+    """Enforce X-Pay-Password when PAY_PASSWORD is set, with a lock-out after failures."""
+    expected = svc.settings.pay_password
+    if not expected:
+        return
+    client = client_address()
+    wait = svc.password_limiter.blocked("password", client)
+    if wait is not None:
+        raise Unauthorized("Too many wrong passwords; try again later.", retry_after=wait)
+    given = request.headers.get("X-Pay-Password", "")
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        svc.password_limiter.hit("password", client)
+        raise Unauthorized()
+
+
+@api.post("/api/send")
+def post_send() -> Response:
+    """The x402 paid send (SPEC §2, §9): 402 challenge, or verify → settle → dispatch."""
+    svc = services()
+    require_password(svc)
+    raw = request.get_data()
+    if not raw.strip() and svc.payments.parse_payment(dict(request.headers)) is None:
+        outcome = flows.probe(svc, request.base_url)
+    else:
+        req = parse_message_request(parse_json_object(raw), allow_token=True)
+        outcome = flows.send(svc, req, dict(request.headers), request.base_url)
+    response = jsonify(outcome.body)
+    response.status_code = outcome.status
+    response.headers.update(outcome.headers)
+    return response
+
+
+@api.get("/api/messages/<message_id>")
+def get_message(message_id: str) -> Response:
+    """Status of a message: history, payment and refund."""
+    svc = services()
+    require_password(svc)
+    status = flows.message_status(svc, message_id)
+    if status is None:
+        raise NotFound("No message with this id.", details={"message_id": message_id})
+    return jsonify(status)
+
+
+@api.post("/webhooks/sinch/<secret>")
+def sinch_webhook(secret: str) -> Response:
+    """Delivery reports and inbound texts (STOP/START) from Sinch."""
+    svc = services()
+    expected = svc.settings.sinch_callback_secret or ""
+    if not expected or not hmac.compare_digest(secret.encode(), expected.encode()):
+        raise NotFound()
+    raw = request.get_data()
+    flows.sinch_callback(svc, parse_json_object(raw), raw, dict(request.headers))
+    return jsonify({"ok": True})

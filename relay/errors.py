@@ -135,6 +135,13 @@ class RateLimited(RelayError):
     default_message = "Too many requests; slow down."
 
 
+class PriceLimitExceeded(RelayError):
+    """Raised by the client, before signing, when the price is above the caller's cap."""
+
+    code, status = "price_limit_exceeded", 402
+    default_message = "The price is above the limit set for this send; nothing was signed."
+
+
 class InternalError(RelayError):
     """An unexpected failure; the details stay in the server log."""
 
@@ -159,6 +166,14 @@ class SettlementPending(RelayError):
 
     code, status, retryable = "settlement_pending", 202, True
     default_message = "Settlement broadcast; awaiting confirmation. Retry the same request."
+
+
+def error_for_code(code: str) -> type[RelayError]:
+    """The error class of a stable code (the client raises these)."""
+    for cls in all_error_classes():
+        if cls.code == code:
+            return cls
+    return RelayError
 
 
 def all_error_classes() -> list[type[RelayError]]:

@@ -3,17 +3,54 @@
 from __future__ import annotations
 
 import logging
+import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Any
 
-from relay.errors import MessageTooLong, RecipientOptedOut, Rejected
+from x402 import PaymentRequirements
+
+from relay.errors import (
+    IdempotencyKeyReused,
+    MessageTooLong,
+    PaymentRequired,
+    PaymentSettlementFailed,
+    PaymentVerifyFailed,
+    QuoteAlreadyUsed,
+    RecipientOptedOut,
+    Rejected,
+    RelayError,
+    RequestInProgress,
+    SettlementPending,
+    SinchSendFailedAfterPayment,
+    Unauthorized,
+)
 from relay.inputs import MessageRequest
+from relay.ledger import Conflict
 from relay.moderation import Verdict
+from relay.payments import ParsedPayment, Settlement
 from relay.phone import mask, normalize_destination
-from relay.pricing import Price, moderation_cost, quote_price, token_prices
+from relay.pricing import (
+    Price,
+    from_atomic,
+    moderation_cost,
+    quote_price,
+    to_atomic,
+    token_prices,
+)
 from relay.quote_tokens import QuoteClaims, message_sha256
 from relay.segments import SegmentInfo, count_segments, smart_encode, validate_text
 from relay.services import Services
+from relay.sinch import (
+    DeliveryReport,
+    InboundMessage,
+    SmsDispatchError,
+    compose_body,
+    opt_out_action,
+    parse_callback,
+    verify_signature,
+)
 
 log = logging.getLogger(__name__)
 
@@ -104,3 +141,455 @@ def quote(services: Services, req: MessageRequest, *, one_shot: bool = False) ->
     log.info("quoted %s segments=%d atomic=%d", mask(to), info.segments, price.atomic)
     token = services.signer.sign(claims)
     return Quote(req.message, to, text, info, original, verdict, price, claims, token)
+
+
+# Paid send ---------------------------------------------------------------------------
+
+IN_PROGRESS_RETRY_SECONDS = 2
+STALE_SECONDS = 120
+PENDING_STATES = ("settling", "settle_pending", "settled", "dispatching")
+FINAL_STATES = ("dispatched", "dispatch_failed", "refunded", "settle_failed")
+
+
+@dataclass(frozen=True)
+class Order:
+    """What a paid request buys: one SMS of this text to this number at this price."""
+
+    to: str
+    text: str
+    segments: int
+    amount_atomic: int
+    quote_id: str | None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """An HTTP answer for /api/send: status, JSON body and headers."""
+
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str]
+
+
+def order_for(services: Services, req: MessageRequest) -> Order:
+    """The order a send request stands for: from its quote token, or quoted on the spot."""
+    if req.quote_token is None:
+        q = quote(services, req, one_shot=True)
+        return Order(q.to, q.text, q.segments.segments, q.price.atomic, None)
+    to = normalize_destination(req.to)
+    claims = services.signer.verify(
+        req.quote_token, message=req.message, to=to, now=services.clock()
+    )
+    if services.ledger.is_opted_out(to):
+        raise RecipientOptedOut(details={"to": mask(to)})
+    text = smart_encode(req.message) if claims.smart_encoding else req.message
+    return Order(to, text, claims.segments, claims.price_atomic, claims.quote_id)
+
+
+def send(
+    services: Services, req: MessageRequest, headers: Mapping[str, str], resource_url: str
+) -> Outcome:
+    """Challenge, or verify → claim → settle → dispatch (SPEC §2, §9, §11)."""
+    order = order_for(services, req)
+    payments = services.payments
+    requirements = payments.requirements(order.amount_atomic)
+    parsed = payments.parse_payment(headers)
+    if parsed is None:
+        return challenge(services, requirements, order.amount_atomic, resource_url)
+    stored = replay(services, parsed)
+    if stored is not None:
+        return stored
+    payments.match(parsed, requirements)
+    payer = payments.verify(parsed, requirements)
+    payment_id = claim(services, order, parsed, requirements, payer)
+    return settle_and_dispatch(services, payment_id, parsed, requirements)
+
+
+def challenge(
+    services: Services, requirements: Any, amount_atomic: int, resource_url: str
+) -> Outcome:
+    """The 402: v2 PAYMENT-REQUIRED header, v1 accepts and the reference's fields in the body."""
+    price = from_atomic(amount_atomic)
+    header, v1 = services.payments.challenge(
+        requirements,
+        resource_url=resource_url,
+        description=f"One SMS, moderated and sent via Sinch: {price} USDC",
+        error="Payment required",
+    )
+    body = PaymentRequired(
+        details={"amount_atomic": str(amount_atomic)},
+        extra={
+            "protocol": "x402",
+            "price_usd": price,
+            "how_to_pay": HOW_TO_PAY,
+            **v1,
+        },
+    ).body()
+    return Outcome(402, body, {"PAYMENT-REQUIRED": header})
+
+
+HOW_TO_PAY = (
+    "Resubmit POST /api/send with the same body and a PAYMENT-SIGNATURE (x402 v2) or "
+    "X-PAYMENT (v1) header signed for the requested amount."
+)
+
+
+def replay(services: Services, parsed: ParsedPayment) -> Outcome | None:
+    """The answer for a payment seen before, or None for a new one."""
+    row = services.ledger.payment_by_key(parsed.payment_key)
+    if row is None:
+        if parsed.payment_identifier is not None:
+            other = services.ledger.payment_by_identifier(parsed.payment_identifier)
+            if other is not None:
+                raise IdempotencyKeyReused(
+                    details={"payment_identifier": other["payment_identifier"]}
+                )
+        return None
+    return resume(services, row, parsed)
+
+
+def resume(services: Services, row: dict[str, Any], parsed: ParsedPayment) -> Outcome:
+    """Continue or report a payment already in the ledger."""
+    if row["response_status"] is not None and row["state"] in FINAL_STATES:
+        return Outcome(row["response_status"], row["response_body"], row["response_headers"] or {})
+    if row["state"] == "settle_pending":
+        requirements = PaymentRequirements.model_validate(row["requirements"])
+        return settle_and_dispatch(services, row["id"], parsed, requirements)
+    raise RequestInProgress(retry_after=IN_PROGRESS_RETRY_SECONDS, details={"state": row["state"]})
+
+
+def claim(
+    services: Services,
+    order: Order,
+    parsed: ParsedPayment,
+    requirements: PaymentRequirements,
+    payer: str,
+) -> str:
+    """Claim quote, authorization and identifier in one insert; the payment id."""
+    now = services.clock()
+    payment_id = secrets.token_hex(12)
+    row = {
+        "id": payment_id,
+        "payment_key": parsed.payment_key,
+        "payment_identifier": parsed.payment_identifier,
+        "quote_id": order.quote_id or f"auth:{payer}:{parsed.nonce}",
+        "payer": payer,
+        "nonce": parsed.nonce,
+        "amount_atomic": order.amount_atomic,
+        "network": services.settings.x402_network,
+        "asset": requirements.asset,
+        "pay_to": requirements.pay_to,
+        "destination": order.to,
+        "segments": order.segments,
+        "body": order.text,
+        "version": parsed.version,
+        "state": "settling",
+        "payload": parsed.as_dict(),
+        "requirements": requirements.model_dump(mode="json", by_alias=True),
+        "created_at": now,
+        "updated_at": now,
+    }
+    try:
+        services.ledger.claim_payment(row)
+    except Conflict as conflict:
+        raise claim_error(services, conflict, parsed) from None
+    return payment_id
+
+
+def claim_error(services: Services, conflict: Conflict, parsed: ParsedPayment) -> RelayError:
+    """Why a claim lost: the same payment running, a reused identifier, or a used quote."""
+    existing = conflict.existing or {}
+    if conflict.kind == "same_payment":
+        return RequestInProgress(retry_after=IN_PROGRESS_RETRY_SECONDS)
+    if conflict.kind == "identifier":
+        return IdempotencyKeyReused(details={"payment_identifier": parsed.payment_identifier})
+    if conflict.kind == "authorization":
+        return PaymentVerifyFailed(
+            "This authorization was already used for another request.",
+            details={"reason": "authorization_already_used"},
+            extra={"reason": "authorization_already_used"},
+        )
+    return QuoteAlreadyUsed(details={"message_id": existing.get("message_id")})
+
+
+def settle_and_dispatch(
+    services: Services,
+    payment_id: str,
+    parsed: ParsedPayment,
+    requirements: PaymentRequirements,
+) -> Outcome:
+    """Settle (or confirm a pending settlement), then dispatch exactly once."""
+    settlement = settle(services, payment_id, parsed, requirements)
+    if not services.ledger.transition(payment_id, ("settled",), "dispatching", services.clock()):
+        row = services.ledger.payment(payment_id) or {}
+        return resume(services, row, parsed)
+    return dispatch(services, payment_id, parsed, settlement)
+
+
+def settle(
+    services: Services,
+    payment_id: str,
+    parsed: ParsedPayment,
+    requirements: PaymentRequirements,
+) -> Settlement:
+    """Settle on-chain, committing each outcome before anything else happens."""
+    ledger, now = services.ledger, services.clock
+    row = ledger.payment(payment_id) or {}
+    try:
+        if row.get("state") == "settle_pending" and row.get("tx_hash"):
+            settlement = services.payments.confirm(parsed, requirements, row["tx_hash"])
+            if settlement is None:
+                raise SettlementPending(
+                    retry_after=5,
+                    details={"transaction": row["tx_hash"]},
+                    extra={"transaction": row["tx_hash"]},
+                )
+        else:
+            settlement = services.payments.settle(parsed, requirements)
+    except SettlementPending as pending:
+        tx = pending.details.get("transaction")
+        ledger.transition(
+            payment_id, ("settling", "settle_pending"), "settle_pending", now(), tx_hash=tx
+        )
+        raise
+    except PaymentSettlementFailed as failed:
+        settle_failed(services, payment_id, failed)
+        raise
+    ledger.transition(
+        payment_id, ("settling", "settle_pending"), "settled", now(), tx_hash=settlement.transaction
+    )
+    return settlement
+
+
+def dispatch(
+    services: Services, payment_id: str, parsed: ParsedPayment, settlement: Settlement
+) -> Outcome:
+    """Hand the paid SMS to the provider; answer 200, or 502 with the refund."""
+    row = services.ledger.payment(payment_id) or {}
+    body_text = compose_body(row["body"], services.settings.opt_out_line)
+    payment_header = dict([services.payments.response_header(settlement, parsed.version)])
+    try:
+        sent = services.sms.send(row["destination"], body_text, payment_id)
+    except SmsDispatchError as exc:
+        return dispatch_failed(services, row, settlement, exc, payment_header)
+    now = services.clock()
+    services.ledger.record_message(message_row(row, sent.message_id, sent.provider, "queued", now))
+    body = {
+        "sent": True,
+        "message_id": sent.message_id,
+        "status": "queued",
+        "to": row["destination"],
+        "segments": row["segments"],
+        "price_usd": from_atomic(row["amount_atomic"]),
+        "paid_by": row["payer"],
+        "transaction": settlement.transaction,
+    }
+    log.info(
+        "sent %s message_id=%s tx=%s",
+        mask(row["destination"]),
+        sent.message_id,
+        settlement.transaction,
+    )
+    return finish(
+        services,
+        payment_id,
+        ("dispatching",),
+        "dispatched",
+        Outcome(200, body, payment_header),
+        message_id=sent.message_id,
+    )
+
+
+def message_row(
+    payment: dict[str, Any], message_id: str, provider: str, status: str, now: float
+) -> dict[str, Any]:
+    """A messages row for a payment."""
+    return {
+        "message_id": message_id,
+        "payment_id": payment["id"],
+        "destination": payment["destination"],
+        "segments": payment["segments"],
+        "status": status,
+        "provider": provider,
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
+def dispatch_failed(
+    services: Services,
+    row: dict[str, Any],
+    settlement: Settlement,
+    exc: SmsDispatchError,
+    payment_header: dict[str, str],
+) -> Outcome:
+    """The provider refused after payment: record it, refund if we can, answer 502."""
+    ledger, payment_id = services.ledger, row["id"]
+    log.warning("dispatch failed after payment %s: %s", payment_id, exc.message)
+    if exc.maybe_sent:
+        error = SinchSendFailedAfterPayment(
+            "The SMS provider could not confirm the message; it will be reconciled.",
+            details={"transaction": settlement.transaction, "status": "unknown"},
+            extra={"transaction": settlement.transaction, "refund": None},
+        )
+        ledger.transition(payment_id, ("dispatching",), "dispatch_unknown", services.clock())
+        return Outcome(error.status, error.body(), payment_header)
+    ledger.transition(
+        payment_id, ("dispatching",), "dispatch_failed", services.clock(), error=exc.message[:200]
+    )
+    ledger.record_message(message_row(row, payment_id, "none", "failed", services.clock()))
+    refund = refund_payment(services, row)
+    error = SinchSendFailedAfterPayment(
+        details={
+            "transaction": settlement.transaction,
+            "provider_status": exc.status,
+            "refund": refund,
+        },
+        extra={"transaction": settlement.transaction, "refund": refund, "message_id": payment_id},
+    )
+    state = "refunded" if refund and refund["state"] == "confirmed" else "dispatch_failed"
+    return finish(
+        services,
+        payment_id,
+        ("dispatch_failed",),
+        state,
+        Outcome(error.status, error.body(), payment_header),
+    )
+
+
+def refund_payment(services: Services, row: dict[str, Any]) -> dict[str, Any] | None:
+    """Send the payer's USDC back when a refund key is configured; the refund record."""
+    if services.refunder is None:
+        return None
+    now = services.clock()
+    record: dict[str, Any] = {
+        "payment_id": row["id"],
+        "tx_hash": None,
+        "amount_atomic": row["amount_atomic"],
+        "state": "sending",
+        "error": None,
+        "created_at": now,
+        "updated_at": now,
+    }
+    services.ledger.record_refund(record)
+    try:
+        record["tx_hash"] = services.refunder.refund(row["payer"], row["amount_atomic"])
+        record["state"] = "confirmed"
+    except SettlementPending as pending:
+        record["tx_hash"], record["state"] = pending.details.get("transaction"), "pending"
+    except RelayError as exc:
+        record["state"], record["error"] = "failed", exc.code
+    record["updated_at"] = services.clock()
+    services.ledger.record_refund(record)
+    if record["state"] == "confirmed":
+        services.ledger.update_message_status(row["id"], "refunded", record["updated_at"])
+    return {
+        "transaction": record["tx_hash"],
+        "amount_atomic": str(row["amount_atomic"]),
+        "state": record["state"],
+    }
+
+
+def finish(
+    services: Services,
+    payment_id: str,
+    from_states: tuple[str, ...],
+    state: str,
+    outcome: Outcome,
+    **fields: Any,
+) -> Outcome:
+    """Store the final answer with the final state; the stored answer is replayed after."""
+    services.ledger.transition(
+        payment_id,
+        from_states,
+        state,
+        services.clock(),
+        response_status=outcome.status,
+        response_body=outcome.body,
+        response_headers=outcome.headers,
+        body=None,
+        **fields,
+    )
+    return outcome
+
+
+def settle_failed(services: Services, payment_id: str, failed: RelayError) -> None:
+    """Record a failed settlement and free the quote for another payment."""
+    finish(
+        services,
+        payment_id,
+        ("settling", "settle_pending"),
+        "settle_failed",
+        Outcome(failed.status, failed.body(), failed.response_headers()),
+        quote_id=f"released:{payment_id}",
+    )
+
+
+def probe(services: Services, resource_url: str) -> Outcome:
+    """A bare POST /api/send: a 402 at the one-segment price, describing the price rule."""
+    settings = services.settings
+    per_segment = to_atomic(settings.price_per_segment_usd)
+    outcome = challenge(
+        services, services.payments.requirements(per_segment), per_segment, resource_url
+    )
+    outcome.body["price_rule"] = {
+        "per_segment_usd": settings.price_per_segment_usd,
+        "plus": "the moderation call's token cost",
+        "max_segments": settings.max_segments,
+        "how_to_quote": "POST /api/quote {message, to}, or POST /api/send {message, to}",
+    }
+    return outcome
+
+
+def message_status(services: Services, message_id: str) -> dict[str, Any] | None:
+    """The status document of GET /api/messages/{id}."""
+    message = services.ledger.message(message_id)
+    if message is None:
+        return None
+    payment = services.ledger.payment(message["payment_id"]) or {}
+    refund = services.ledger.refund(message["payment_id"])
+    return {
+        "message_id": message_id,
+        "status": message["status"],
+        "to": mask(message["destination"]),
+        "segments": message["segments"],
+        "provider": message["provider"],
+        "created_at": message["created_at"],
+        "updated_at": message["updated_at"],
+        "events": message["events"],
+        "payment": {
+            "payer": payment.get("payer"),
+            "amount_atomic": str(payment.get("amount_atomic")),
+            "price_usd": from_atomic(int(payment.get("amount_atomic") or 0)),
+            "network": payment.get("network"),
+            "transaction": payment.get("tx_hash"),
+            "state": payment.get("state"),
+        },
+        "refund": None
+        if refund is None
+        else {
+            "transaction": refund["tx_hash"],
+            "amount_atomic": str(refund["amount_atomic"]),
+            "state": refund["state"],
+        },
+    }
+
+
+def sinch_callback(
+    services: Services, payload: dict[str, Any], raw: bytes, headers: Mapping[str, str]
+) -> None:
+    """Apply a Sinch delivery report or inbound text."""
+    signing = services.settings.sinch_signing_secret
+    if signing and not verify_signature(signing, raw, headers, services.clock()):
+        raise Unauthorized("The callback signature is not valid.")
+    event = parse_callback(payload)
+    now = services.clock()
+    if isinstance(event, DeliveryReport):
+        services.ledger.update_message_status(
+            event.batch_id, event.status, now, event.provider_status
+        )
+    elif isinstance(event, InboundMessage):
+        action = opt_out_action(event.body)
+        if action is not None:
+            services.ledger.set_opt_out(event.sender, action == "stop", now)
+            log.info("opt-%s from %s", "out" if action == "stop" else "in", mask(event.sender))

@@ -16,6 +16,7 @@ from sqlalchemy import (
     Float,
     Integer,
     MetaData,
+    Row,
     String,
     Table,
     Text,
@@ -24,6 +25,7 @@ from sqlalchemy import (
     event,
     insert,
     select,
+    update,
 )
 from sqlalchemy.exc import IntegrityError
 
@@ -70,10 +72,13 @@ payments = Table(
     Column("pay_to", String(42), nullable=False),
     Column("destination", String(32), nullable=False),
     Column("segments", Integer, nullable=False),
+    Column("body", Text),
+    Column("version", Integer, nullable=False),
     Column("state", String(24), nullable=False),
     Column("payload", JSON, nullable=False),
     Column("requirements", JSON, nullable=False),
     Column("tx_hash", String(66)),
+    Column("message_id", String(64)),
     Column("error", String(200)),
     Column("response_status", Integer),
     Column("response_body", JSON),
@@ -214,6 +219,178 @@ class Ledger:
             conn.execute(opt_outs.delete().where(opt_outs.c.phone == phone))
             if opted_out:
                 conn.execute(insert(opt_outs).values(phone=phone, opted_out_at=now))
+
+    # Payments ----------------------------------------------------------------------
+    def claim_payment(self, row: dict[str, Any]) -> None:
+        """Insert a payment, claiming its quote, authorization and identifier atomically.
+
+        Raises Conflict naming what was already claimed, with the existing row.
+        """
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(payments).values(**row))
+        except IntegrityError:
+            raise self._conflict(row) from None
+
+    def _conflict(self, row: dict[str, Any]) -> Conflict:
+        checks = [
+            ("same_payment", payments.c.payment_key == row["payment_key"]),
+            ("identifier", payments.c.payment_identifier == row.get("payment_identifier")),
+            (
+                "authorization",
+                (payments.c.payer == row["payer"]) & (payments.c.nonce == row["nonce"]),
+            ),
+            ("quote", payments.c.quote_id == row["quote_id"]),
+        ]
+        for kind, condition in checks:
+            existing = self._first(select(payments).where(condition))
+            if existing is not None:
+                return Conflict(kind, existing)
+        return Conflict("unknown", None)
+
+    def _first(self, query: Any) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row: Row[Any] | None = conn.execute(query).first()
+        return None if row is None else dict(row._mapping)
+
+    def payment(self, payment_id: str) -> dict[str, Any] | None:
+        """The payment row with this id."""
+        return self._first(select(payments).where(payments.c.id == payment_id))
+
+    def payment_by_key(self, payment_key: str) -> dict[str, Any] | None:
+        """The payment row for this exact payment payload."""
+        return self._first(select(payments).where(payments.c.payment_key == payment_key))
+
+    def payment_by_identifier(self, identifier: str) -> dict[str, Any] | None:
+        """The payment row that used this payment-identifier."""
+        return self._first(select(payments).where(payments.c.payment_identifier == identifier))
+
+    def transition(
+        self,
+        payment_id: str,
+        from_states: tuple[str, ...],
+        to_state: str,
+        now: float,
+        **fields: Any,
+    ) -> bool:
+        """Move a payment between states; False if another worker moved it first."""
+        query = (
+            update(payments)
+            .where(payments.c.id == payment_id, payments.c.state.in_(from_states))
+            .values(state=to_state, updated_at=now, **fields)
+        )
+        with self.engine.begin() as conn:
+            return conn.execute(query).rowcount == 1
+
+    def unfinished_payments(self, states: tuple[str, ...]) -> list[dict[str, Any]]:
+        """Payments still in one of these states, oldest first."""
+        query = select(payments).where(payments.c.state.in_(states)).order_by(payments.c.created_at)
+        with self.engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
+
+    def list_payments(self, limit: int = 50) -> list[dict[str, Any]]:
+        """The most recent payments."""
+        query = select(payments).order_by(payments.c.created_at.desc()).limit(limit)
+        with self.engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
+
+    # Messages ----------------------------------------------------------------------
+    def record_message(self, row: dict[str, Any]) -> None:
+        """Store a dispatched message and its first status event (idempotent)."""
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(messages).values(**row))
+                conn.execute(
+                    insert(message_events).values(
+                        message_id=row["message_id"], status=row["status"], at=row["created_at"]
+                    )
+                )
+        except IntegrityError:
+            pass
+
+    def message(self, message_id: str) -> dict[str, Any] | None:
+        """A message row with its status history."""
+        found = self._first(select(messages).where(messages.c.message_id == message_id))
+        if found is None:
+            return None
+        query = (
+            select(message_events.c.status, message_events.c.at, message_events.c.detail)
+            .where(message_events.c.message_id == message_id)
+            .order_by(message_events.c.id)
+        )
+        with self.engine.connect() as conn:
+            found["events"] = [dict(row._mapping) for row in conn.execute(query)]
+        return found
+
+    def update_message_status(
+        self, message_id: str, status: str, now: float, detail: str | None = None
+    ) -> bool:
+        """Record a delivery report; False for an unknown message."""
+        with self.engine.begin() as conn:
+            changed = conn.execute(
+                update(messages)
+                .where(messages.c.message_id == message_id)
+                .values(status=status, updated_at=now)
+            ).rowcount
+            if changed:
+                conn.execute(
+                    insert(message_events).values(
+                        message_id=message_id, status=status, at=now, detail=detail
+                    )
+                )
+        return bool(changed)
+
+    def list_messages(self, limit: int = 50) -> list[dict[str, Any]]:
+        """The most recent messages."""
+        query = select(messages).order_by(messages.c.created_at.desc()).limit(limit)
+        with self.engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
+
+    # Refunds -----------------------------------------------------------------------
+    def record_refund(self, row: dict[str, Any]) -> None:
+        """Insert or replace the refund of a payment."""
+        with self.engine.begin() as conn:
+            conn.execute(refunds.delete().where(refunds.c.payment_id == row["payment_id"]))
+            conn.execute(insert(refunds).values(**row))
+
+    def refund(self, payment_id: str) -> dict[str, Any] | None:
+        """The refund of a payment, if any."""
+        return self._first(select(refunds).where(refunds.c.payment_id == payment_id))
+
+    def list_refunds(self, limit: int = 50) -> list[dict[str, Any]]:
+        """The most recent refunds."""
+        query = select(refunds).order_by(refunds.c.created_at.desc()).limit(limit)
+        with self.engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
+
+    # Development outbox ------------------------------------------------------------
+    def outbox_put(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Store an outgoing SMS once per client reference; returns the stored row."""
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(outbox).values(**row))
+        except IntegrityError:
+            pass
+        found = self._first(
+            select(outbox).where(outbox.c.client_reference == row["client_reference"])
+        )
+        assert found is not None
+        return found
+
+    def outbox_messages(self) -> list[dict[str, Any]]:
+        """Every message in the development outbox, oldest first."""
+        with self.engine.connect() as conn:
+            query = select(outbox).order_by(outbox.c.created_at)
+            return [dict(row._mapping) for row in conn.execute(query)]
+
+
+class Conflict(Exception):
+    """A claim lost to an existing row; ``kind`` says which uniqueness it hit."""
+
+    def __init__(self, kind: str, existing: dict[str, Any] | None) -> None:
+        super().__init__(kind)
+        self.kind = kind
+        self.existing = existing
 
 
 class LedgerVerdictCache:

@@ -232,15 +232,8 @@ class GeminiModerator:
     def moderate(self, text: str) -> Verdict:
         """Gemini's verdict on TEXT; ModerationUnavailable when it gives no clear answer."""
         response = self._generate(text)
-        answer = _read_answer(response)
-        usage = response.usage_metadata or types.GenerateContentResponseUsageMetadata()
-        verdict = _verdict_from(answer, self.model, verdict_id_for(text, self.model))
-        verdict = dataclasses.replace(
-            verdict,
-            input_tokens=usage.prompt_token_count or 0,
-            output_tokens=usage.candidates_token_count or 0,
-            thinking_tokens=usage.thoughts_token_count or 0,
-        )
+        verdict = _verdict_from(_read_answer(response), response.usage_metadata, self.model)
+        verdict = dataclasses.replace(verdict, verdict_id=verdict_id_for(text, self.model))
         log.info(
             "moderation %s: approved=%s category=%s tokens=%d/%d/%d",
             verdict.verdict_id,
@@ -268,10 +261,11 @@ class GeminiModerator:
                 delay = self._retry_delay(attempt, failure)
                 if delay is None:
                     log.warning(
-                        "moderation unavailable after %d attempt(s): %s (%s)",
+                        "moderation unavailable after %d attempt(s): %s (%s %s)",
                         attempt,
                         failure.cause,
                         type(exc).__name__,
+                        getattr(exc, "code", ""),
                     )
                     raise _unavailable(failure.cause, failure.retry_after) from exc
             self._sleep(delay)
@@ -376,17 +370,22 @@ def _matches_schema(answer: Any) -> bool:
     )
 
 
-def _verdict_from(answer: dict[str, Any], model: str, verdict_id: str) -> Verdict:
+def _verdict_from(
+    answer: dict[str, Any], usage: types.GenerateContentResponseUsageMetadata | None, model: str
+) -> Verdict:
     # Strict: an approval counts only with category "ok"; a rejection never carries "ok".
     category = answer["category"]
     approved = answer["approved"] and category == "ok"
+    usage = usage or types.GenerateContentResponseUsageMetadata()
     return Verdict(
         approved=approved,
         category=category if approved or category != "ok" else "other",
         confidence=float(answer["confidence"]),
         reason=answer["reason"].strip()[:_MAX_REASON_CHARS],
         model=model,
-        verdict_id=verdict_id,
+        input_tokens=usage.prompt_token_count or 0,
+        output_tokens=usage.candidates_token_count or 0,
+        thinking_tokens=usage.thoughts_token_count or 0,
     )
 
 

@@ -8,9 +8,11 @@ from dataclasses import dataclass, field
 
 from relay.ledger import Ledger, LedgerVerdictCache
 from relay.moderation import Moderator, build_moderator
+from relay.payments import Payments, Refunder
 from relay.quote_tokens import QuoteSigner
 from relay.ratelimit import Limiter, lockout_rule
 from relay.settings import Settings
+from relay.sinch import SmsSender, build_sender
 
 
 @dataclass
@@ -23,6 +25,9 @@ class Services:
     signer: QuoteSigner
     quote_limiter: Limiter
     password_limiter: Limiter
+    payments: Payments
+    sms: SmsSender
+    refunder: Refunder | None = None
     clock: Callable[[], float] = field(default=time.time)
 
 
@@ -40,5 +45,8 @@ def build_services(settings: Settings, clock: Callable[[], float] = time.time) -
         signer=QuoteSigner(settings.quote_secret, settings.quote_ttl_seconds),
         quote_limiter=Limiter(settings.rate_limit_storage_url, settings.quote_rate_limit),
         password_limiter=Limiter(settings.rate_limit_storage_url, lockout),
+        payments=Payments(settings),
+        sms=build_sender(settings, ledger),
+        refunder=Refunder.from_settings(settings),
         clock=clock,
     )

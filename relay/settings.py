@@ -69,6 +69,7 @@ class Settings:
     sinch_from: str | None = None
     sinch_base_url: str | None = None
     sinch_callback_secret: str | None = _secret()
+    sinch_signing_secret: str | None = _secret()
     opt_out_line: str = "Reply STOP to opt out"
     database_url: str = "sqlite:///relay.db"
     quote_rate_limit: str = "30/minute"
@@ -243,6 +244,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "SINCH_FROM": _text,
     "SINCH_BASE_URL": _text,
     "SINCH_CALLBACK_SECRET": _text,
+    "SINCH_SIGNING_SECRET": _text,
     "OPT_OUT_LINE": _text,
     "DATABASE_URL": _text,
     "QUOTE_RATE_LIMIT": _text,

@@ -6,16 +6,18 @@ import base64
 import hashlib
 import hmac
 import logging
+import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, Protocol
 
-import phonenumbers
 import requests
 from urllib3.exceptions import NewConnectionError
 
+from relay.ledger import Ledger
+from relay.phone import mask
 from relay.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -73,17 +75,6 @@ class SmsDispatchError(Exception):
 def compose_body(text: str, opt_out_line: str) -> str:
     """The body actually sent: the text, then the opt-out line on its own line."""
     return f"{text}\n{opt_out_line}" if opt_out_line else text
-
-
-def mask_number(number: str) -> str:
-    """A phone number fit for logs: country code and last two digits only."""
-    digits = number.lstrip("+")
-    try:
-        prefix = str(phonenumbers.parse("+" + digits, None).country_code)
-    except phonenumbers.NumberParseException:
-        prefix = ""
-    hidden = max(len(digits) - len(prefix) - 2, 0)
-    return f"+{prefix}{'*' * hidden}{digits[len(prefix) + hidden :]}"
 
 
 class SinchSender:
@@ -160,7 +151,7 @@ class SinchSender:
     ) -> None:
         log.warning(
             "sinch send to %s (ref %s) attempt %d/%d failed: %s",
-            mask_number(to),
+            mask(to),
             client_reference,
             attempt,
             self._max_attempts,
@@ -213,7 +204,7 @@ class SinchSender:
         log.info(
             "sinch batch %s created for %s (ref %s)",
             result.message_id,
-            mask_number(to),
+            mask(to),
             client_reference,
         )
         return result
@@ -458,3 +449,31 @@ def _epoch(timestamp: str) -> float | None:
     except ValueError:
         return None
     return parsed.timestamp() if parsed.tzinfo else None
+
+
+class OutboxSender:
+    """Development SMS provider: messages are stored in the database, nothing leaves."""
+
+    def __init__(self, ledger: Ledger, clock: Callable[[], float] = time.time) -> None:
+        self._ledger = ledger
+        self._clock = clock
+
+    def send(self, to: str, body: str, client_reference: str) -> SendResult:
+        """Store the message once per client reference."""
+        row = {
+            "message_id": "outbox-" + secrets.token_hex(10),
+            "client_reference": client_reference,
+            "destination": to,
+            "body": body,
+            "created_at": self._clock(),
+        }
+        stored = self._ledger.outbox_put(row)
+        log.info("outbox message to %s stored", mask(to))
+        return SendResult(message_id=stored["message_id"], provider="outbox")
+
+
+def build_sender(settings: Settings, ledger: Ledger) -> SmsSender:
+    """The SMS provider chosen by SMS_PROVIDER."""
+    if settings.sms_provider == "outbox":
+        return OutboxSender(ledger)
+    return SinchSender(settings)

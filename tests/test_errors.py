@@ -1,6 +1,6 @@
 import pytest
 
-from relay.errors import RateLimited, RelayError, all_error_classes
+from relay.errors import RateLimited, RelayError, all_error_classes, error_for_code
 
 EXPECTED = {
     "unauthorized": 401,
@@ -26,6 +26,7 @@ EXPECTED = {
     "method_not_allowed": 405,
     "payload_too_large": 413,
     "internal_error": 500,
+    "price_limit_exceeded": 402,
 }
 
 
@@ -47,3 +48,9 @@ def test_retry_after_header_and_extra_fields() -> None:
     assert error.body()["retry_after_seconds"] == 7
     assert error.body()["approved"] is False
     assert error.body()["retryable"] is True
+
+
+def test_error_for_code_round_trips() -> None:
+    for cls in all_error_classes():
+        assert error_for_code(cls.code) is cls
+    assert error_for_code("something_new") is RelayError

@@ -1,0 +1,186 @@
+"""The pay-and-send client: quote → 402 → sign with an eth-account key → paid retry (SPEC §14)."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Any
+
+import requests
+from eth_account import Account
+from x402 import PaymentRequired, x402ClientSync
+from x402.extensions.payment_identifier import append_payment_identifier_to_extensions
+from x402.http import decode_payment_required_header, encode_payment_signature_header
+from x402.mechanisms.evm import EthAccountSigner
+from x402.mechanisms.evm.exact import register_exact_evm_client
+
+from relay.errors import InvalidInput, PriceLimitExceeded, RelayError, error_for_code
+from relay.pricing import from_atomic, to_atomic
+
+RETRYABLE_CODES = {"settlement_pending", "request_in_progress", "rate_limited"}
+RETRYABLE_CODES |= {"chain_unavailable", "moderation_unavailable", "internal_error"}
+DEFAULT_TIMEOUT = 60.0
+
+
+class RelayClient:
+    """Quotes, pays and sends through one relay with one payer key."""
+
+    def __init__(
+        self,
+        base_url: str,
+        private_key: str,
+        *,
+        pay_password: str | None = None,
+        max_attempts: int = 8,
+        max_wait_seconds: float = 30.0,
+        session: requests.Session | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._account = Account.from_key(private_key)
+        self._x402 = register_exact_evm_client(x402ClientSync(), EthAccountSigner(self._account))
+        self._password = pay_password
+        self._max_attempts = max_attempts
+        self._max_wait = max_wait_seconds
+        self._session = session or requests.Session()
+        self._sleep = sleep
+
+    @property
+    def address(self) -> str:
+        """The payer's address."""
+        return str(self._account.address)
+
+    def quote(self, message: str, to: str, *, smart_encoding: bool = False) -> dict[str, Any]:
+        """POST /api/quote; raises the RelayError of the answer's code."""
+        body = {"message": message, "to": to, "smart_encoding": smart_encoding}
+        return self._ok(self._post("/api/quote", body, {}))
+
+    def send(
+        self,
+        message: str,
+        to: str,
+        *,
+        max_price_usd: Decimal | str | int,
+        smart_encoding: bool = False,
+    ) -> dict[str, Any]:
+        """Quote, check the cap, pay once and send; the send answer (message_id, transaction)."""
+        cap = to_atomic(Decimal(str(max_price_usd)))
+        quoted = self.quote(message, to, smart_encoding=smart_encoding)
+        _check_cap(int(quoted["price_atomic"]), cap)
+        body = {
+            "message": message,
+            "to": quoted["to_normalized"],
+            "quote_token": quoted["quote_token"],
+            "smart_encoding": smart_encoding,
+        }
+        challenge = self._post("/api/send", body, self._auth())
+        if challenge.status_code != 402:
+            self._ok(challenge)
+            raise InvalidInput("The relay did not ask for payment.")
+        header = self._pay(challenge, cap)
+        return self._paid_retry(body, header)
+
+    def _pay(self, challenge: requests.Response, cap: int) -> str:
+        """Sign the challenge's exact requirement, never above the cap."""
+        required = decode_payment_required_header(challenge.headers["PAYMENT-REQUIRED"])
+        assert isinstance(required, PaymentRequired)
+        for accept in required.accepts:
+            _check_cap(int(accept.amount), cap)
+        extensions = append_payment_identifier_to_extensions(
+            dict(required.extensions or {}), "pay_" + secrets.token_hex(16)
+        )
+        payload = self._x402.create_payment_payload(required, extensions=extensions)
+        return str(encode_payment_signature_header(payload))
+
+    def _paid_retry(self, body: dict[str, Any], header: str) -> dict[str, Any]:
+        """Send the one signed payment, repeating the identical request while retryable."""
+        headers = {**self._auth(), "PAYMENT-SIGNATURE": header}
+        for attempt in range(1, self._max_attempts + 1):
+            try:
+                response = self._post("/api/send", body, headers)
+            except requests.ConnectionError:
+                if attempt == self._max_attempts:
+                    raise
+                self._sleep(min(2.0**attempt, self._max_wait))
+                continue
+            if not _retryable(response) or attempt == self._max_attempts:
+                return self._ok(response)
+            self._sleep(self._wait(response, attempt))
+        raise AssertionError("unreachable")
+
+    def _wait(self, response: requests.Response, attempt: int) -> float:
+        retry_after = response.headers.get("Retry-After", "")
+        seconds = float(retry_after) if retry_after.isdigit() else 2.0**attempt
+        return min(seconds, self._max_wait)
+
+    def _auth(self) -> dict[str, str]:
+        return {"X-Pay-Password": self._password} if self._password else {}
+
+    def _post(self, path: str, body: dict[str, Any], headers: dict[str, str]) -> requests.Response:
+        return self._session.post(
+            self.base_url + path, json=body, headers=headers, timeout=DEFAULT_TIMEOUT
+        )
+
+    def _ok(self, response: requests.Response) -> dict[str, Any]:
+        """The JSON of a 200, or the typed RelayError of its error code."""
+        data = _json(response)
+        if response.status_code == 200:
+            return data
+        cls = error_for_code(str(data.get("error", "internal_error")))
+        raise _as_error(cls, data, response)
+
+
+def send(
+    message: str,
+    to: str,
+    *,
+    max_price_usd: Decimal | str | int,
+    base_url: str,
+    private_key: str,
+    pay_password: str | None = None,
+    smart_encoding: bool = False,
+) -> dict[str, Any]:
+    """Quote, pay and send one SMS in one call; never pays more than ``max_price_usd``."""
+    client = RelayClient(base_url, private_key, pay_password=pay_password)
+    return client.send(message, to, max_price_usd=max_price_usd, smart_encoding=smart_encoding)
+
+
+def _check_cap(amount_atomic: int, cap_atomic: int) -> None:
+    if amount_atomic > cap_atomic:
+        raise PriceLimitExceeded(
+            f"The price {from_atomic(amount_atomic)} USD is above the limit "
+            f"{from_atomic(cap_atomic)} USD.",
+            details={"price_atomic": str(amount_atomic), "max_atomic": str(cap_atomic)},
+        )
+
+
+def _json(response: requests.Response) -> dict[str, Any]:
+    try:
+        data = response.json()
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        return {"error": "internal_error", "message": f"HTTP {response.status_code}"}
+    return data
+
+
+def _retryable(response: requests.Response) -> bool:
+    """Worth repeating the identical paid request: pending, busy, or a gateway hiccup."""
+    if response.status_code == 200:
+        return False
+    return str(_json(response).get("error", "")) in RETRYABLE_CODES
+
+
+def _as_error(
+    cls: type[RelayError], data: dict[str, Any], response: requests.Response
+) -> RelayError:
+    known = {"error", "message", "retryable", "retry_after_seconds", "details"}
+    retry_after = data.get("retry_after_seconds")
+    return cls(
+        str(data.get("message") or f"HTTP {response.status_code}"),
+        details=dict(data.get("details") or {}),
+        retry_after=retry_after if isinstance(retry_after, int) else None,
+        extra={k: v for k, v in data.items() if k not in known},
+    )

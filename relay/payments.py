@@ -1,0 +1,694 @@
+"""x402 payments (SPEC §9): the 402 challenge, payment headers, verification and settlement.
+
+The one place the server uses the x402 SDK and the chain: ``Payments`` (challenge, parse,
+match, verify, settle, confirm) and ``Refunder`` (USDC back to a payer). The rest of the app sees
+``ParsedPayment``, ``Settlement``, header strings and ``RelayError``s; it only passes the SDK's
+``PaymentRequirements`` back in.
+
+Two SDK behaviours shape this module:
+
+- With ``paymentFlow: "upfront"`` the resource server's ``verify_payment`` returns valid without
+  asking the facilitator (the upfront flow verifies inside settle), so ``verify`` asks the
+  facilitator itself: a bad payment is ``payment_verify_failed`` before anything is claimed.
+- The SDK's v1 settle loses the transaction hash when the receipt wait times out, so a v1
+  ``X-PAYMENT`` is verified and settled as the equivalent v2 payload (same EIP-3009
+  authorization, ``accepted`` = this request's requirements); a timeout is then always
+  ``settlement_pending`` with its hash.
+- The local facilitator reports an unreachable RPC as an invalid signature; such verdicts are
+  checked against the chain and become ``chain_unavailable``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, NoReturn, TypedDict, TypeVar
+
+import httpx
+from eth_account import Account
+from eth_typing import ChecksumAddress, HexStr
+from pydantic import BaseModel
+from web3 import Web3
+from web3.exceptions import ContractLogicError, TransactionNotFound
+from web3.types import TxReceipt
+from x402 import (
+    AssetAmount,
+    FacilitatorClientSync,
+    PaymentPayload,
+    PaymentPayloadV1,
+    PaymentRequirements,
+    PaymentRequirementsV1,
+    ResourceConfig,
+    ResourceInfo,
+    SettleResponse,
+    x402FacilitatorSync,
+    x402ResourceServerSync,
+)
+from x402.extensions.payment_identifier import (
+    PAYMENT_IDENTIFIER,
+    declare_payment_identifier_extension,
+    extract_and_validate_payment_identifier,
+)
+from x402.http import (
+    FacilitatorConfig,
+    HTTPFacilitatorClientSync,
+    decode_payment_signature_header,
+    encode_payment_required_header,
+    encode_payment_response_header,
+)
+from x402.mechanisms.evm import FacilitatorEvmSigner, FacilitatorWeb3Signer
+from x402.mechanisms.evm.constants import (
+    ERR_AUTHORIZATION_VALUE_MISMATCH,
+    ERR_FAILED_TO_VERIFY_SIGNATURE,
+    ERR_INSUFFICIENT_BALANCE,
+    ERR_INVALID_SIGNATURE,
+    ERR_NONCE_ALREADY_USED,
+    ERR_RECIPIENT_MISMATCH,
+    ERR_SETTLEMENT_PENDING,
+    ERR_TRANSACTION_FAILED,
+    ERR_TRANSACTION_SIMULATION_FAILED,
+    ERR_VALID_BEFORE_EXPIRED,
+)
+from x402.mechanisms.evm.exact import ExactEvmServerScheme, register_exact_evm_facilitator
+from x402.mechanisms.evm.exact.eip3009_utils import verify_eip3009_transfer_event
+
+from relay.errors import (
+    ChainUnavailable,
+    InternalError,
+    InvalidInput,
+    PaymentSettlementFailed,
+    PaymentVerifyFailed,
+    RelayError,
+    SettlementPending,
+)
+from relay.settings import Settings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SCHEME = "exact"
+MAX_TIMEOUT_SECONDS = 300
+#: How long one settle waits for its receipt; the SDK retries the wait once, so a settlement
+#: answers ``settlement_pending`` after about twice this.
+RECEIPT_TIMEOUT_SECONDS = 15.0
+HTTP_TIMEOUT_SECONDS = 60.0
+RETRY_AFTER_SECONDS = 5
+MAX_HEADER_CHARS = 16 * 1024
+V2_HEADER, V1_HEADER = "PAYMENT-SIGNATURE", "X-PAYMENT"
+V2_RESPONSE_HEADER, V1_RESPONSE_HEADER = "PAYMENT-RESPONSE", "X-PAYMENT-RESPONSE"
+REQUIREMENTS_MISMATCH = "requirements_mismatch"
+
+# Reasons the local facilitator also reports when the RPC fails rather than the payment.
+_MAYBE_RPC_FAILURE = {
+    ERR_FAILED_TO_VERIFY_SIGNATURE,
+    ERR_TRANSACTION_SIMULATION_FAILED,
+    ERR_TRANSACTION_FAILED,
+}
+_HINTS = {
+    ERR_INSUFFICIENT_BALANCE: "The payer's USDC balance is too low (testnet: faucet.circle.com).",
+    ERR_AUTHORIZATION_VALUE_MISMATCH: "The authorization is not for the required amount.",
+    ERR_RECIPIENT_MISMATCH: "The authorization pays someone other than this relay.",
+    ERR_VALID_BEFORE_EXPIRED: "The authorization has expired; sign a new payment.",
+    ERR_INVALID_SIGNATURE: "The payment signature is not valid for this payer and token.",
+    ERR_NONCE_ALREADY_USED: "This authorization has already been used.",
+    REQUIREMENTS_MISMATCH: "The payment is for other terms than this request requires.",
+}
+_ERC20_TRANSFER_ABI: list[dict[str, Any]] = [
+    {
+        "type": "function",
+        "name": "transfer",
+        "stateMutability": "nonpayable",
+        "inputs": [{"name": "to", "type": "address"}, {"name": "value", "type": "uint256"}],
+        "outputs": [{"name": "", "type": "bool"}],
+    }
+]
+_HTTP_FAILURE = re.compile(r"^Facilitator (?:verify|settle) failed \((\d{3})\): (.*)$", re.S)
+_NONCE = re.compile(r"0x[0-9a-fA-F]{64}")
+_HEX = re.compile(r"0x[0-9a-fA-F]+")
+_UINT = re.compile(r"[0-9]{1,78}")
+
+
+class _Authorization(TypedDict):
+    payer: str
+    pay_to: str
+    nonce: str
+    value: int
+    valid_after: int
+    valid_before: int
+
+
+@dataclass(frozen=True)
+class ParsedPayment:
+    """A decoded PAYMENT-SIGNATURE / X-PAYMENT header and its EIP-3009 authorization."""
+
+    version: Literal[1, 2]
+    payload: PaymentPayload | PaymentPayloadV1
+    header: str
+    payer: str
+    pay_to: str
+    nonce: str
+    value: int
+    valid_after: int
+    valid_before: int
+    payment_key: str
+    payment_identifier: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The payload as JSON-ready data (for the ledger)."""
+        return as_json(self.payload)
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """A confirmed on-chain settlement."""
+
+    transaction: str
+    payer: str
+    network: str
+    raw: SettleResponse
+
+
+def as_json(model: BaseModel) -> dict[str, Any]:
+    """An SDK model as JSON-ready data with its wire (camelCase) names."""
+    return model.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def build_facilitator(
+    settings: Settings,
+    *,
+    receipt_timeout: float = RECEIPT_TIMEOUT_SECONDS,
+    http_timeout: float = HTTP_TIMEOUT_SECONDS,
+    signer: FacilitatorEvmSigner | None = None,
+) -> FacilitatorClientSync:
+    """The facilitator of FACILITATOR: in-process over RPC_URL (local) or FACILITATOR_URL."""
+    if settings.facilitator == "remote":
+        config = FacilitatorConfig(url=settings.facilitator_url, timeout=http_timeout)
+        return HTTPFacilitatorClientSync(config)
+    return local_facilitator(
+        settings.x402_network, signer or settler_signer(settings, receipt_timeout)
+    )
+
+
+def settler_signer(settings: Settings, receipt_timeout: float) -> FacilitatorWeb3Signer:
+    """The web3 signer that pays settlement gas from SETTLER_PRIVATE_KEY."""
+    if not settings.settler_private_key:
+        raise ValueError("SETTLER_PRIVATE_KEY is required with FACILITATOR=local")
+    return FacilitatorWeb3Signer(
+        settings.settler_private_key,
+        settings.rpc_url,
+        confirmation_timeout_seconds=receipt_timeout,
+    )
+
+
+def local_facilitator(
+    network: str, signer: FacilitatorEvmSigner, *, simulate_in_settle: bool = True
+) -> x402FacilitatorSync:
+    """An in-process exact-EVM facilitator: v2 on ``network``, v1 on the legacy names.
+
+    Simulating inside settle means a replay fails before broadcast instead of as a
+    reverted transaction that costs gas.
+    """
+    facilitator = x402FacilitatorSync()
+    register_exact_evm_facilitator(
+        facilitator, signer, network, simulate_in_settle=simulate_in_settle
+    )
+    return facilitator
+
+
+class Payments:
+    """Challenge, parse, match, verify and settle x402 payments for one network."""
+
+    def __init__(
+        self, settings: Settings, facilitator: FacilitatorClientSync | None = None
+    ) -> None:
+        self._settings = settings
+        self._facilitator = facilitator if facilitator is not None else build_facilitator(settings)
+        self._server = x402ResourceServerSync(self._facilitator)
+        # The SDK's scheme class is untyped and declares payment_flows loosely.
+        scheme = ExactEvmServerScheme()  # type: ignore[no-untyped-call]
+        self._server.register(settings.x402_network, scheme)  # type: ignore[arg-type]
+        self._lock = threading.Lock()
+        self._ready = False
+        self._w3: Web3 | None = None
+
+    # ------------------------------------------------------------------ the 402 challenge
+
+    def requirements(self, amount_atomic: int) -> PaymentRequirements:
+        """The exact-USDC requirements for one request of ``amount_atomic`` units.
+
+        Raises ChainUnavailable while the facilitator cannot be reached.
+        """
+        if amount_atomic <= 0:
+            raise ValueError("amount_atomic must be positive")
+        self._ensure_ready()
+        s = self._settings
+        name, version = s.usdc_eip712
+        price = AssetAmount(
+            amount=str(amount_atomic),
+            asset=Web3.to_checksum_address(s.usdc_address),
+            extra={"name": name, "version": version},
+        )
+        config = ResourceConfig(
+            scheme=SCHEME,
+            network=s.x402_network,
+            pay_to=Web3.to_checksum_address(s.pay_to_address),
+            price=price,
+            max_timeout_seconds=MAX_TIMEOUT_SECONDS,
+            extra={"paymentFlow": "upfront"},
+        )
+        return self._server.build_payment_requirements(config)[0]
+
+    def challenge(
+        self,
+        req: PaymentRequirements,
+        *,
+        resource_url: str,
+        description: str,
+        error: str | None = None,
+    ) -> tuple[str, dict[str, Any]]:
+        """The PAYMENT-REQUIRED header value and the v1 fields of the 402 JSON body."""
+        resource = ResourceInfo(
+            url=resource_url, description=description, mime_type="application/json"
+        )
+        extensions = {PAYMENT_IDENTIFIER: declare_payment_identifier_extension()}
+        required = self._server.create_payment_required_response([req], resource, error, extensions)
+        v1 = {"x402Version": 1, "accepts": [as_json(self._v1_requirements(req, resource))]}
+        return encode_payment_required_header(required), v1
+
+    def _v1_requirements(
+        self, req: PaymentRequirements, resource: ResourceInfo
+    ) -> PaymentRequirementsV1:
+        return PaymentRequirementsV1(
+            scheme=req.scheme,
+            network=self._settings.v1_network,
+            max_amount_required=req.amount,
+            resource=resource.url,
+            description=resource.description,
+            mime_type=resource.mime_type,
+            pay_to=req.pay_to,
+            max_timeout_seconds=req.max_timeout_seconds,
+            asset=req.asset,
+            extra=dict(req.extra),
+        )
+
+    # ------------------------------------------------------------------ the paid request
+
+    def parse_payment(self, headers: Mapping[str, str]) -> ParsedPayment | None:
+        """The payment in PAYMENT-SIGNATURE (v2) or X-PAYMENT (v1); None without either.
+
+        Raises InvalidInput (details.field = the header) when it cannot be decoded.
+        """
+        found = _payment_header(headers)
+        if found is None:
+            return None
+        name, raw = found
+        payload = _decode(name, raw)
+        auth = _authorization(name, payload.payload)
+        return ParsedPayment(
+            version=1 if isinstance(payload, PaymentPayloadV1) else 2,
+            payload=payload,
+            header=raw,
+            payment_key=_payment_key(payload),
+            payment_identifier=_payment_identifier(payload),
+            **auth,
+        )
+
+    def match(self, parsed: ParsedPayment, req: PaymentRequirements) -> PaymentRequirements:
+        """The requirements ``parsed`` pays for; PaymentVerifyFailed unless exactly ``req``."""
+        payload = parsed.payload
+        if isinstance(payload, PaymentPayload):
+            matched = self._server.find_matching_requirements([req], payload) is not None
+        else:
+            matched = (payload.scheme, payload.network) == (req.scheme, self._settings.v1_network)
+        if not matched:
+            raise _verify_failed(REQUIREMENTS_MISMATCH)
+        if parsed.pay_to.lower() != req.pay_to.lower():
+            raise _verify_failed(ERR_RECIPIENT_MISMATCH)
+        if parsed.value != int(req.amount):
+            raise _verify_failed(ERR_AUTHORIZATION_VALUE_MISMATCH)
+        return req
+
+    def verify(self, parsed: ParsedPayment, req: PaymentRequirements) -> str:
+        """Ask the facilitator; the payer's address (lowercase) if the payment is good.
+
+        Raises PaymentVerifyFailed (details.reason = the facilitator's reason) or
+        ChainUnavailable.
+        """
+        payload = _as_v2(parsed, req)
+        result = self._call(lambda: self._facilitator.verify(payload, req), settling=False)
+        if not result.is_valid:
+            reason = result.invalid_reason or "invalid_payment"
+            self._raise_if_chain_down(reason)
+            raise _verify_failed(reason)
+        return (result.payer or parsed.payer).lower()
+
+    def settle(self, parsed: ParsedPayment, req: PaymentRequirements) -> Settlement:
+        """Settle on-chain and wait for the receipt.
+
+        Raises PaymentSettlementFailed (details.reason, details.transaction); SettlementPending
+        when it may have been broadcast but is unconfirmed (details.transaction: the hash, or
+        None when a remote facilitator's answer was lost); ChainUnavailable when nothing was
+        sent. After either of the last two, retry with the same payment, never a new one.
+        """
+        self._ensure_ready()
+        payload = _as_v2(parsed, req)
+        result = self._call(
+            lambda: self._server.settle_payment(payload, req, phase="before-handler"),
+            settling=True,
+        )
+        if not result.success:
+            self._settle_failed(result)
+        payer = (result.payer or parsed.payer).lower()
+        return Settlement(result.transaction, payer, result.network, result)
+
+    def confirm(
+        self, parsed: ParsedPayment, req: PaymentRequirements, transaction: str
+    ) -> Settlement | None:
+        """The outcome of an earlier broadcast of this payment (after settlement_pending).
+
+        A Settlement once mined with this payment's Transfer; None while not mined (pending or
+        dropped). Raises PaymentSettlementFailed if it reverted or moved other funds, and
+        ChainUnavailable.
+        """
+        receipt = self._receipt(transaction)
+        if receipt is None:
+            return None
+        paid = verify_eip3009_transfer_event(
+            list(receipt["logs"]),
+            req.asset,
+            from_address=parsed.payer,
+            to=req.pay_to,
+            value=parsed.value,
+        )
+        if receipt["status"] != 1 or not paid:
+            raise _settlement_failed(ERR_TRANSACTION_FAILED, transaction)
+        raw = SettleResponse(
+            success=True, transaction=transaction, network=req.network, payer=parsed.payer
+        )
+        return Settlement(transaction, parsed.payer, req.network, raw)
+
+    def response_header(self, settlement: Settlement, version: int) -> tuple[str, str]:
+        """The PAYMENT-RESPONSE (v2) or X-PAYMENT-RESPONSE (v1) header of a settlement."""
+        if version == 1:
+            v1 = settlement.raw.model_copy(update={"network": self._settings.v1_network})
+            return V1_RESPONSE_HEADER, encode_payment_response_header(v1)
+        return V2_RESPONSE_HEADER, encode_payment_response_header(settlement.raw)
+
+    def close(self) -> None:
+        """Release the facilitator's HTTP connections (remote mode)."""
+        if isinstance(self._facilitator, HTTPFacilitatorClientSync):
+            self._facilitator.close()
+
+    # ------------------------------------------------------------------ failures
+
+    def _settle_failed(self, result: SettleResponse) -> NoReturn:
+        reason = result.error_reason or "settlement_failed"
+        tx = result.transaction or None
+        if reason == ERR_SETTLEMENT_PENDING and tx:
+            raise _pending(tx)
+        if tx is None:
+            self._raise_if_chain_down(reason)
+        log.warning("settlement failed: reason=%s tx=%s", reason, tx)
+        raise _settlement_failed(reason, tx)
+
+    def _receipt(self, transaction: str) -> TxReceipt | None:
+        try:
+            return self._web3().eth.get_transaction_receipt(HexStr(transaction))
+        except TransactionNotFound:
+            return None
+        except Exception as exc:
+            log.warning("receipt lookup failed: %r", exc)
+            raise _chain_unavailable() from exc
+
+    def _call(self, call: Callable[[], T], *, settling: bool) -> T:
+        """Run a facilitator call, translating its transport failures."""
+        try:
+            return call()
+        except Exception as exc:
+            log.warning("facilitator %s failed: %r", "settle" if settling else "verify", exc)
+            raise self._translate(exc, settling) from exc
+
+    def _translate(self, exc: Exception, settling: bool) -> RelayError:
+        match = _HTTP_FAILURE.match(str(exc)) if isinstance(exc, ValueError) else None
+        if match and 400 <= int(match.group(1)) < 500:
+            reason = _reason_in(match.group(2)) or f"facilitator_http_{match.group(1)}"
+            return _settlement_failed(reason, None) if settling else _verify_failed(reason)
+        if settling and self._is_remote() and not _never_sent(exc):
+            return _pending(None)
+        return _chain_unavailable()
+
+    def _raise_if_chain_down(self, reason: str) -> None:
+        """The local facilitator reports some RPC failures as payment failures: tell apart."""
+        if reason in _MAYBE_RPC_FAILURE and not self._is_remote() and not self._chain_up():
+            raise _chain_unavailable()
+
+    def _chain_up(self) -> bool:
+        try:
+            return self._web3().eth.chain_id == self._settings.chain_id
+        except Exception:
+            return False
+
+    def _web3(self) -> Web3:
+        if self._w3 is None:
+            provider = Web3.HTTPProvider(self._settings.rpc_url, request_kwargs={"timeout": 10})
+            self._w3 = Web3(provider)
+        return self._w3
+
+    def _is_remote(self) -> bool:
+        return not isinstance(self._facilitator, x402FacilitatorSync)
+
+    def _ensure_ready(self) -> None:
+        """Load the facilitator's supported kinds once; retried until it answers."""
+        if self._ready:
+            return
+        with self._lock:
+            if self._ready:
+                return
+            try:
+                self._server.initialize()
+            except Exception as exc:
+                log.warning("facilitator unavailable: %r", exc)
+                raise _chain_unavailable() from exc
+            if self._server.get_supported_kind(2, self._settings.x402_network, SCHEME) is None:
+                raise InternalError(
+                    f"The facilitator does not support {self._settings.x402_network}."
+                )
+            self._ready = True
+
+
+class Refunder:
+    """Sends a payer's USDC back from REFUND_PRIVATE_KEY (SPEC §11: x402 has no way back)."""
+
+    def __init__(
+        self,
+        rpc_url: str,
+        private_key: str,
+        usdc_address: str,
+        *,
+        receipt_timeout: float = RECEIPT_TIMEOUT_SECONDS,
+    ) -> None:
+        self._w3 = Web3(Web3.HTTPProvider(rpc_url, request_kwargs={"timeout": 10}))
+        self._account = Account.from_key(private_key)
+        token = Web3.to_checksum_address(usdc_address)
+        self._token = self._w3.eth.contract(address=token, abi=_ERC20_TRANSFER_ABI)
+        self._receipt_timeout = receipt_timeout
+        self._lock = threading.Lock()  # one broadcast at a time: the account's nonces
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Refunder | None:
+        """A refunder when REFUND_PRIVATE_KEY is set, else None."""
+        if not settings.refund_private_key:
+            return None
+        return cls(settings.rpc_url, settings.refund_private_key, settings.usdc_address)
+
+    @property
+    def address(self) -> str:
+        """The refund wallet, which needs USDC and gas."""
+        return str(self._account.address)
+
+    def refund(self, payer: str, amount_atomic: int) -> str:
+        """Send ``amount_atomic`` back to ``payer`` and wait for it; the transaction hash.
+
+        Raises InternalError if the transfer would revert or reverted (e.g. the refund wallet
+        lacks USDC or gas), SettlementPending (details.transaction) if it is not mined in time,
+        and ChainUnavailable if nothing could be sent.
+        """
+        tx_hash = self._send(Web3.to_checksum_address(payer), amount_atomic)
+        try:
+            receipt = self._w3.eth.wait_for_transaction_receipt(
+                HexStr(tx_hash), timeout=self._receipt_timeout
+            )
+        except Exception as exc:
+            log.warning("refund %s unconfirmed: %r", tx_hash, exc)
+            raise _pending(tx_hash) from exc
+        if receipt["status"] != 1:
+            raise InternalError(
+                "The refund transaction reverted.", details={"transaction": tx_hash}
+            )
+        return tx_hash
+
+    def _send(self, payer: ChecksumAddress, amount_atomic: int) -> str:
+        sender = self._account.address
+        with self._lock:
+            try:
+                nonce = self._w3.eth.get_transaction_count(sender, "pending")
+                call = self._token.functions.transfer(payer, amount_atomic)
+                tx = call.build_transaction({"from": sender, "nonce": nonce})
+                signed = self._account.sign_transaction(tx)
+                return self._w3.eth.send_raw_transaction(signed.raw_transaction).to_0x_hex()
+            except ContractLogicError as exc:
+                log.warning("refund would revert: %r", exc)
+                raise InternalError(
+                    "The refund would revert.", details={"reason": str(exc)}
+                ) from exc
+            except Exception as exc:
+                log.warning("refund not sent: %r", exc)
+                raise _chain_unavailable() from exc
+
+
+# ---------------------------------------------------------------------- decoding
+
+
+def _payment_header(headers: Mapping[str, str]) -> tuple[str, str] | None:
+    """(name, value) of the payment header, preferring v2; header names are case-insensitive."""
+    upper = {key.upper(): value for key, value in headers.items()}
+    for name in (V2_HEADER, V1_HEADER):
+        if name in upper:
+            return name, upper[name]
+    return None
+
+
+def _malformed(field: str, problem: str) -> InvalidInput:
+    return InvalidInput(
+        f"The {field} header is not a valid x402 payment: {problem}.",
+        details={"field": field, "problem": problem},
+    )
+
+
+def _decode(name: str, raw: str) -> PaymentPayload | PaymentPayloadV1:
+    if len(raw) > MAX_HEADER_CHARS:
+        raise _malformed(name, f"longer than {MAX_HEADER_CHARS} characters")
+    try:
+        payload = decode_payment_signature_header(raw.strip())
+    except (ValueError, TypeError, AttributeError, RecursionError) as exc:
+        raise _malformed(name, "expected base64 of an x402 payment payload (JSON)") from exc
+    if payload.x402_version != (1 if isinstance(payload, PaymentPayloadV1) else 2):
+        raise _malformed(name, f"unsupported x402Version {payload.x402_version!r}")
+    return payload
+
+
+def _authorization(name: str, inner: dict[str, Any]) -> _Authorization:
+    """The EIP-3009 authorization fields, validated and normalised (lowercase hex)."""
+    auth, signature = inner.get("authorization"), inner.get("signature")
+    if (
+        not isinstance(auth, dict)
+        or not isinstance(signature, str)
+        or not _HEX.fullmatch(signature)
+    ):
+        raise _malformed(name, "expected an EIP-3009 authorization and signature")
+    payer, pay_to, nonce = auth.get("from"), auth.get("to"), auth.get("nonce")
+    if not (_is_address(payer) and _is_address(pay_to)):
+        raise _malformed(name, "authorization.from and .to must be addresses")
+    if not isinstance(nonce, str) or not _NONCE.fullmatch(nonce):
+        raise _malformed(name, "authorization.nonce must be 32 bytes of hex")
+    numbers = {
+        key: _uint(name, key, auth.get(key)) for key in ("value", "validAfter", "validBefore")
+    }
+    return _Authorization(
+        payer=str(payer).lower(),
+        pay_to=str(pay_to).lower(),
+        nonce=nonce.lower(),
+        value=numbers["value"],
+        valid_after=numbers["validAfter"],
+        valid_before=numbers["validBefore"],
+    )
+
+
+def _is_address(value: Any) -> bool:
+    return isinstance(value, str) and Web3.is_address(value)
+
+
+def _uint(name: str, key: str, value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and _UINT.fullmatch(value):
+        return int(value)
+    raise _malformed(name, f"authorization.{key} must be a non-negative integer")
+
+
+def _payment_key(payload: PaymentPayload | PaymentPayloadV1) -> str:
+    """SHA-256 of the canonical payload JSON: the same payment always has the same key."""
+    canonical = json.dumps(as_json(payload), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _payment_identifier(payload: PaymentPayload | PaymentPayloadV1) -> str | None:
+    """The payment-identifier extension's id (v2 only); InvalidInput if malformed."""
+    if not isinstance(payload, PaymentPayload):
+        return None
+    payment_id, validation = extract_and_validate_payment_identifier(payload)
+    if not validation.valid:
+        raise InvalidInput(
+            "The payment-identifier extension is not valid: " + "; ".join(validation.errors),
+            details={"field": PAYMENT_IDENTIFIER, "problem": "; ".join(validation.errors)},
+        )
+    return payment_id
+
+
+def _as_v2(parsed: ParsedPayment, req: PaymentRequirements) -> PaymentPayload:
+    """The payload as v2: a v1 authorization is the same signature under ``req``."""
+    if isinstance(parsed.payload, PaymentPayload):
+        return parsed.payload
+    return PaymentPayload(x402_version=2, payload=parsed.payload.payload, accepted=req)
+
+
+# ---------------------------------------------------------------------- errors
+
+
+def _verify_failed(reason: str) -> PaymentVerifyFailed:
+    return PaymentVerifyFailed(
+        _HINTS.get(reason), details={"reason": reason}, extra={"reason": reason}
+    )
+
+
+def _settlement_failed(reason: str, tx: str | None) -> PaymentSettlementFailed:
+    return PaymentSettlementFailed(
+        details={"reason": reason, "transaction": tx}, extra={"reason": reason, "transaction": tx}
+    )
+
+
+def _pending(tx: str | None) -> SettlementPending:
+    return SettlementPending(
+        details={"transaction": tx},
+        extra={"transaction": tx},
+        retry_after=RETRY_AFTER_SECONDS,
+    )
+
+
+def _chain_unavailable() -> ChainUnavailable:
+    return ChainUnavailable(retry_after=RETRY_AFTER_SECONDS)
+
+
+def _never_sent(exc: Exception) -> bool:
+    """Whether a failed facilitator request certainly never reached it."""
+    return isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
+
+
+def _reason_in(body: str) -> str | None:
+    """The verdict reason of a facilitator's non-2xx JSON body, if it carries one."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    for key in ("invalidReason", "errorReason", "error"):
+        if isinstance(data.get(key), str):
+            return str(data[key])
+    return None
