@@ -199,6 +199,10 @@ def send(
     stored = replay(services, parsed)
     if stored is not None:
         return stored
+    if order.quote_id is not None:
+        holder = services.ledger.quote_claim(order.quote_id)
+        if holder is not None:
+            raise QuoteAlreadyUsed(details={"message_id": holder.get("message_id")})
     payments.match(parsed, requirements)
     payer = payments.verify(parsed, requirements)
     payment_id = claim(services, order, parsed, requirements, payer)

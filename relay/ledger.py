@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import simplejson
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -145,11 +146,26 @@ def make_engine(url: str) -> Engine:
     """An engine for the URL; SQLite gets WAL and a busy timeout so threads can share it."""
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    json_options: dict[str, Any] = {
+        "json_serializer": _dump_json,
+        "json_deserializer": _load_json,
+    }
     if not url.startswith("sqlite"):
-        return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
-    engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, **json_options)
+    engine = create_engine(
+        url, connect_args={"timeout": 30, "check_same_thread": False}, **json_options
+    )
     event.listen(engine, "connect", _sqlite_pragmas)
     return engine
+
+
+def _dump_json(value: Any) -> str:
+    """JSON columns keep Decimal amounts exact."""
+    return simplejson.dumps(value, use_decimal=True)
+
+
+def _load_json(text: str) -> Any:
+    return simplejson.loads(text, use_decimal=True)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -235,7 +251,10 @@ class Ledger:
     def _conflict(self, row: dict[str, Any]) -> Conflict:
         checks = [
             ("same_payment", payments.c.payment_key == row["payment_key"]),
-            ("identifier", payments.c.payment_identifier == row.get("payment_identifier")),
+            (
+                "identifier",
+                payments.c.payment_identifier == (row.get("payment_identifier") or "\0"),
+            ),
             (
                 "authorization",
                 (payments.c.payer == row["payer"]) & (payments.c.nonce == row["nonce"]),
@@ -252,6 +271,10 @@ class Ledger:
         with self.engine.connect() as conn:
             row: Row[Any] | None = conn.execute(query).first()
         return None if row is None else dict(row._mapping)
+
+    def quote_claim(self, quote_id: str) -> dict[str, Any] | None:
+        """The payment holding a claim on this quote, if any."""
+        return self._first(select(payments).where(payments.c.quote_id == quote_id))
 
     def payment(self, payment_id: str) -> dict[str, Any] | None:
         """The payment row with this id."""

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from eth_account import Account
 from flask import Flask
 from flask.testing import FlaskClient
 
 from relay.app import create_app
+from relay.devchain import DevChain
 from relay.services import build_services
 from relay.settings import Settings
 
@@ -51,3 +54,54 @@ def app(settings: Settings) -> Flask:
 @pytest.fixture
 def client(app: Flask) -> FlaskClient:
     return app.test_client()
+
+
+# The local chain ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chain() -> Iterator[DevChain]:
+    """A real anvil chain (id 84532) with the test USDC at the canonical address."""
+    with DevChain.start() as dev:
+        yield dev
+
+
+@dataclass
+class Wallet:
+    """A fresh key and its address."""
+
+    address: str
+    key: str
+
+
+def new_wallet(chain: DevChain, usdc_atomic: int = 0) -> Wallet:
+    """A fresh account, optionally funded with test USDC."""
+    account = Account.create()
+    if usdc_atomic:
+        chain.mint(account.address, usdc_atomic)
+    return Wallet(account.address, account.key.hex())
+
+
+@pytest.fixture
+def payer(chain: DevChain) -> Wallet:
+    """A payer holding 10 USDC and no ETH."""
+    return new_wallet(chain, 10_000_000)
+
+
+@pytest.fixture
+def paid_settings(
+    make_settings: Callable[..., Settings], chain: DevChain
+) -> Callable[..., Settings]:
+    """Settings for paid sends settled on the local chain, with overrides."""
+
+    def make(**overrides: Any) -> Settings:
+        base: dict[str, Any] = dict(
+            pay_to_address=new_wallet(chain).address,
+            facilitator="local",
+            rpc_url=chain.rpc_url,
+            settler_private_key=chain.accounts[0].private_key,
+        )
+        base.update(overrides)
+        return make_settings(**base)
+
+    return make

@@ -58,6 +58,7 @@ class FakeFacilitator:
         self.calls: list[str] = []
         self.fail_status: int | None = None
         self.fail_body: dict[str, Any] = {"error": "facilitator_unavailable"}
+        self.fail_paths: tuple[str, ...] = ("/verify", "/settle")
         self._server = ThreadingHTTPServer(("127.0.0.1", port), _handler_for(self))
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -104,7 +105,7 @@ class FakeFacilitator:
             return 200, as_json(self.facilitator.get_supported())
         if method != "POST" or path not in ("/verify", "/settle"):
             return 404, {"error": "not_found"}
-        if self.fail_status is not None:
+        if self.fail_status is not None and path in self.fail_paths:
             return self.fail_status, self.fail_body
         try:
             payload, requirements = _parse_request(body)

@@ -1,0 +1,449 @@
+"""POST /api/send through the real app, paid with real signatures on a real local chain."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from x402 import PaymentRequirements
+from x402.http import decode_payment_required_header
+
+from relay.app import create_app
+from relay.devchain import USDC_ADDRESS, DevChain
+from relay.services import Services, build_services
+from relay.settings import Settings
+from tests.conftest import Wallet, new_wallet
+from tests.fake_facilitator import FakeFacilitator
+from tests.fake_sinch import FakeSinch
+from tests.x402_helpers import header, pay, pay_payload, pay_v1, signed
+
+US = "+13012576365"
+BODY = {"message": "Your order has shipped", "to": US}
+PRICE = 50_000  # rules moderation: one segment, no token cost
+
+
+def make_app(settings: Settings) -> Flask:
+    return create_app(services=build_services(settings))
+
+
+def services_of(app: Flask) -> Services:
+    found: Services = app.extensions["relay"]
+    return found
+
+
+def post(client: FlaskClient, body: Any, **headers: str) -> Any:
+    return client.post("/api/send", json=body, headers=headers)
+
+
+def paid(client: FlaskClient, body: Any, key: str, **headers: str) -> Any:
+    """The unpaid 402, then the same request paid the way a stock v2 client pays."""
+    challenge = post(client, body, **headers)
+    assert challenge.status_code == 402, challenge.get_data(as_text=True)
+    signature = pay(challenge.headers["PAYMENT-REQUIRED"], key)
+    return post(client, body, **headers, **{"PAYMENT-SIGNATURE": signature})
+
+
+def decode(value: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(base64.b64decode(value))
+    return data
+
+
+@pytest.fixture
+def app(paid_settings: Callable[..., Settings]) -> Flask:
+    return make_app(paid_settings())
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+def test_challenge_is_exactly_spec(client: FlaskClient, app: Flask) -> None:
+    response = post(client, BODY)
+    assert response.status_code == 402
+    required = decode(response.headers["PAYMENT-REQUIRED"])
+    settings = services_of(app).settings
+    assert required["x402Version"] == 2
+    assert required["resource"]["mimeType"] == "application/json"
+    assert required["resource"]["url"].endswith("/api/send")
+    assert required["accepts"] == [
+        {
+            "scheme": "exact",
+            "network": "eip155:84532",
+            "amount": str(PRICE),
+            "asset": USDC_ADDRESS,
+            "payTo": settings.pay_to_address,
+            "maxTimeoutSeconds": 300,
+            "extra": {"name": "USDC", "version": "2", "paymentFlow": "upfront"},
+        }
+    ]
+    assert "payment-identifier" in required["extensions"]
+    body = response.get_json()
+    assert body["error"] == "payment_required"
+    assert body["protocol"] == "x402"
+    assert body["price_usd"] == 0.05
+    assert body["how_to_pay"]
+    assert body["x402Version"] == 1
+    (v1,) = body["accepts"]
+    assert v1["network"] == "base-sepolia"
+    assert v1["maxAmountRequired"] == str(PRICE)
+    assert v1["payTo"] == settings.pay_to_address
+
+
+def test_bare_probe_answers_402_with_the_price_rule(client: FlaskClient) -> None:
+    response = client.post("/api/send")
+    assert response.status_code == 402
+    assert decode(response.headers["PAYMENT-REQUIRED"])["accepts"][0]["amount"] == str(PRICE)
+    assert response.get_json()["price_rule"]["per_segment_usd"] == 0.05
+
+
+def test_one_shot_send_settles_then_sends(
+    client: FlaskClient, app: Flask, chain: DevChain, payer: Wallet
+) -> None:
+    pay_to = services_of(app).settings.pay_to_address
+    before = chain.usdc_balance(payer.address), chain.usdc_balance(pay_to)
+    response = paid(client, BODY, payer.key)
+    assert response.status_code == 200, response.get_data(as_text=True)
+    body = response.get_json()
+    assert body["sent"] is True
+    assert body["status"] == "queued"
+    assert body["to"] == US
+    assert body["segments"] == 1
+    assert body["price_usd"] == 0.05
+    assert body["paid_by"] == payer.address.lower()
+    assert chain.usdc_balance(payer.address) == before[0] - PRICE
+    assert chain.usdc_balance(pay_to) == before[1] + PRICE
+    settle = decode(response.headers["PAYMENT-RESPONSE"])
+    assert settle["success"] is True
+    assert settle["transaction"] == body["transaction"]
+    receipt = chain.w3.eth.get_transaction_receipt(body["transaction"])
+    assert receipt["status"] == 1
+    (sms,) = services_of(app).ledger.outbox_messages()
+    assert sms["body"] == "Your order has shipped\nReply STOP to opt out"
+    assert sms["destination"] == US
+    assert sms["message_id"] == body["message_id"]
+
+
+def test_quote_token_send_and_quote_used_once(
+    client: FlaskClient, app: Flask, chain: DevChain, payer: Wallet
+) -> None:
+    quote = client.post("/api/quote", json=BODY).get_json()
+    body = {**BODY, "quote_token": quote["quote_token"]}
+    assert paid(client, body, payer.key).status_code == 200
+    second_payer = new_wallet(chain, 1_000_000)
+    response = paid(client, body, second_payer.key)
+    assert response.status_code == 409
+    assert response.get_json()["error"] == "quote_already_used"
+    assert chain.usdc_balance(second_payer.address) == 1_000_000
+    assert len(services_of(app).ledger.outbox_messages()) == 1
+
+
+def test_same_payment_twice_replays_the_stored_answer(
+    client: FlaskClient, app: Flask, chain: DevChain, payer: Wallet
+) -> None:
+    challenge = post(client, BODY).headers["PAYMENT-REQUIRED"]
+    signature = pay(challenge, payer.key)
+    first = post(client, BODY, **{"PAYMENT-SIGNATURE": signature})
+    second = post(client, BODY, **{"PAYMENT-SIGNATURE": signature})
+    assert first.status_code == second.status_code == 200
+    assert first.get_json() == second.get_json()
+    assert first.headers["PAYMENT-RESPONSE"] == second.headers["PAYMENT-RESPONSE"]
+    assert chain.usdc_balance(payer.address) == 10_000_000 - PRICE
+    assert len(services_of(app).ledger.outbox_messages()) == 1
+
+
+def test_v1_client_pays_with_x_payment(
+    client: FlaskClient, app: Flask, chain: DevChain, payer: Wallet
+) -> None:
+    challenge = post(client, BODY).get_json()
+    response = post(client, BODY, **{"X-PAYMENT": pay_v1(challenge, payer.key)})
+    assert response.status_code == 200, response.get_data(as_text=True)
+    settle = decode(response.headers["X-PAYMENT-RESPONSE"])
+    assert settle["success"] is True
+    assert settle["network"] == "base-sepolia"
+    assert "PAYMENT-RESPONSE" not in response.headers
+    assert chain.usdc_balance(payer.address) == 10_000_000 - PRICE
+
+
+def test_payment_identifier_reused_with_another_payment(
+    client: FlaskClient, chain: DevChain, payer: Wallet
+) -> None:
+    challenge = post(client, BODY).headers["PAYMENT-REQUIRED"]
+    first = header(pay_payload(challenge, payer.key, payment_id="pay_0123456789abcdef"))
+    assert post(client, BODY, **{"PAYMENT-SIGNATURE": first}).status_code == 200
+    other = header(pay_payload(challenge, payer.key, payment_id="pay_0123456789abcdef"))
+    response = post(client, BODY, **{"PAYMENT-SIGNATURE": other})
+    assert response.status_code == 409
+    assert response.get_json()["error"] == "idempotency_key_reused"
+    assert chain.usdc_balance(payer.address) == 10_000_000 - PRICE
+
+
+def test_quote_content_mismatch_and_expiry(
+    client: FlaskClient, app: Flask, chain: DevChain, payer: Wallet
+) -> None:
+    token = client.post("/api/quote", json=BODY).get_json()["quote_token"]
+    mismatch = paid_or_status(client, {**BODY, "message": "Other text", "quote_token": token})
+    assert mismatch == (400, "quote_content_mismatch")
+    other_number = {**BODY, "to": "+13012576366", "quote_token": token}
+    assert paid_or_status(client, other_number) == (400, "quote_content_mismatch")
+    services = services_of(app)
+    real_clock = services.clock
+    services.clock = lambda: real_clock() + 601
+    assert paid_or_status(client, {**BODY, "quote_token": token}) == (400, "quote_expired")
+    bad = {**BODY, "quote_token": token[:-3] + "abc"}
+    assert paid_or_status(client, bad) == (400, "invalid_input")
+
+
+def paid_or_status(client: FlaskClient, body: dict[str, Any]) -> tuple[int, str]:
+    response = post(client, body)
+    return response.status_code, response.get_json()["error"]
+
+
+def requirements_of(client: FlaskClient) -> tuple[str, PaymentRequirements]:
+    challenge = post(client, BODY).headers["PAYMENT-REQUIRED"]
+    required = decode_payment_required_header(challenge)
+    return challenge, required.accepts[0]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("terms", "reason"),
+    [
+        ({"amount": str(PRICE - 1)}, "invalid_exact_evm_payload_authorization_value_mismatch"),
+        ({"pay_to": "0x000000000000000000000000000000000000dEaD"}, "recipient_mismatch"),
+        ({"max_timeout_seconds": 1}, "authorization_valid_before"),
+    ],
+    ids=["underpaid", "wrong_pay_to", "expired"],
+)
+def test_verify_failures_keep_the_payers_money(
+    client: FlaskClient,
+    app: Flask,
+    chain: DevChain,
+    payer: Wallet,
+    terms: dict[str, Any],
+    reason: str,
+) -> None:
+    _, req = requirements_of(client)
+    payload = signed(req, payer.key, **terms)
+    if terms.get("max_timeout_seconds") == 1:
+        chain.increase_time(5)
+    response = post(client, BODY, **{"PAYMENT-SIGNATURE": header(payload)})
+    assert response.status_code == 402, response.get_data(as_text=True)
+    body = response.get_json()
+    assert body["error"] == "payment_verify_failed"
+    assert reason in body["details"]["reason"]
+    assert chain.usdc_balance(payer.address) == 10_000_000
+    assert services_of(app).ledger.outbox_messages() == []
+
+
+def test_insufficient_balance(client: FlaskClient, chain: DevChain) -> None:
+    poor = new_wallet(chain, PRICE - 1)
+    response = paid(client, BODY, poor.key)
+    assert response.status_code == 402
+    assert response.get_json()["details"]["reason"] == "invalid_exact_evm_insufficient_balance"
+    assert chain.usdc_balance(poor.address) == PRICE - 1
+
+
+def test_bad_signature(client: FlaskClient, chain: DevChain, payer: Wallet) -> None:
+    challenge = post(client, BODY).headers["PAYMENT-REQUIRED"]
+    payload = pay_payload(challenge, payer.key)
+    inner = dict(payload.payload)
+    signature = inner["signature"]
+    inner["signature"] = signature[:-4] + ("0000" if not signature.endswith("0000") else "1111")
+    forged = payload.model_copy(update={"payload": inner})
+    response = post(client, BODY, **{"PAYMENT-SIGNATURE": header(forged)})
+    assert response.status_code == 402
+    assert response.get_json()["error"] == "payment_verify_failed"
+    assert "signature" in response.get_json()["details"]["reason"]
+    assert chain.usdc_balance(payer.address) == 10_000_000
+
+
+def test_malformed_payment_header(client: FlaskClient) -> None:
+    response = post(client, BODY, **{"PAYMENT-SIGNATURE": "not-base64!!"})
+    assert response.status_code == 400
+    assert response.get_json()["error"] == "invalid_input"
+
+
+def test_invalid_request_with_payment_is_never_settled(
+    client: FlaskClient, chain: DevChain, payer: Wallet
+) -> None:
+    challenge = post(client, BODY).headers["PAYMENT-REQUIRED"]
+    signature = pay(challenge, payer.key)
+    for body in ({**BODY, "extra": 1}, {"message": "", "to": US}, {"message": "hi", "to": "x"}):
+        response = post(client, body, **{"PAYMENT-SIGNATURE": signature})
+        assert response.status_code == 400
+    rejected = post(client, {**BODY, "message": "Verify your account: bit.ly/abc"})
+    assert rejected.status_code == 422
+    assert chain.usdc_balance(payer.address) == 10_000_000
+
+
+def test_settlement_failure_sends_nothing_and_frees_the_quote(
+    paid_settings: Callable[..., Settings], chain: DevChain, payer: Wallet
+) -> None:
+    with FakeFacilitator(chain.rpc_url, chain.accounts[2].private_key) as facilitator:
+        app = make_app(paid_settings(facilitator="remote", facilitator_url=facilitator.url))
+        client = app.test_client()
+        token = client.post("/api/quote", json=BODY).get_json()["quote_token"]
+        body = {**BODY, "quote_token": token}
+        facilitator.fail_status, facilitator.fail_paths = 400, ("/settle",)
+        facilitator.fail_body = {"success": False, "errorReason": "transaction_failed"}
+        response = paid(client, body, payer.key)
+        assert response.status_code == 402
+        assert response.get_json()["error"] == "payment_settlement_failed"
+        assert response.get_json()["details"]["reason"] == "transaction_failed"
+        assert services_of(app).ledger.outbox_messages() == []
+        facilitator.fail_status = None
+        retry = paid(client, body, payer.key)
+        assert retry.status_code == 200, retry.get_data(as_text=True)
+        services_of(app).payments.close()
+    assert chain.usdc_balance(payer.address) == 10_000_000 - PRICE
+
+
+def test_remote_facilitator_send(
+    paid_settings: Callable[..., Settings], chain: DevChain, payer: Wallet
+) -> None:
+    with FakeFacilitator(chain.rpc_url, chain.accounts[3].private_key) as facilitator:
+        app = make_app(paid_settings(facilitator="remote", facilitator_url=facilitator.url))
+        response = paid(app.test_client(), BODY, payer.key)
+        services_of(app).payments.close()
+        assert response.status_code == 200, response.get_data(as_text=True)
+        assert "POST /settle" in facilitator.calls
+    assert chain.usdc_balance(payer.address) == 10_000_000 - PRICE
+
+
+# Dispatch through Sinch ------------------------------------------------------------
+
+PLAN, TOKEN = "plan123", "sinch-token"
+
+
+def sinch_settings(
+    paid_settings: Callable[..., Settings], fake: FakeSinch, **more: Any
+) -> Settings:
+    return paid_settings(
+        sms_provider="sinch",
+        sinch_service_plan_id=PLAN,
+        sinch_api_token=TOKEN,
+        sinch_from="+12065550100",
+        sinch_base_url=fake.base_url,
+        sinch_callback_secret="callback-secret-123",
+        public_base_url="https://relay.example",
+        **more,
+    )
+
+
+def test_sinch_receives_the_batch(
+    paid_settings: Callable[..., Settings], chain: DevChain, payer: Wallet
+) -> None:
+    with FakeSinch(plan_id=PLAN, token=TOKEN) as fake:
+        app = make_app(sinch_settings(paid_settings, fake))
+        response = paid(app.test_client(), BODY, payer.key)
+        assert response.status_code == 200, response.get_data(as_text=True)
+        (batch,) = fake.batches
+    assert batch["body"] == "Your order has shipped\nReply STOP to opt out"
+    assert batch["to"] == [US]
+    assert batch["delivery_report"] == "per_recipient"
+    assert batch["callback_url"] == "https://relay.example/webhooks/sinch/callback-secret-123"
+    assert batch["id"] == response.get_json()["message_id"]
+
+
+def test_sinch_failure_after_payment_refunds(
+    paid_settings: Callable[..., Settings], chain: DevChain, payer: Wallet
+) -> None:
+    refunder = new_wallet(chain, 5_000_000)
+    chain.set_eth_balance(refunder.address, 10**18)
+    with FakeSinch(plan_id=PLAN, token=TOKEN) as fake:
+        app = make_app(sinch_settings(paid_settings, fake, refund_private_key=refunder.key))
+        client = app.test_client()
+        fake.script({"status": 400, "code": "syntax_invalid_parameter_format", "text": "bad"})
+        response = paid(client, BODY, payer.key)
+    assert response.status_code == 502
+    body = response.get_json()
+    assert body["error"] == "sinch_send_failed_after_payment"
+    assert body["transaction"].startswith("0x")
+    assert body["refund"]["state"] == "confirmed"
+    assert chain.w3.eth.get_transaction_receipt(body["refund"]["transaction"])["status"] == 1
+    assert chain.usdc_balance(payer.address) == 10_000_000
+    assert chain.usdc_balance(refunder.address) == 5_000_000 - PRICE
+    status = client.get(f"/api/messages/{body['message_id']}").get_json()
+    assert status["status"] == "refunded"
+    assert status["refund"]["transaction"] == body["refund"]["transaction"]
+    assert status["payment"]["transaction"] == body["transaction"]
+
+
+def test_sinch_failure_without_refund_key_reports_the_transaction(
+    paid_settings: Callable[..., Settings], chain: DevChain, payer: Wallet
+) -> None:
+    with FakeSinch(plan_id=PLAN, token=TOKEN) as fake:
+        app = make_app(sinch_settings(paid_settings, fake))
+        fake.script({"status": 401, "code": "unauthorized", "text": "no"})
+        response = paid(app.test_client(), BODY, payer.key)
+    assert response.status_code == 502
+    assert response.get_json()["transaction"].startswith("0x")
+    assert response.get_json()["refund"] is None
+    assert "PAYMENT-RESPONSE" in response.headers
+
+
+def test_delivery_reports_and_stop(
+    paid_settings: Callable[..., Settings], chain: DevChain, payer: Wallet
+) -> None:
+    with FakeSinch(plan_id=PLAN, token=TOKEN) as fake:
+        app = make_app(sinch_settings(paid_settings, fake))
+        client = app.test_client()
+        message_id = paid(client, BODY, payer.key).get_json()["message_id"]
+        report = {
+            "type": "recipient_delivery_report_sms",
+            "batch_id": message_id,
+            "recipient": US.lstrip("+"),
+            "status": "DELIVERED",
+            "code": 0,
+            "at": "2026-11-21T10:00:00Z",
+        }
+        hook = "/webhooks/sinch/callback-secret-123"
+        assert client.post(hook, json=report).status_code == 200
+        assert client.post("/webhooks/sinch/wrong", json=report).status_code == 404
+        status = client.get(f"/api/messages/{message_id}").get_json()
+        assert status["status"] == "delivered"
+        assert [e["status"] for e in status["events"]] == ["queued", "delivered"]
+        assert status["to"] != US
+        inbound = {"type": "mo_text", "from": US.lstrip("+"), "to": "12065550100", "body": "stop"}
+        assert client.post(hook, json=inbound).status_code == 200
+        assert client.post("/api/quote", json=BODY).get_json()["error"] == "recipient_opted_out"
+        inbound["body"] = "START"
+        client.post(hook, json=inbound)
+        assert client.post("/api/quote", json=BODY).status_code == 200
+
+
+def test_unknown_message_is_404(client: FlaskClient) -> None:
+    response = client.get("/api/messages/nope")
+    assert response.status_code == 404
+    assert response.get_json()["error"] == "not_found"
+
+
+# The pay password --------------------------------------------------------------------
+
+
+def test_password_on_both_passes_and_lockout(
+    paid_settings: Callable[..., Settings], chain: DevChain, payer: Wallet
+) -> None:
+    app = make_app(paid_settings(pay_password="open-sesame-42", pay_password_max_failures=4))
+    client = app.test_client()
+    assert post(client, BODY).status_code == 401
+    assert post(client, BODY, **{"X-Pay-Password": "wrong"}).status_code == 401
+    good = {"X-Pay-Password": "open-sesame-42"}
+    challenge = post(client, BODY, **good)
+    assert challenge.status_code == 402
+    signature = pay(challenge.headers["PAYMENT-REQUIRED"], payer.key)
+    unpaid = post(client, BODY, **{"PAYMENT-SIGNATURE": signature})
+    assert unpaid.status_code == 401
+    assert chain.usdc_balance(payer.address) == 10_000_000
+    assert post(client, BODY, **good, **{"PAYMENT-SIGNATURE": signature}).status_code == 200
+    locked = post(client, BODY, **{"X-Pay-Password": "wrong"})
+    assert locked.status_code == 401
+    assert int(locked.headers["Retry-After"]) > 0
+    still_locked = post(client, BODY, **good)
+    assert still_locked.status_code == 401
+    assert still_locked.get_json()["retry_after_seconds"] > 0
