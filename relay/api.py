@@ -155,7 +155,7 @@ def require_password(svc: Services) -> None:
     given = request.headers.get("X-Pay-Password", "")
     if not hmac.compare_digest(given.encode(), expected.encode()):
         svc.password_limiter.hit("password", client)
-        raise Unauthorized()
+        raise Unauthorized(retry_after=svc.password_limiter.blocked("password", client))
 
 
 @api.post("/api/send")
