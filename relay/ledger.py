@@ -33,6 +33,8 @@ from sqlalchemy.exc import IntegrityError
 from relay.moderation import Verdict
 
 SCHEMA_VERSION = 1
+NONCE_GAP_SECONDS = 5.0
+MAX_NONCE_AHEAD = 256
 
 metadata = MetaData()
 
@@ -139,6 +141,7 @@ settler_nonces = Table(
     metadata,
     Column("address", String(42), primary_key=True),
     Column("next_nonce", BigInteger, nullable=False),
+    Column("updated_at", Float, nullable=False),
 )
 
 
@@ -316,6 +319,46 @@ class Ledger:
         query = select(payments).order_by(payments.c.created_at.desc()).limit(limit)
         with self.engine.connect() as conn:
             return [dict(row._mapping) for row in conn.execute(query)]
+
+    # Settler nonces ----------------------------------------------------------------
+    def reserve_nonce(self, address: str, pending: int, latest: int, now: float) -> int:
+        """Reserve the settler's next transaction nonce, shared by every process.
+
+        The chain's pending count wins when it is ahead (another sender, a reset chain); a
+        reservation ahead of the chain while its mempool is empty for a while is a gap (a
+        reservation never broadcast) and falls back to the chain's count.
+        """
+        while True:
+            row = self._first(select(settler_nonces).where(settler_nonces.c.address == address))
+            if row is None:
+                if self._insert_nonce(address, pending + 1, now):
+                    return pending
+                continue
+            stored = int(row["next_nonce"])
+            gap = stored > pending == latest and now - float(row["updated_at"]) > NONCE_GAP_SECONDS
+            nonce = (
+                pending if stored < pending or gap or stored > pending + MAX_NONCE_AHEAD else stored
+            )
+            query = (
+                update(settler_nonces)
+                .where(settler_nonces.c.address == address, settler_nonces.c.next_nonce == stored)
+                .values(next_nonce=nonce + 1, updated_at=now)
+            )
+            with self.engine.begin() as conn:
+                if conn.execute(query).rowcount == 1:
+                    return nonce
+
+    def _insert_nonce(self, address: str, next_nonce: int, now: float) -> bool:
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(
+                    insert(settler_nonces).values(
+                        address=address, next_nonce=next_nonce, updated_at=now
+                    )
+                )
+        except IntegrityError:
+            return False
+        return True
 
     # Messages ----------------------------------------------------------------------
     def record_message(self, row: dict[str, Any]) -> None:

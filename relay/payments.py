@@ -25,9 +25,10 @@ import json
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, NoReturn, TypedDict, TypeVar
+from typing import Any, Literal, NoReturn, Protocol, TypedDict, TypeVar
 
 import httpx
 from eth_account import Account
@@ -182,7 +183,7 @@ def as_json(model: BaseModel) -> dict[str, Any]:
 def build_facilitator(
     settings: Settings,
     *,
-    receipt_timeout: float = RECEIPT_TIMEOUT_SECONDS,
+    nonces: NonceStore | None = None,
     http_timeout: float = HTTP_TIMEOUT_SECONDS,
     signer: FacilitatorEvmSigner | None = None,
 ) -> FacilitatorClientSync:
@@ -190,19 +191,47 @@ def build_facilitator(
     if settings.facilitator == "remote":
         config = FacilitatorConfig(url=settings.facilitator_url, timeout=http_timeout)
         return HTTPFacilitatorClientSync(config)
-    return local_facilitator(
-        settings.x402_network, signer or settler_signer(settings, receipt_timeout)
-    )
+    return local_facilitator(settings.x402_network, signer or settler_signer(settings, nonces))
 
 
-def settler_signer(settings: Settings, receipt_timeout: float) -> FacilitatorWeb3Signer:
+class NonceStore(Protocol):
+    """Hands out the settler's transaction nonces across processes."""
+
+    def reserve_nonce(self, address: str, pending: int, latest: int, now: float) -> int: ...
+
+
+class SharedNonceSigner(FacilitatorWeb3Signer):
+    """The SDK's web3 signer with its per-process nonce lock replaced by a shared store.
+
+    Several processes (or hosts) may settle with one key; the SDK only coordinates nonces
+    within a process, so reservations go through the database instead.
+    """
+
+    def __init__(self, private_key: str, rpc_url: str, nonces: NonceStore, **options: Any) -> None:
+        super().__init__(private_key, rpc_url, **options)
+        self._nonces = nonces
+
+    def _reserve_nonce(self) -> int:
+        address = self._account.address
+        pending = self._w3.eth.get_transaction_count(address, "pending")
+        latest = self._w3.eth.get_transaction_count(address, "latest")
+        return self._nonces.reserve_nonce(address, pending, latest, time.time())
+
+
+def settler_signer(settings: Settings, nonces: NonceStore | None = None) -> FacilitatorWeb3Signer:
     """The web3 signer that pays settlement gas from SETTLER_PRIVATE_KEY."""
     if not settings.settler_private_key:
         raise ValueError("SETTLER_PRIVATE_KEY is required with FACILITATOR=local")
-    return FacilitatorWeb3Signer(
+    timeout = settings.settlement_timeout_seconds
+    if nonces is None:
+        return FacilitatorWeb3Signer(
+            settings.settler_private_key, settings.rpc_url, confirmation_timeout_seconds=timeout
+        )
+    return SharedNonceSigner(
         settings.settler_private_key,
         settings.rpc_url,
-        confirmation_timeout_seconds=receipt_timeout,
+        nonces,
+        confirmation_timeout_seconds=timeout,
     )
 
 
@@ -225,10 +254,14 @@ class Payments:
     """Challenge, parse, match, verify and settle x402 payments for one network."""
 
     def __init__(
-        self, settings: Settings, facilitator: FacilitatorClientSync | None = None
+        self,
+        settings: Settings,
+        facilitator: FacilitatorClientSync | None = None,
+        *,
+        nonces: NonceStore | None = None,
     ) -> None:
         self._settings = settings
-        self._facilitator = facilitator if facilitator is not None else build_facilitator(settings)
+        self._facilitator = facilitator or build_facilitator(settings, nonces=nonces)
         self._server = x402ResourceServerSync(self._facilitator)
         # The SDK's scheme class is untyped and declares payment_flows loosely.
         scheme = ExactEvmServerScheme()  # type: ignore[no-untyped-call]

@@ -45,7 +45,7 @@ def build_services(settings: Settings, clock: Callable[[], float] = time.time) -
         signer=QuoteSigner(settings.quote_secret, settings.quote_ttl_seconds),
         quote_limiter=Limiter(settings.rate_limit_storage_url, settings.quote_rate_limit),
         password_limiter=Limiter(settings.rate_limit_storage_url, lockout),
-        payments=Payments(settings),
+        payments=Payments(settings, nonces=ledger),
         sms=build_sender(settings, ledger),
         refunder=Refunder.from_settings(settings),
         clock=clock,

@@ -53,6 +53,7 @@ class Settings:
     facilitator: Literal["local", "remote"] = "remote"
     facilitator_url: str = DEFAULT_FACILITATOR_URL
     settler_private_key: str | None = _secret()
+    settlement_timeout_seconds: float = 15.0
     refund_private_key: str | None = _secret()
     moderation_provider: Literal["gemini", "rules"] = "gemini"
     gemini_api_key: str | None = _secret()
@@ -228,6 +229,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "FACILITATOR": _choice("local", "remote"),
     "FACILITATOR_URL": _text,
     "SETTLER_PRIVATE_KEY": _text,
+    "SETTLEMENT_TIMEOUT_SECONDS": _decimal,
     "REFUND_PRIVATE_KEY": _text,
     "MODERATION_PROVIDER": _choice("gemini", "rules"),
     "GEMINI_API_KEY": _text,
@@ -285,7 +287,7 @@ def _parse(source: Mapping[str, str | None]) -> tuple[dict[str, Any], list[str]]
         except ValueError as exc:
             problems.append(f"{name} {exc}")
             continue
-        if name == "GEMINI_TIMEOUT_SECONDS":
+        if name in ("GEMINI_TIMEOUT_SECONDS", "SETTLEMENT_TIMEOUT_SECONDS"):
             value = float(value)
         values[name.lower()] = value
     return values, problems

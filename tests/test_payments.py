@@ -35,7 +35,6 @@ from relay.payments import (
     Payments,
     Refunder,
     as_json,
-    build_facilitator,
 )
 from relay.settings import Settings
 from tests.fake_facilitator import FakeFacilitator
@@ -455,7 +454,7 @@ def test_unconfirmed_settlement_is_pending_then_settles_once(
     chain: DevChain, new_payer: Callable[..., tuple[str, str]]
 ) -> None:
     settings = make_settings(chain)
-    payments = Payments(settings, build_facilitator(settings, receipt_timeout=0.3))
+    payments = Payments(settings.replace(settlement_timeout_seconds=0.3))
     payer, key = new_payer()
     req, value, _ = challenge(payments)
     parsed = parse(payments, "PAYMENT-SIGNATURE", pay(value, key))
