@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -146,8 +146,6 @@ def quote(services: Services, req: MessageRequest, *, one_shot: bool = False) ->
 # Paid send ---------------------------------------------------------------------------
 
 IN_PROGRESS_RETRY_SECONDS = 2
-STALE_SECONDS = 120
-PENDING_STATES = ("settling", "settle_pending", "settled", "dispatching")
 FINAL_STATES = ("dispatched", "dispatch_failed", "refunded", "settle_failed")
 
 
@@ -259,6 +257,14 @@ def resume(services: Services, row: dict[str, Any], parsed: ParsedPayment) -> Ou
     if row["state"] == "settle_pending":
         requirements = PaymentRequirements.model_validate(row["requirements"])
         return settle_and_dispatch(services, row["id"], parsed, requirements)
+    stalled = (
+        services.clock() - float(row["updated_at"]) >= services.settings.reconcile_after_seconds
+    )
+    if row["state"] in UNFINISHED and stalled:
+        repair(services, row)
+        repaired = services.ledger.payment(row["id"]) or {}
+        if repaired.get("state") in FINAL_STATES and repaired["response_status"] is not None:
+            return resume(services, repaired, parsed)
     raise RequestInProgress(retry_after=IN_PROGRESS_RETRY_SECONDS, details={"state": row["state"]})
 
 
@@ -339,6 +345,8 @@ def settle(
     """Settle on-chain, committing each outcome before anything else happens."""
     ledger, now = services.ledger, services.clock
     row = ledger.payment(payment_id) or {}
+    if row.get("state") == "settled" and row.get("tx_hash"):
+        return services.payments.settlement_of(parsed, requirements, row["tx_hash"])
     try:
         if row.get("state") == "settle_pending" and row.get("tx_hash"):
             settlement = services.payments.confirm(parsed, requirements, row["tx_hash"])
@@ -376,11 +384,18 @@ def dispatch(
         sent = services.sms.send(row["destination"], body_text, payment_id)
     except SmsDispatchError as exc:
         return dispatch_failed(services, row, settlement, exc, payment_header)
+    return dispatched(services, row, sent.message_id, sent.provider, settlement)
+
+
+def dispatched(
+    services: Services, row: dict[str, Any], message_id: str, provider: str, settlement: Settlement
+) -> Outcome:
+    """Record the accepted message and store the 200 that every replay will get."""
     now = services.clock()
-    services.ledger.record_message(message_row(row, sent.message_id, sent.provider, "queued", now))
+    services.ledger.record_message(message_row(row, message_id, provider, "queued", now))
     body = {
         "sent": True,
-        "message_id": sent.message_id,
+        "message_id": message_id,
         "status": "queued",
         "to": row["destination"],
         "segments": row["segments"],
@@ -389,19 +404,12 @@ def dispatch(
         "transaction": settlement.transaction,
     }
     log.info(
-        "sent %s message_id=%s tx=%s",
-        mask(row["destination"]),
-        sent.message_id,
-        settlement.transaction,
+        "sent %s message_id=%s tx=%s", mask(row["destination"]), message_id, settlement.transaction
     )
-    return finish(
-        services,
-        payment_id,
-        ("dispatching",),
-        "dispatched",
-        Outcome(200, body, payment_header),
-        message_id=sent.message_id,
-    )
+    header = dict([services.payments.response_header(settlement, row["version"])])
+    outcome = Outcome(200, body, header)
+    states = ("dispatching", "dispatch_unknown")
+    return finish(services, row["id"], states, "dispatched", outcome, message_id=message_id)
 
 
 def message_row(
@@ -597,3 +605,87 @@ def sinch_callback(
         if action is not None:
             services.ledger.set_opt_out(event.sender, action == "stop", now)
             log.info("opt-%s from %s", "out" if action == "stop" else "in", mask(event.sender))
+
+
+# Reconciliation ----------------------------------------------------------------------
+
+UNFINISHED = ("settling", "settle_pending", "settled", "dispatching", "dispatch_unknown")
+
+
+def reconcile(
+    services: Services,
+    *,
+    older_than: float | None = None,
+    progress: Callable[[str, str], None] | None = None,
+) -> dict[str, str]:
+    """Finish every stalled payment from the chain's truth: dispatch or refund (SPEC §11)."""
+    limit = services.settings.reconcile_after_seconds if older_than is None else older_than
+    results: dict[str, str] = {}
+    for row in services.ledger.unfinished_payments((*UNFINISHED, "dispatch_failed")):
+        if services.clock() - float(row["updated_at"]) < limit:
+            continue
+        results[row["id"]] = repair(services, row)
+        if progress is not None:
+            progress(row["id"], results[row["id"]])
+    return results
+
+
+def repair(services: Services, row: dict[str, Any]) -> str:
+    """Take over one stalled payment and drive it to its end; the state it reached."""
+    ledger = services.ledger
+    if not ledger.take_over(row["id"], row["state"], row["updated_at"], services.clock()):
+        return "busy"
+    parsed = services.payments.stored(row["payload"], row["version"])
+    requirements = PaymentRequirements.model_validate(row["requirements"])
+    try:
+        if row["state"] == "dispatch_failed":
+            return repair_refund(services, row)
+        if row["state"] in ("settling", "settle_pending"):
+            recover_settlement(services, row, parsed)
+        outcome = continue_dispatch(services, row, parsed, requirements)
+        return f"{outcome.status}"
+    except RelayError as exc:
+        return exc.code
+    finally:
+        log.info("reconciled payment %s", row["id"])
+
+
+def recover_settlement(services: Services, row: dict[str, Any], parsed: ParsedPayment) -> None:
+    """Learn on-chain whether a stalled settlement happened; mark it settled if so."""
+    tx = services.payments.settled_by(parsed)
+    if tx is not None:
+        services.ledger.transition(
+            row["id"], ("settling", "settle_pending"), "settled", services.clock(), tx_hash=tx
+        )
+    elif row["state"] == "settling" and parsed.valid_before < services.clock():
+        settle_failed(services, row["id"], PaymentSettlementFailed(details={"reason": "expired"}))
+
+
+def continue_dispatch(
+    services: Services, row: dict[str, Any], parsed: ParsedPayment, req: PaymentRequirements
+) -> Outcome:
+    """Resume after a crash: settle if needed, then dispatch unless the provider has it."""
+    current = services.ledger.payment(row["id"]) or {}
+    if current["state"] in ("dispatching", "dispatch_unknown"):
+        sent = services.sms.lookup(row["id"])
+        settlement = services.payments.settlement_of(parsed, req, current["tx_hash"])
+        if sent is not None:
+            return dispatched(services, current, sent.message_id, sent.provider, settlement)
+        services.ledger.transition(
+            row["id"], ("dispatch_unknown",), "dispatching", services.clock()
+        )
+        return dispatch(services, row["id"], parsed, settlement)
+    return settle_and_dispatch(services, row["id"], parsed, req)
+
+
+def repair_refund(services: Services, row: dict[str, Any]) -> str:
+    """Send a refund that a crash or an outage left unsent."""
+    refund = services.ledger.refund(row["id"])
+    if refund is not None and refund["state"] == "confirmed":
+        services.ledger.transition(row["id"], ("dispatch_failed",), "refunded", services.clock())
+        return "refunded"
+    result = refund_payment(services, row)
+    if result is not None and result["state"] == "confirmed":
+        services.ledger.transition(row["id"], ("dispatch_failed",), "refunded", services.clock())
+        return "refunded"
+    return "dispatch_failed"

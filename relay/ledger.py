@@ -308,6 +308,20 @@ class Ledger:
         with self.engine.begin() as conn:
             return conn.execute(query).rowcount == 1
 
+    def take_over(self, payment_id: str, state: str, seen_at: float, now: float) -> bool:
+        """Claim a stalled payment for repair; False if anyone touched it since ``seen_at``."""
+        query = (
+            update(payments)
+            .where(
+                payments.c.id == payment_id,
+                payments.c.state == state,
+                payments.c.updated_at == seen_at,
+            )
+            .values(updated_at=now)
+        )
+        with self.engine.begin() as conn:
+            return conn.execute(query).rowcount == 1
+
     def unfinished_payments(self, states: tuple[str, ...]) -> list[dict[str, Any]]:
         """Payments still in one of these states, oldest first."""
         query = select(payments).where(payments.c.state.in_(states)).order_by(payments.c.created_at)
@@ -437,11 +451,13 @@ class Ledger:
                 conn.execute(insert(outbox).values(**row))
         except IntegrityError:
             pass
-        found = self._first(
-            select(outbox).where(outbox.c.client_reference == row["client_reference"])
-        )
+        found = self.outbox_find(row["client_reference"])
         assert found is not None
         return found
+
+    def outbox_find(self, client_reference: str) -> dict[str, Any] | None:
+        """The outbox message stored under a client reference."""
+        return self._first(select(outbox).where(outbox.c.client_reference == client_reference))
 
     def outbox_messages(self) -> list[dict[str, Any]]:
         """Every message in the development outbox, oldest first."""
@@ -469,7 +485,10 @@ class LedgerVerdictCache:
     def get(self, key: str) -> Verdict | None:
         """The verdict stored under KEY, if any."""
         stored = self._ledger.get_verdict(key)
-        return None if stored is None else Verdict.from_dict(stored)
+        if stored is None:
+            return None
+        # JSON columns load numbers as Decimal; a confidence score is a plain float.
+        return Verdict.from_dict({**stored, "confidence": float(stored["confidence"])})
 
     def put(self, key: str, verdict: Verdict) -> None:
         """Remember a verdict."""

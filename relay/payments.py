@@ -20,6 +20,7 @@ Two SDK behaviours shape this module:
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -78,6 +79,7 @@ from x402.mechanisms.evm.constants import (
 from x402.mechanisms.evm.exact import ExactEvmServerScheme, register_exact_evm_facilitator
 from x402.mechanisms.evm.exact.eip3009_utils import verify_eip3009_transfer_event
 
+from relay.devchain import load_abi
 from relay.errors import (
     ChainUnavailable,
     InternalError,
@@ -98,6 +100,7 @@ MAX_TIMEOUT_SECONDS = 300
 #: How long one settle waits for its receipt; the SDK retries the wait once, so a settlement
 #: answers ``settlement_pending`` after about twice this.
 RECEIPT_TIMEOUT_SECONDS = 15.0
+LOG_WINDOW_BLOCKS = 50_000  # about a day on Base: how far back a crashed settlement is sought
 HTTP_TIMEOUT_SECONDS = 60.0
 RETRY_AFTER_SECONDS = 5
 MAX_HEADER_CHARS = 16 * 1024
@@ -120,15 +123,6 @@ _HINTS = {
     ERR_NONCE_ALREADY_USED: "This authorization has already been used.",
     REQUIREMENTS_MISMATCH: "The payment is for other terms than this request requires.",
 }
-_ERC20_TRANSFER_ABI: list[dict[str, Any]] = [
-    {
-        "type": "function",
-        "name": "transfer",
-        "stateMutability": "nonpayable",
-        "inputs": [{"name": "to", "type": "address"}, {"name": "value", "type": "uint256"}],
-        "outputs": [{"name": "", "type": "bool"}],
-    }
-]
 _HTTP_FAILURE = re.compile(r"^Facilitator (?:verify|settle) failed \((\d{3})\): (.*)$", re.S)
 _NONCE = re.compile(r"0x[0-9a-fA-F]{64}")
 _HEX = re.compile(r"0x[0-9a-fA-F]+")
@@ -426,6 +420,45 @@ class Payments:
         )
         return Settlement(transaction, parsed.payer, req.network, raw)
 
+    def settlement_of(
+        self, parsed: ParsedPayment, req: PaymentRequirements, transaction: str
+    ) -> Settlement:
+        """The Settlement of a payment the ledger already knows as settled by ``transaction``."""
+        raw = SettleResponse(
+            success=True, transaction=transaction, network=req.network, payer=parsed.payer
+        )
+        return Settlement(transaction, parsed.payer, req.network, raw)
+
+    def stored(self, payload: Mapping[str, Any], version: int) -> ParsedPayment:
+        """A payment the ledger kept, parsed again exactly as when it arrived."""
+        name = V1_HEADER if version == 1 else V2_HEADER
+        raw = base64.b64encode(json.dumps(dict(payload)).encode()).decode()
+        parsed = self.parse_payment({name: raw})
+        assert parsed is not None
+        return parsed
+
+    def settled_by(self, parsed: ParsedPayment) -> str | None:
+        """The transaction that used this payment's authorization on-chain, if any.
+
+        Raises ChainUnavailable when the chain cannot be asked.
+        """
+        token = self._web3().eth.contract(
+            address=Web3.to_checksum_address(self._settings.usdc_address), abi=load_abi("USDC")
+        )
+        payer = Web3.to_checksum_address(parsed.payer)
+        nonce = bytes.fromhex(parsed.nonce[2:])
+        try:
+            if not token.functions.authorizationState(payer, nonce).call():
+                return None
+            start = max(0, self._web3().eth.block_number - LOG_WINDOW_BLOCKS)
+            events = token.events.AuthorizationUsed().get_logs(
+                from_block=start, argument_filters={"authorizer": payer, "nonce": nonce}
+            )
+        except Exception as exc:
+            log.warning("authorization lookup failed: %r", exc)
+            raise _chain_unavailable() from exc
+        return events[-1]["transactionHash"].to_0x_hex() if events else "unknown"
+
     def response_header(self, settlement: Settlement, version: int) -> tuple[str, str]:
         """The PAYMENT-RESPONSE (v2) or X-PAYMENT-RESPONSE (v1) header of a settlement."""
         if version == 1:
@@ -529,7 +562,7 @@ class Refunder:
         self._w3 = Web3(Web3.HTTPProvider(rpc_url, request_kwargs={"timeout": 10}))
         self._account = Account.from_key(private_key)
         token = Web3.to_checksum_address(usdc_address)
-        self._token = self._w3.eth.contract(address=token, abi=_ERC20_TRANSFER_ABI)
+        self._token = self._w3.eth.contract(address=token, abi=load_abi("USDC"))
         self._receipt_timeout = receipt_timeout
         self._lock = threading.Lock()  # one broadcast at a time: the account's nonces
 

@@ -54,6 +54,7 @@ class Settings:
     facilitator_url: str = DEFAULT_FACILITATOR_URL
     settler_private_key: str | None = _secret()
     settlement_timeout_seconds: float = 15.0
+    reconcile_after_seconds: float = 90.0
     refund_private_key: str | None = _secret()
     moderation_provider: Literal["gemini", "rules"] = "gemini"
     gemini_api_key: str | None = _secret()
@@ -230,6 +231,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "FACILITATOR_URL": _text,
     "SETTLER_PRIVATE_KEY": _text,
     "SETTLEMENT_TIMEOUT_SECONDS": _decimal,
+    "RECONCILE_AFTER_SECONDS": _decimal,
     "REFUND_PRIVATE_KEY": _text,
     "MODERATION_PROVIDER": _choice("gemini", "rules"),
     "GEMINI_API_KEY": _text,
@@ -287,7 +289,11 @@ def _parse(source: Mapping[str, str | None]) -> tuple[dict[str, Any], list[str]]
         except ValueError as exc:
             problems.append(f"{name} {exc}")
             continue
-        if name in ("GEMINI_TIMEOUT_SECONDS", "SETTLEMENT_TIMEOUT_SECONDS"):
+        if name in (
+            "GEMINI_TIMEOUT_SECONDS",
+            "SETTLEMENT_TIMEOUT_SECONDS",
+            "RECONCILE_AFTER_SECONDS",
+        ):
             value = float(value)
         values[name.lower()] = value
     return values, problems

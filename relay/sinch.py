@@ -44,6 +44,8 @@ class SmsSender(Protocol):
 
     def send(self, to: str, body: str, client_reference: str) -> SendResult: ...
 
+    def lookup(self, client_reference: str) -> SendResult | None: ...
+
 
 class SmsDispatchError(Exception):
     """Sinch did not take the message. The message never holds a token, body or full number.
@@ -470,6 +472,11 @@ class OutboxSender:
         stored = self._ledger.outbox_put(row)
         log.info("outbox message to %s stored", mask(to))
         return SendResult(message_id=stored["message_id"], provider="outbox")
+
+    def lookup(self, client_reference: str) -> SendResult | None:
+        """The message stored under this client reference, if any."""
+        found = self._ledger.outbox_find(client_reference)
+        return None if found is None else SendResult(found["message_id"], "outbox")
 
 
 def build_sender(settings: Settings, ledger: Ledger) -> SmsSender:
