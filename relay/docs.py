@@ -758,7 +758,7 @@ def _plain_operations() -> dict[str, Any]:
                 "responses": {"200": _json("Pricing", "The price list."), **errors},
             }
         },
-        "/healthz": {
+        "/health": {
             "get": {
                 "operationId": "health",
                 "tags": ["meta"],

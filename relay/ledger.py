@@ -66,7 +66,7 @@ payments = Table(
     Column("id", String(32), primary_key=True),
     Column("payment_key", String(64), nullable=False, unique=True),
     Column("payment_identifier", String(128), unique=True),
-    Column("quote_id", String(64), nullable=False, unique=True),
+    Column("quote_id", String(160), nullable=False, unique=True),
     Column("payer", String(42), nullable=False),
     Column("nonce", String(66), nullable=False),
     Column("amount_atomic", BigInteger, nullable=False),
@@ -252,18 +252,15 @@ class Ledger:
             raise self._conflict(row) from None
 
     def _conflict(self, row: dict[str, Any]) -> Conflict:
-        checks = [
-            ("same_payment", payments.c.payment_key == row["payment_key"]),
-            (
-                "identifier",
-                payments.c.payment_identifier == (row.get("payment_identifier") or "\0"),
-            ),
-            (
-                "authorization",
-                (payments.c.payer == row["payer"]) & (payments.c.nonce == row["nonce"]),
-            ),
-            ("quote", payments.c.quote_id == row["quote_id"]),
+        checks: list[tuple[str, Any]] = [
+            ("same_payment", payments.c.payment_key == row["payment_key"])
         ]
+        if row.get("payment_identifier"):
+            identifier = payments.c.payment_identifier == row["payment_identifier"]
+            checks.append(("identifier", identifier))
+        same_authorization = (payments.c.payer == row["payer"]) & (payments.c.nonce == row["nonce"])
+        checks.append(("authorization", same_authorization))
+        checks.append(("quote", payments.c.quote_id == row["quote_id"]))
         for kind, condition in checks:
             existing = self._first(select(payments).where(condition))
             if existing is not None:

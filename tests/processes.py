@@ -27,8 +27,15 @@ def free_port() -> int:
 class RelayProcess:
     """`relay serve` on a free port with the given environment."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, port: int | None = None) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        log_path: Path,
+        port: int | None = None,
+        args: tuple[str, ...] = (),
+    ) -> None:
         self.port = port or free_port()
+        self._args = args
         self.url = f"http://127.0.0.1:{self.port}"
         self._env = env
         self._log_path = log_path
@@ -37,7 +44,15 @@ class RelayProcess:
     def start(self, timeout: float = 30) -> RelayProcess:
         """Start the server and wait until /health answers."""
         env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), **self._env}
-        command = [sys.executable, "-m", "relay.cli", "serve", "--port", str(self.port)]
+        command = [
+            sys.executable,
+            "-m",
+            "relay.cli",
+            "serve",
+            "--port",
+            str(self.port),
+            *self._args,
+        ]
         with self._log_path.open("ab") as log:
             self._proc = subprocess.Popen(
                 command,

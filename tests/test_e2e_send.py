@@ -281,9 +281,9 @@ def run_node_payer(stack: Stack, payer: Wallet, body: dict[str, Any]) -> dict[st
         "PAY_PASSWORD": PASSWORD,
         "RPC_URL": stack.chain.rpc_url,
     }
+    script = str(Path("tests") / "node" / "pay.mjs")
     done = subprocess.run(
-        ["node", str(Path("tests") / "node" / "pay.mjs"), stack.relay.url + "/api/send"]
-        + [json.dumps(body)],
+        ["node", script, stack.relay.url + "/api/send", json.dumps(body)],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -291,7 +291,7 @@ def run_node_payer(stack: Stack, payer: Wallet, body: dict[str, Any]) -> dict[st
         timeout=NODE_TIMEOUT,
         check=False,
     )
-    assert done.returncode == 0, f"stdout: {done.stdout}\nstderr: {done.stderr}"
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}\n{stack.relay.log()}"
     result: dict[str, Any] = json.loads(done.stdout)
     return result
 
