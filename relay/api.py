@@ -31,11 +31,16 @@ def client_address() -> str:
 def post_quote() -> Response:
     """Moderate and price a message; answer a signed quote (SPEC §3)."""
     svc = services()
+    limit_quotes(svc)
+    req = parse_message_request(parse_json_object(request.get_data()), allow_token=False)
+    return jsonify(quote_body(svc, flows.quote(svc, req)))
+
+
+def limit_quotes(svc: Services) -> None:
+    """Each quote may cost an LLM call: QUOTE_RATE_LIMIT per client address."""
     wait = svc.quote_limiter.hit("quote", client_address())
     if wait is not None:
         raise RateLimited(retry_after=wait, details={"limit": svc.settings.quote_rate_limit})
-    req = parse_message_request(parse_json_object(request.get_data()), allow_token=False)
-    return jsonify(quote_body(svc, flows.quote(svc, req)))
 
 
 def quote_body(svc: Services, q: flows.Quote) -> dict[str, Any]:
@@ -164,7 +169,10 @@ def post_send() -> Response:
     svc = services()
     require_password(svc)
     raw = request.get_data()
-    if not raw.strip() and svc.payments.parse_payment(dict(request.headers)) is None:
+    paying = svc.payments.parse_payment(dict(request.headers)) is not None
+    if not paying:
+        limit_quotes(svc)
+    if not raw.strip() and not paying:
         outcome = flows.probe(svc, request.base_url)
     else:
         req = parse_message_request(parse_json_object(raw), allow_token=True)

@@ -57,8 +57,10 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     if hops:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)  # type: ignore[method-assign]
     from relay.api import api
+    from relay.docs import docs
 
     app.register_blueprint(api)
+    app.register_blueprint(docs)
     _register_error_handlers(app)
     _reconcile_in_background(services)
     return app

@@ -1,14 +1,18 @@
-"""The `relay` command."""
+"""The `relay` command: serve, dev, quote, send, status, ledger, reconcile, doctor, db."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+import time
 from collections.abc import Callable, Sequence
+from decimal import Decimal
 from typing import Any
 
-from relay.settings import SettingsError, load_settings
+from relay.errors import RelayError
+from relay.settings import SettingsError, load_client_settings, load_settings
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -19,7 +23,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from relay.app import create_app
 
-    app = create_app(load_settings())
+    settings = load_settings()
 
     class _Server(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
@@ -31,32 +35,188 @@ def serve(args: argparse.Namespace) -> int:
             self.cfg.set("accesslog", "-")
 
         def load(self) -> Any:
-            return app
+            return create_app(settings)
 
     _Server().run()
     return 0
+
+
+def dev(args: argparse.Namespace) -> int:
+    """The whole stack locally: chain, token, facilitator, rules moderation, outbox, a payer."""
+    from relay.devstack import DevStack
+
+    with DevStack.start(port=args.port, database=args.database, say=say) as stack:
+        if args.demo:
+            stack.demo(say)
+            return 0
+        say(stack.usage())
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            say("stopping")
+    return 0
+
+
+def quote(args: argparse.Namespace) -> int:
+    """Ask a relay for a quote."""
+    from relay.client import RelayClient
+
+    client = RelayClient(load_client_settings().relay_url)
+    show(client.quote(args.message, args.to, smart_encoding=args.smart_encoding))
+    return 0
+
+
+def send(args: argparse.Namespace) -> int:
+    """Quote, pay and send one SMS; PAYER_PRIVATE_KEY pays, never above --max-price."""
+    from relay.client import RelayClient
+
+    config = load_client_settings()
+    client = RelayClient(
+        config.relay_url,
+        config.payer_private_key,
+        pay_password=config.pay_password,
+        on_step=lambda step: say(f"... {step}"),
+    )
+    say(f"paying from {client.address}, at most {args.max_price} USD")
+    result = client.send(
+        args.message, args.to, max_price_usd=args.max_price, smart_encoding=args.smart_encoding
+    )
+    show(result)
+    return 0
+
+
+def status(args: argparse.Namespace) -> int:
+    """The status of a message, from the database."""
+    from relay import flows
+
+    found = flows.message_status(_services(), args.message_id)
+    if found is None:
+        say(f"no message {args.message_id}")
+        return 1
+    show(found)
+    return 0
+
+
+def ledger(args: argparse.Namespace) -> int:
+    """Payments, messages and refunds, newest first."""
+    from relay.ledger import Ledger
+
+    book = Ledger.from_url(load_settings().database_url)
+    payment_cols = ("id", "state", "payer", "amount_atomic", "tx_hash", "message_id")
+    message_cols = ("message_id", "status", "segments", "provider")
+    refund_cols = ("payment_id", "state", "amount_atomic", "tx_hash")
+    say(table("Payments", book.list_payments(args.limit), payment_cols, _when))
+    say(table("Messages", book.list_messages(args.limit), message_cols, _when))
+    say(table("Refunds", book.list_refunds(args.limit), refund_cols, _when))
+    return 0
+
+
+def reconcile(args: argparse.Namespace) -> int:
+    """Finish stalled payments now: settle, dispatch or refund."""
+    from relay import flows
+
+    def progress(payment_id: str, result: str) -> None:
+        say(f"  {payment_id}: {result}")
+
+    say("reconciling unfinished payments...")
+    older = 0.0 if args.all else None
+    results = flows.reconcile(_services(), older_than=older, progress=progress)
+    say(f"done: {len(results)} payment(s) looked at")
+    return 0
+
+
+def doctor(_args: argparse.Namespace) -> int:
+    """Check configuration and reachability; non-zero when something fails."""
+    from relay import doctor as checks
+
+    return checks.run_from_environment()
 
 
 def db_upgrade(_args: argparse.Namespace) -> int:
     """Create or migrate the database schema."""
     from relay.ledger import Ledger
 
-    settings = load_settings()
-    version = Ledger.from_url(settings.database_url).upgrade()
-    print(f"database schema at version {version}")
+    version = Ledger.from_url(load_settings().database_url).upgrade()
+    say(f"database schema at version {version}")
     return 0
+
+
+def _services() -> Any:
+    from relay.services import build_services
+
+    return build_services(load_settings())
+
+
+def _when(row: dict[str, Any]) -> str:
+    stamp = row.get("created_at")
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(float(stamp))) if stamp else ""
+
+
+def table(
+    title: str,
+    rows: list[dict[str, Any]],
+    columns: tuple[str, ...],
+    when: Callable[[dict[str, Any]], str],
+) -> str:
+    """A plain aligned text table."""
+    if not rows:
+        return f"{title}: none\n"
+    cells = [[when(row), *(_cell(row.get(c)) for c in columns)] for row in rows]
+    header = ["created (UTC)", *columns]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *cells, strict=False)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    return f"{title} ({len(rows)})\n" + "\n".join(lines) + "\n"
+
+
+def _cell(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def say(text: str) -> None:
+    """Print a line of human-readable output."""
+    print(text, flush=True)
+
+
+def show(data: dict[str, Any]) -> None:
+    """Print a JSON document readably."""
+    print(json.dumps(data, indent=2, default=str), flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
     parser = argparse.ArgumentParser(prog="relay", description="x402-paid, moderated SMS relay")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("serve", help="serve the HTTP API")
+    p = sub.add_parser("serve", help="serve the HTTP API (gunicorn)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--threads", type=int, default=8)
+    p.add_argument("--threads", type=int, default=16)
     p.set_defaults(func=serve)
+    p = sub.add_parser("dev", help="run the whole stack locally (chain, token, outbox)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--database", default=None, help="database URL (default: a temporary file)")
+    p.add_argument("--demo", action="store_true", help="send one paid SMS end to end and exit")
+    p.set_defaults(func=dev)
+    for name, func in (("quote", quote), ("send", send)):
+        p = sub.add_parser(name, help=f"{name} a message through RELAY_URL")
+        p.add_argument("--to", required=True, help="destination phone number")
+        p.add_argument("--smart-encoding", action="store_true")
+        if name == "send":
+            p.add_argument("--max-price", type=Decimal, required=True, help="USD cap")
+        p.add_argument("message")
+        p.set_defaults(func=func)
+    p = sub.add_parser("status", help="status of a message (from the database)")
+    p.add_argument("message_id")
+    p.set_defaults(func=status)
+    p = sub.add_parser("ledger", help="list payments, messages and refunds")
+    p.add_argument("--limit", type=int, default=20)
+    p.set_defaults(func=ledger)
+    p = sub.add_parser("reconcile", help="finish stalled payments (also run at start-up)")
+    p.add_argument("--all", action="store_true", help="include payments that are not stalled yet")
+    p.set_defaults(func=reconcile)
+    sub.add_parser("doctor", help="check configuration and reachability").set_defaults(func=doctor)
     db = sub.add_parser("db", help="database maintenance")
     dbsub = db.add_subparsers(dest="db_command", required=True)
     dbsub.add_parser("upgrade", help="create or migrate the schema").set_defaults(func=db_upgrade)
@@ -73,6 +233,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(exc, file=sys.stderr)
         return 2
+    except RelayError as exc:
+        print(f"{exc.code}: {exc.message}", file=sys.stderr)
+        if exc.details:
+            print(json.dumps(exc.details, default=str), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

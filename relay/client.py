@@ -30,17 +30,21 @@ class RelayClient:
     def __init__(
         self,
         base_url: str,
-        private_key: str,
+        private_key: str | None = None,
         *,
         pay_password: str | None = None,
         max_attempts: int = 8,
         max_wait_seconds: float = 30.0,
         session: requests.Session | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        on_step: Callable[[str], None] | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
-        self._account = Account.from_key(private_key)
-        self._x402 = register_exact_evm_client(x402ClientSync(), EthAccountSigner(self._account))
+        self._on_step = on_step or (lambda _step: None)
+        self._account = Account.from_key(private_key) if private_key else None
+        self._x402 = x402ClientSync()
+        if self._account is not None:
+            register_exact_evm_client(self._x402, EthAccountSigner(self._account))
         self._password = pay_password
         self._max_attempts = max_attempts
         self._max_wait = max_wait_seconds
@@ -48,9 +52,9 @@ class RelayClient:
         self._sleep = sleep
 
     @property
-    def address(self) -> str:
-        """The payer's address."""
-        return str(self._account.address)
+    def address(self) -> str | None:
+        """The payer's address, when the client can pay."""
+        return None if self._account is None else str(self._account.address)
 
     def quote(self, message: str, to: str, *, smart_encoding: bool = False) -> dict[str, Any]:
         """POST /api/quote; raises the RelayError of the answer's code."""
@@ -66,8 +70,11 @@ class RelayClient:
         smart_encoding: bool = False,
     ) -> dict[str, Any]:
         """Quote, check the cap, pay once and send; the send answer (message_id, transaction)."""
+        if self._account is None:
+            raise InvalidInput("A payer private key is needed to send.")
         cap = to_atomic(Decimal(str(max_price_usd)))
         quoted = self.quote(message, to, smart_encoding=smart_encoding)
+        self._on_step(f"quoted {quoted['price_usd']} USD for {quoted['segments']} segment(s)")
         _check_cap(int(quoted["price_atomic"]), cap)
         body = {
             "message": message,
@@ -79,7 +86,9 @@ class RelayClient:
         if challenge.status_code != 402:
             self._ok(challenge)
             raise InvalidInput("The relay did not ask for payment.")
+        self._on_step("402 Payment Required received")
         header = self._pay(challenge, cap)
+        self._on_step(f"payment signed by {self.address}; settling on-chain")
         return self._paid_retry(body, header)
 
     def _pay(self, challenge: requests.Response, cap: int) -> str:
@@ -107,6 +116,7 @@ class RelayClient:
                 continue
             if not _retryable(response) or attempt == self._max_attempts:
                 return self._ok(response)
+            self._on_step(f"{_json(response).get('error')}; retrying the same payment")
             self._sleep(self._wait(response, attempt))
         raise AssertionError("unreachable")
 

@@ -202,7 +202,14 @@ def send(
         if holder is not None:
             raise QuoteAlreadyUsed(details={"message_id": holder.get("message_id")})
     payments.match(parsed, requirements)
-    payer = payments.verify(parsed, requirements)
+    try:
+        payer = payments.verify(parsed, requirements)
+    except PaymentVerifyFailed:
+        # A concurrent copy of this payment may have claimed and settled it meanwhile.
+        stored = replay(services, parsed)
+        if stored is not None:
+            return stored
+        raise
     payment_id = claim(services, order, parsed, requirements, payer)
     return settle_and_dispatch(services, payment_id, parsed, requirements)
 

@@ -297,3 +297,22 @@ def _parse(source: Mapping[str, str | None]) -> tuple[dict[str, Any], list[str]]
             value = float(value)
         values[name.lower()] = value
     return values, problems
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """What the `relay quote` / `relay send` client needs: where, and who pays."""
+
+    relay_url: str = "http://127.0.0.1:8000"
+    payer_private_key: str | None = field(default=None, repr=False)
+    pay_password: str | None = field(default=None, repr=False)
+
+
+def load_client_settings(environ: Mapping[str, str] | None = None) -> ClientSettings:
+    """RELAY_URL, PAYER_PRIVATE_KEY and PAY_PASSWORD from the environment."""
+    source = os.environ if environ is None else environ
+    return ClientSettings(
+        relay_url=source.get("RELAY_URL") or ClientSettings.relay_url,
+        payer_private_key=source.get("PAYER_PRIVATE_KEY") or None,
+        pay_password=source.get("PAY_PASSWORD") or None,
+    )

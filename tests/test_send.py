@@ -447,3 +447,15 @@ def test_password_on_both_passes_and_lockout(
     still_locked = post(client, BODY, **good)
     assert still_locked.status_code == 401
     assert still_locked.get_json()["retry_after_seconds"] > 0
+
+
+def test_unpaid_sends_share_the_quote_rate_limit(
+    paid_settings: Callable[..., Settings], payer: Wallet
+) -> None:
+    client = make_app(paid_settings(quote_rate_limit="2/minute")).test_client()
+    assert client.post("/api/quote", json=BODY).status_code == 200
+    assert post(client, BODY).status_code == 402
+    limited = post(client, BODY)
+    assert limited.status_code == 429
+    assert limited.get_json()["error"] == "rate_limited"
+    assert int(limited.headers["Retry-After"]) >= 1
