@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
@@ -134,18 +135,29 @@ def get_pricing() -> Response:
 
 @api.get("/health")
 def get_health() -> Response:
-    """Liveness and readiness."""
+    """Liveness and readiness: database, chain or facilitator, providers.
+
+    200 while the process and its database work; ``?strict=1`` answers 503 unless every
+    dependency is ready (for load balancers that should route around a node).
+    """
     svc = services()
-    checks: dict[str, str] = {}
-    try:
-        svc.ledger.ping()
-        checks["database"] = "ok"
-    except Exception:
-        checks["database"] = "unreachable"
-    ok = all(value == "ok" for value in checks.values())
-    response = jsonify({"status": "ok" if ok else "degraded", "checks": checks})
-    response.status_code = 200 if ok else 503
+    checks = {"database": _check(svc.ledger.ping), "chain": _check(svc.payments.ping)}
+    checks["moderation"] = svc.settings.moderation_provider
+    checks["sms"] = svc.settings.sms_provider
+    ready = checks["database"] == "ok" and checks["chain"] == "ok"
+    strict = request.args.get("strict") in ("1", "true")
+    response = jsonify({"status": "ok" if ready else "degraded", "ready": ready, "checks": checks})
+    alive = checks["database"] == "ok"
+    response.status_code = 200 if (ready if strict else alive) else 503
     return response
+
+
+def _check(probe: Callable[[], None]) -> str:
+    try:
+        probe()
+    except Exception:  # any failure means not ready; details stay in the log
+        return "unreachable"
+    return "ok"
 
 
 def require_password(svc: Services) -> None:

@@ -513,9 +513,10 @@ def _misc_schemas() -> dict[str, Any]:
     health = _obj(
         {
             "status": {"enum": ["ok", "degraded"]},
+            "ready": {"type": "boolean"},
             "checks": {"type": "object", "additionalProperties": STR},
         },
-        ["status", "checks"],
+        ["status", "ready", "checks"],
     )
     return {"Pricing": pricing, "Health": health}
 
@@ -763,9 +764,18 @@ def _plain_operations() -> dict[str, Any]:
                 "operationId": "health",
                 "tags": ["meta"],
                 "summary": "Liveness and readiness",
+                "parameters": [
+                    {
+                        "name": "strict",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"enum": ["1", "true"]},
+                        "description": "Answer 503 unless the database and the chain are ready.",
+                    }
+                ],
                 "responses": {
-                    "200": _json("Health", "Ready."),
-                    "503": _json("Health", "A dependency is unreachable (status degraded)."),
+                    "200": _json("Health", "Alive (and, with strict, ready)."),
+                    "503": _json("Health", "The database, or with strict the chain, is down."),
                     **errors,
                 },
             }

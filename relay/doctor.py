@@ -15,7 +15,6 @@ file or schema, and sends no SMS; the Gemini check costs one call of a few token
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import socket
 import sys
@@ -30,7 +29,6 @@ from typing import Any, Literal, TextIO
 from urllib.parse import quote, urlsplit
 
 import requests
-from dotenv import dotenv_values
 from eth_account import Account
 from eth_typing import ChecksumAddress
 from google import genai
@@ -46,7 +44,7 @@ from x402.http import FacilitatorConfig, HTTPFacilitatorClientSync
 from relay.devchain import load_abi
 from relay.ledger import SCHEMA_VERSION, Ledger, schema_info
 from relay.moderation import GEMINI_API_VERSION, GEMINI_DEFAULT_BASE_URL
-from relay.settings import Settings, _parse
+from relay.settings import Settings, read_settings
 
 #: Deadline for all checks together (they run side by side).
 CHECK_TIMEOUT_SECONDS = 20.0
@@ -91,12 +89,13 @@ class _Problem(Exception):
 def run_checks(
     settings: Settings,
     *,
-    extra_problems: Sequence[str] = (),
+    problems: Sequence[str] | None = None,
     timeout: float = CHECK_TIMEOUT_SECONDS,
 ) -> list[Check]:
-    """Every check, in report order. ``extra_problems``: configuration problems found while
-    parsing the environment (see ``load_lenient``)."""
-    checks = [_configuration(settings, extra_problems), *_run_probes(settings, PROBES, timeout)]
+    """Every check, in report order. ``problems``: the configuration problems found while
+    reading the environment (``read_settings``); by default those of ``settings``."""
+    found = settings.problems() if problems is None else list(problems)
+    checks = [_configuration(found), *_run_probes(settings, PROBES, timeout)]
     secrets = _secrets(settings)
     return [_scrubbed(check, secrets) for check in checks]
 
@@ -114,28 +113,12 @@ def render(checks: Sequence[Check]) -> str:
     return "\n".join([*lines, "", _summary(checks)]) + "\n"
 
 
-def main(settings: Settings, out: TextIO, *, extra_problems: Sequence[str] = ()) -> int:
+def main(settings: Settings, out: TextIO, *, problems: Sequence[str] | None = None) -> int:
     """Run the checks, write the table to ``out``; 0 when nothing failed, else 1."""
-    checks = run_checks(settings, extra_problems=extra_problems)
+    checks = run_checks(settings, problems=problems)
     out.write(render(checks))
     out.flush()
     return 0 if all(check.ok for check in checks) else 1
-
-
-def load_lenient(
-    environ: Mapping[str, str] | None = None, env_file: str | Path | None = ".env"
-) -> tuple[Settings, list[str]]:
-    """Settings read like ``load_settings`` but never raising: (settings, parse problems).
-
-    A variable that does not parse keeps its default and is reported by the configuration
-    check, so the doctor still checks everything else.
-    """
-    source: dict[str, str | None] = {}
-    if env_file is not None and Path(env_file).is_file():
-        source.update(dotenv_values(env_file))
-    source.update(os.environ if environ is None else environ)
-    values, problems = _parse(source)
-    return Settings(**values), problems
 
 
 def run_from_environment(
@@ -145,8 +128,8 @@ def run_from_environment(
     env_file: str | Path | None = ".env",
 ) -> int:
     """The `relay doctor` command: load the settings leniently, check, print; exit status."""
-    settings, problems = load_lenient(environ, env_file)
-    return main(settings, out or sys.stdout, extra_problems=problems)
+    settings, problems = read_settings(environ, env_file)
+    return main(settings, out or sys.stdout, problems=problems)
 
 
 def _summary(checks: Sequence[Check]) -> str:
@@ -199,10 +182,7 @@ def _attempt(name: str, probe: Probe, settings: Settings) -> Check:
 # --- 1. configuration ---------------------------------------------------------------------
 
 
-def _configuration(settings: Settings, extra_problems: Sequence[str]) -> Check:
-    failed = [line.split(" ", 1)[0] for line in extra_problems]
-    problems = [*extra_problems]
-    problems += [p for p in settings.problems() if not any(name in p for name in failed)]
+def _configuration(problems: Sequence[str]) -> Check:
     if not problems:
         return Check("configuration", True, "no problems found")
     count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"

@@ -100,6 +100,7 @@ MAX_TIMEOUT_SECONDS = 300
 #: How long one settle waits for its receipt; the SDK retries the wait once, so a settlement
 #: answers ``settlement_pending`` after about twice this.
 RECEIPT_TIMEOUT_SECONDS = 15.0
+PING_CACHE_SECONDS = 10.0
 LOG_WINDOW_BLOCKS = 50_000  # about a day on Base: how far back a crashed settlement is sought
 HTTP_TIMEOUT_SECONDS = 60.0
 RETRY_AFTER_SECONDS = 5
@@ -263,6 +264,7 @@ class Payments:
         self._lock = threading.Lock()
         self._ready = False
         self._w3: Web3 | None = None
+        self._pinged_at = float("-inf")
 
     # ------------------------------------------------------------------ the 402 challenge
 
@@ -465,6 +467,20 @@ class Payments:
             v1 = settlement.raw.model_copy(update={"network": self._settings.v1_network})
             return V1_RESPONSE_HEADER, encode_payment_response_header(v1)
         return V2_RESPONSE_HEADER, encode_payment_response_header(settlement.raw)
+
+    def ping(self) -> None:
+        """Raise unless payments can be taken now: the chain (local) or facilitator answers.
+
+        Cached for a few seconds so health checks never hammer the RPC.
+        """
+        now = time.monotonic()
+        if now - self._pinged_at < PING_CACHE_SECONDS:
+            return
+        if self._is_remote():
+            self._ensure_ready()
+        elif not self._chain_up():
+            raise _chain_unavailable()
+        self._pinged_at = now
 
     def close(self) -> None:
         """Release the facilitator's HTTP connections (remote mode)."""

@@ -264,6 +264,19 @@ def load_settings(
     environ: Mapping[str, str] | None = None, env_file: str | Path | None = ".env"
 ) -> Settings:
     """Read, parse and check every variable; raise SettingsError listing all problems."""
+    settings, problems = read_settings(environ, env_file)
+    if problems:
+        raise SettingsError(problems)
+    return settings
+
+
+def read_settings(
+    environ: Mapping[str, str] | None = None, env_file: str | Path | None = ".env"
+) -> tuple[Settings, list[str]]:
+    """The settings and every problem found, never raising (`relay doctor` reports them).
+
+    A variable that does not parse keeps its default and is reported once.
+    """
     source: dict[str, str | None] = {}
     if env_file is not None and Path(env_file).is_file():
         source.update(dotenv_values(env_file))
@@ -272,9 +285,7 @@ def load_settings(
     settings = Settings(**values)
     failed = [line.split(" ", 1)[0] for line in problems]
     problems += [p for p in settings.problems() if not any(name in p for name in failed)]
-    if problems:
-        raise SettingsError(problems)
-    return settings
+    return settings, problems
 
 
 def _parse(source: Mapping[str, str | None]) -> tuple[dict[str, Any], list[str]]:

@@ -459,3 +459,22 @@ def test_unpaid_sends_share_the_quote_rate_limit(
     assert limited.status_code == 429
     assert limited.get_json()["error"] == "rate_limited"
     assert int(limited.headers["Retry-After"]) >= 1
+
+
+def test_health_reports_readiness(
+    client: FlaskClient, make_settings: Callable[..., Settings]
+) -> None:
+    ready = client.get("/health?strict=1")
+    assert ready.status_code == 200
+    assert ready.get_json()["checks"]["chain"] == "ok"
+    assert ready.get_json()["ready"] is True
+    down = make_app(make_settings(facilitator_url="http://127.0.0.1:9")).test_client()
+    assert down.get("/health").status_code == 200
+    strict = down.get("/health?strict=1")
+    assert strict.status_code == 503
+    assert strict.get_json()["checks"] == {
+        "database": "ok",
+        "chain": "unreachable",
+        "moderation": "rules",
+        "sms": "outbox",
+    }
