@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One entry point for a fresh machine: ./tasks.sh test | lint | demo
+# One entry point for a fresh machine: ./tasks.sh demo | test | lint
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -17,11 +17,12 @@ setup() {
 case "${1:-test}" in
   setup) setup ;;
   test) setup; shift || true; .venv/bin/python -m pytest "$@" ;;
+  demo) setup; .venv/bin/relay dev --demo --port 0 ;;
   lint)
     setup
     .venv/bin/ruff check .
     .venv/bin/ruff format --check .
     .venv/bin/mypy --strict relay
     ;;
-  *) echo "usage: ./tasks.sh [setup|test|lint]" >&2; exit 2 ;;
+  *) echo "usage: ./tasks.sh [demo|test|lint|setup]" >&2; exit 2 ;;
 esac

@@ -327,3 +327,8 @@ def load_client_settings(environ: Mapping[str, str] | None = None) -> ClientSett
         payer_private_key=source.get("PAYER_PRIVATE_KEY") or None,
         pay_password=source.get("PAY_PASSWORD") or None,
     )
+
+
+def variable_names() -> list[str]:
+    """Every environment variable the relay reads (documented in .env.example)."""
+    return list(_PARSERS)

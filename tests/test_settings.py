@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.settings import Settings, SettingsError, load_settings
+from relay.settings import Settings, SettingsError, load_settings, variable_names
 
 PAY_TO = "0x85F37873f97afa61263A27107f2e7b0B672d7CFF"
 GOOD = {
@@ -87,3 +87,13 @@ def test_secrets_stay_out_of_repr() -> None:
 def test_bad_rate_limit_notation() -> None:
     with pytest.raises(SettingsError, match="QUOTE_RATE_LIMIT"):
         load_settings({**GOOD, "QUOTE_RATE_LIMIT": "lots"}, env_file=None)
+
+
+def test_env_example_documents_every_variable() -> None:
+    example = (Path(__file__).parent.parent / ".env.example").read_text()
+    documented = {
+        line.split("=", 1)[0]
+        for line in example.splitlines()
+        if "=" in line and not line.startswith("#")
+    }
+    assert documented == set(variable_names())
