@@ -597,16 +597,7 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
 
 def _secrets(settings: Settings) -> list[str]:
     """Every configured secret, and URL parts that commonly carry keys."""
-    values = [
-        settings.quote_secret,
-        settings.pay_password,
-        settings.settler_private_key,
-        settings.refund_private_key,
-        settings.gemini_api_key,
-        settings.sinch_api_token,
-        settings.sinch_callback_secret,
-        settings.sinch_signing_secret,
-    ]
+    values: list[str | None] = [*settings.secrets()]
     values.append(_url_password(settings.database_url))
     for url in (
         settings.rpc_url,

@@ -113,6 +113,11 @@ class Settings:
         """The Sinch REST base URL."""
         return self.sinch_base_url or f"https://{self.sinch_region}.sms.api.sinch.com"
 
+    def secrets(self) -> list[str]:
+        """The values of every secret field (those kept out of repr), for scrubbing output."""
+        fields = (f.name for f in dataclasses.fields(self) if not f.repr)
+        return [value for name in fields if isinstance(value := getattr(self, name), str) and value]
+
     def replace(self, **changes: Any) -> Settings:
         """A copy with some fields changed (tests and the dev stack use it)."""
         return dataclasses.replace(self, **changes)

@@ -203,7 +203,9 @@ def test_dev_demo_sends_one_paid_sms_and_exits(demo: DemoRun) -> None:
     quote = re.search(r"^quote: .*price ([\d.]+) USD \((\d+) atomic USDC\)$", out, re.M)
     assert quote, out
     assert quote.group(1) == "0.05" and int(quote.group(2)) == PRICE_ATOMIC
-    settled = re.search(r"^settled on-chain: transaction (\S+) \((\d+) atomic USDC paid\)$", out, re.M)
+    settled = re.search(
+        r"^settled on-chain: transaction (\S+) \((\d+) atomic USDC paid\)$", out, re.M
+    )
     assert settled, out
     assert TX_HASH.fullmatch(settled.group(1)) and len(settled.group(1)) == 66
     assert int(settled.group(2)) == PRICE_ATOMIC

@@ -100,15 +100,7 @@ def run(settings: Settings) -> tuple[int, str, dict[str, tuple[str, str]]]:
 
 
 def assert_no_secrets(text: str, settings: Settings) -> None:
-    secrets = [
-        settings.quote_secret,
-        settings.pay_password,
-        settings.settler_private_key,
-        settings.refund_private_key,
-        settings.gemini_api_key,
-        settings.sinch_api_token,
-        settings.sinch_callback_secret,
-    ]
+    secrets = settings.secrets()
     for secret in filter(None, secrets):
         assert secret.removeprefix("0x").lower() not in text.lower()
 
