@@ -631,7 +631,11 @@ def reconcile(
     for row in services.ledger.unfinished_payments((*UNFINISHED, "dispatch_failed")):
         if services.clock() - float(row["updated_at"]) < limit:
             continue
-        results[row["id"]] = repair(services, row)
+        try:
+            results[row["id"]] = repair(services, row)
+        except Exception:  # one broken payment must not stop the others being finished
+            log.exception("reconciling payment %s failed", row["id"])
+            results[row["id"]] = "error"
         if progress is not None:
             progress(row["id"], results[row["id"]])
     return results
@@ -642,19 +646,24 @@ def repair(services: Services, row: dict[str, Any]) -> str:
     ledger = services.ledger
     if not ledger.take_over(row["id"], row["state"], row["updated_at"], services.clock()):
         return "busy"
+    try:
+        drive(services, row)
+    except RelayError as exc:
+        log.info("payment %s not finished yet: %s", row["id"], exc.code)
+    return str((ledger.payment(row["id"]) or {}).get("state"))
+
+
+def drive(services: Services, row: dict[str, Any]) -> None:
+    """Learn what happened on-chain, then dispatch or refund."""
+    if row["state"] == "dispatch_failed":
+        repair_refund(services, row)
+        return
     parsed = services.payments.stored(row["payload"], row["version"])
     requirements = PaymentRequirements.model_validate(row["requirements"])
-    try:
-        if row["state"] == "dispatch_failed":
-            return repair_refund(services, row)
-        if row["state"] in ("settling", "settle_pending"):
-            recover_settlement(services, row, parsed)
-        outcome = continue_dispatch(services, row, parsed, requirements)
-        return f"{outcome.status}"
-    except RelayError as exc:
-        return exc.code
-    finally:
-        log.info("reconciled payment %s", row["id"])
+    if row["state"] in ("settling", "settle_pending"):
+        recover_settlement(services, row, parsed)
+    if (services.ledger.payment(row["id"]) or {}).get("state") not in FINAL_STATES:
+        continue_dispatch(services, row, parsed, requirements)
 
 
 def recover_settlement(services: Services, row: dict[str, Any], parsed: ParsedPayment) -> None:
@@ -685,14 +694,10 @@ def continue_dispatch(
     return settle_and_dispatch(services, row["id"], parsed, req)
 
 
-def repair_refund(services: Services, row: dict[str, Any]) -> str:
+def repair_refund(services: Services, row: dict[str, Any]) -> None:
     """Send a refund that a crash or an outage left unsent."""
     refund = services.ledger.refund(row["id"])
+    if refund is None or refund["state"] != "confirmed":
+        refund = refund_payment(services, row)
     if refund is not None and refund["state"] == "confirmed":
         services.ledger.transition(row["id"], ("dispatch_failed",), "refunded", services.clock())
-        return "refunded"
-    result = refund_payment(services, row)
-    if result is not None and result["state"] == "confirmed":
-        services.ledger.transition(row["id"], ("dispatch_failed",), "refunded", services.clock())
-        return "refunded"
-    return "dispatch_failed"

@@ -1,0 +1,178 @@
+"""Reconciliation finishes every payment a crash left at any step, exactly once.
+
+Each test pays for real on the local chain, then puts the ledger back into the state a
+crash at one step would have left (the database is the only memory a restarted process
+has), and lets `flows.reconcile` finish it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from flask import Flask
+from sqlalchemy import delete, update
+from x402.http import decode_payment_required_header
+
+from relay import flows
+from relay.app import create_app
+from relay.devchain import DevChain
+from relay.ledger import messages, outbox, payments, refunds
+from relay.services import Services, build_services
+from relay.settings import Settings
+from tests.conftest import Wallet, new_wallet
+from tests.fake_sinch import FakeSinch
+from tests.x402_helpers import pay
+
+US = "+13012576365"
+BODY = {"message": "Reconcile me", "to": US}
+PRICE = 50_000
+
+
+def services_of(app: Flask) -> Services:
+    found: Services = app.extensions["relay"]
+    return found
+
+
+def paid_send(app: Flask, key: str) -> tuple[dict[str, Any], str]:
+    client = app.test_client()
+    head = client.post("/api/send", json=BODY).headers["PAYMENT-REQUIRED"]
+    signature = pay(head, key)
+    response = client.post("/api/send", json=BODY, headers={"PAYMENT-SIGNATURE": signature})
+    assert response.status_code in (200, 502), response.get_data(as_text=True)
+    return response.get_json(), signature
+
+
+def rewind(services: Services, state: str, **fields: Any) -> str:
+    """Put the only payment back into ``state`` as a crash there would leave it."""
+    (row,) = services.ledger.list_payments()
+    values = {"state": state, "updated_at": 0.0, "response_status": None, **fields}
+    with services.ledger.begin() as conn:
+        conn.execute(update(payments).where(payments.c.id == row["id"]).values(**values))
+    return str(row["id"])
+
+
+def replay(app: Flask, signature: str) -> Any:
+    return app.test_client().post("/api/send", json=BODY, headers={"PAYMENT-SIGNATURE": signature})
+
+
+def settler_nonce(chain: DevChain) -> int:
+    return chain.w3.eth.get_transaction_count(chain.accounts[0].address)
+
+
+def test_settled_but_never_dispatched(
+    paid_settings: Callable[..., Settings], chain: DevChain, payer: Wallet
+) -> None:
+    app = create_app(services=build_services(paid_settings()))
+    services = services_of(app)
+    first, signature = paid_send(app, payer.key)
+    with services.ledger.begin() as conn:
+        conn.execute(delete(outbox))
+        conn.execute(delete(messages))
+    payment_id = rewind(services, "settled", message_id=None, body="Reconcile me")
+    nonce = settler_nonce(chain)
+    assert flows.reconcile(services) == {payment_id: "dispatched"}
+    (sms,) = services.ledger.outbox_messages()
+    assert sms["body"] == "Reconcile me\nReply STOP to opt out"
+    assert settler_nonce(chain) == nonce
+    answer = replay(app, signature)
+    assert answer.status_code == 200
+    assert answer.get_json()["message_id"] == sms["message_id"]
+    assert answer.get_json()["transaction"] == first["transaction"]
+    assert flows.reconcile(services) == {}
+    assert chain.usdc_balance(payer.address) == 10_000_000 - PRICE
+
+
+def test_dispatching_finds_the_batch_sinch_already_has(
+    paid_settings: Callable[..., Settings], chain: DevChain, payer: Wallet
+) -> None:
+    with FakeSinch(plan_id="plan", token="token") as fake:
+        settings = paid_settings(
+            sms_provider="sinch",
+            sinch_service_plan_id="plan",
+            sinch_api_token="token",
+            sinch_from="+12065550100",
+            sinch_base_url=fake.base_url,
+        )
+        app = create_app(services=build_services(settings))
+        services = services_of(app)
+        first, signature = paid_send(app, payer.key)
+        payment_id = rewind(services, "dispatching", message_id=None, body="Reconcile me")
+        assert flows.reconcile(services) == {payment_id: "dispatched"}
+        assert len(fake.batches) == 1
+        answer = replay(app, signature)
+    assert answer.get_json()["message_id"] == first["message_id"]
+
+
+def test_unsent_refund_is_sent(
+    paid_settings: Callable[..., Settings], chain: DevChain, payer: Wallet
+) -> None:
+    refunder = new_wallet(chain, 1_000_000)
+    chain.set_eth_balance(refunder.address, 10**18)
+    with FakeSinch(plan_id="plan", token="token") as fake:
+        settings = paid_settings(
+            sms_provider="sinch",
+            sinch_service_plan_id="plan",
+            sinch_api_token="token",
+            sinch_from="+12065550100",
+            sinch_base_url=fake.base_url,
+        )
+        fake.script({"status": 400, "code": "syntax_invalid_parameter_format", "text": "no"})
+        app = create_app(services=build_services(settings))
+        failed, _ = paid_send(app, payer.key)
+    assert failed["error"] == "sinch_send_failed_after_payment"
+    assert failed["refund"] is None
+    assert chain.usdc_balance(payer.address) == 10_000_000 - PRICE
+    later = create_app(services=build_services(settings.replace(refund_private_key=refunder.key)))
+    services = services_of(later)
+    payment_id = rewind(services, "dispatch_failed", response_status=502)
+    assert flows.reconcile(services) == {payment_id: "refunded"}
+    assert chain.usdc_balance(payer.address) == 10_000_000
+    refund = services.ledger.refund(payment_id)
+    assert refund is not None and refund["state"] == "confirmed"
+    assert flows.reconcile(services) == {}
+
+
+def test_expired_unsettled_authorization_frees_the_quote(
+    paid_settings: Callable[..., Settings], chain: DevChain, payer: Wallet
+) -> None:
+    app = create_app(services=build_services(paid_settings()))
+    services = services_of(app)
+    client = app.test_client()
+    token = client.post("/api/quote", json=BODY).get_json()["quote_token"]
+    body = {**BODY, "quote_token": token}
+    head = client.post("/api/send", json=body).headers["PAYMENT-REQUIRED"]
+    parsed = services.payments.parse_payment({"PAYMENT-SIGNATURE": pay(head, payer.key)})
+    assert parsed is not None
+    row = {
+        "id": "crashed0payment0000000001",
+        "payment_key": parsed.payment_key,
+        "quote_id": services.signer.verify(token, message=BODY["message"], to=US, now=0).quote_id,
+        "payer": parsed.payer,
+        "nonce": parsed.nonce,
+        "amount_atomic": PRICE,
+        "network": "eip155:84532",
+        "asset": "0x036CbD53842c5426634e7929541eC2318f3dCF7e",
+        "pay_to": services.settings.pay_to_address,
+        "destination": US,
+        "segments": 1,
+        "body": BODY["message"],
+        "version": 2,
+        "state": "settling",
+        "payload": parsed.as_dict(),
+        "requirements": decode_payment_required_header(head)
+        .accepts[0]
+        .model_dump(  # type: ignore[union-attr]
+            mode="json", by_alias=True
+        ),
+        "created_at": 0.0,
+        "updated_at": 0.0,
+    }
+    services.ledger.claim_payment(row)
+    services.clock = lambda: parsed.valid_before + 1.0
+    assert flows.reconcile(services) == {"crashed0payment0000000001": "settle_failed"}
+    assert services.ledger.payment(row["id"])["state"] == "settle_failed"  # type: ignore[index]
+    assert services.ledger.quote_claim(row["quote_id"]) is None
+    assert chain.usdc_balance(payer.address) == 10_000_000
+    with services.ledger.begin() as conn:
+        assert conn.execute(refunds.select()).first() is None
