@@ -12,6 +12,7 @@ from typing import Any
 from x402 import PaymentRequirements
 
 from relay.errors import (
+    ChainUnavailable,
     IdempotencyKeyReused,
     MessageTooLong,
     PaymentRequired,
@@ -187,16 +188,19 @@ def order_for(services: Services, req: MessageRequest) -> Order:
 def send(
     services: Services, req: MessageRequest, headers: Mapping[str, str], resource_url: str
 ) -> Outcome:
-    """Challenge, or verify → claim → settle → dispatch (SPEC §2, §9, §11)."""
-    order = order_for(services, req)
+    """Challenge, or verify → claim → settle → dispatch (SPEC §2, §9, §11).
+
+    A payment seen before gets its stored answer first, even once its quote has expired.
+    """
     payments = services.payments
-    requirements = payments.requirements(order.amount_atomic)
     parsed = payments.parse_payment(headers)
-    if parsed is None:
-        return challenge(services, requirements, order.amount_atomic, resource_url)
-    stored = replay(services, parsed)
+    stored = None if parsed is None else replay(services, parsed)
     if stored is not None:
         return stored
+    order = order_for(services, req)
+    requirements = payments.requirements(order.amount_atomic)
+    if parsed is None:
+        return challenge(services, requirements, order.amount_atomic, resource_url)
     if order.quote_id is not None:
         holder = services.ledger.quote_claim(order.quote_id)
         if holder is not None:
@@ -373,6 +377,11 @@ def settle(
         raise
     except PaymentSettlementFailed as failed:
         settle_failed(services, payment_id, failed)
+        raise
+    except ChainUnavailable:
+        # Unknown whether anything was broadcast: mark it stalled so that the next retry
+        # of this payment repairs it from the chain at once instead of waiting.
+        ledger.transition(payment_id, ("settling",), "settling", 0.0)
         raise
     ledger.transition(
         payment_id, ("settling", "settle_pending"), "settled", now(), tx_hash=settlement.transaction

@@ -478,3 +478,19 @@ def test_health_reports_readiness(
         "moderation": "rules",
         "sms": "outbox",
     }
+
+
+def test_replay_after_the_quote_expired_still_gets_the_stored_answer(
+    client: FlaskClient, app: Flask, payer: Wallet
+) -> None:
+    token = client.post("/api/quote", json=BODY).get_json()["quote_token"]
+    body = {**BODY, "quote_token": token}
+    head = post(client, body).headers["PAYMENT-REQUIRED"]
+    signature = {"PAYMENT-SIGNATURE": pay(head, payer.key)}
+    first = post(client, body, **signature)
+    services = services_of(app)
+    real_clock = services.clock
+    services.clock = lambda: real_clock() + 3600
+    again = post(client, body, **signature)
+    assert first.status_code == again.status_code == 200
+    assert again.get_json() == first.get_json()
