@@ -8,10 +8,13 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
+import requests
+
 from relay.errors import RelayError
+from relay.ledger import SchemaMissing
 from relay.settings import SettingsError, load_client_settings, load_settings
 
 Command = Callable[[argparse.Namespace], int]
@@ -72,6 +75,9 @@ def send(args: argparse.Namespace) -> int:
     from relay.client import RelayClient
 
     config = load_client_settings()
+    if not config.payer_private_key:
+        say("PAYER_PRIVATE_KEY must be set to the key of the wallet that pays")
+        return 2
     client = RelayClient(
         config.relay_url,
         config.payer_private_key,
@@ -102,7 +108,7 @@ def ledger(args: argparse.Namespace) -> int:
     """Payments, messages and refunds, newest first."""
     from relay.ledger import Ledger
 
-    book = Ledger.from_url(load_settings().database_url)
+    book = Ledger.open_existing(load_settings().database_url)
     payment_cols = ("id", "state", "payer", "amount_atomic", "tx_hash", "message_id")
     message_cols = ("message_id", "status", "segments", "provider")
     refund_cols = ("payment_id", "state", "amount_atomic", "tx_hash")
@@ -145,7 +151,7 @@ def db_upgrade(_args: argparse.Namespace) -> int:
 def _services() -> Any:
     from relay.services import build_services
 
-    return build_services(load_settings())
+    return build_services(load_settings(), migrate=False)
 
 
 def _when(row: dict[str, Any]) -> str:
@@ -184,6 +190,17 @@ def show(data: dict[str, Any]) -> None:
     print(json.dumps(data, indent=2, default=str), flush=True)
 
 
+def usd(raw: str) -> Decimal:
+    """A positive dollar amount (argparse type)."""
+    try:
+        value = Decimal(raw)
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError(f"not an amount: {raw!r}") from None
+    if not value.is_finite() or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive amount: {raw!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
     parser = argparse.ArgumentParser(prog="relay", description="x402-paid, moderated SMS relay")
@@ -204,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--to", required=True, help="destination phone number")
         p.add_argument("--smart-encoding", action="store_true")
         if name == "send":
-            p.add_argument("--max-price", type=Decimal, required=True, help="USD cap")
+            p.add_argument("--max-price", type=usd, required=True, help="USD cap, e.g. 0.10")
         p.add_argument("message")
         p.set_defaults(func=func)
     p = sub.add_parser("status", help="status of a message (from the database)")
@@ -233,6 +250,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(exc, file=sys.stderr)
         return 2
+    except SchemaMissing as exc:
+        print(f"database: {exc}", file=sys.stderr)
+        return 1
+    except requests.RequestException as exc:
+        url = getattr(exc.request, "url", None) or "the relay"
+        print(f"relay_unreachable: cannot reach {url} ({type(exc).__name__})", file=sys.stderr)
+        return 1
     except RelayError as exc:
         print(f"{exc.code}: {exc.message}", file=sys.stderr)
         if exc.details:

@@ -4,6 +4,7 @@ facilitator, rules moderation, the outbox SMS provider and a funded demo payer."
 from __future__ import annotations
 
 import secrets
+import shutil
 import tempfile
 import threading
 from collections.abc import Callable
@@ -29,8 +30,15 @@ Say = Callable[[str], None]
 class DevStack:
     """A running development stack; stop() (or the context manager) stops all of it."""
 
-    def __init__(self, chain: DevChain, services: Services, server: BaseWSGIServer) -> None:
+    def __init__(
+        self,
+        chain: DevChain,
+        services: Services,
+        server: BaseWSGIServer,
+        scratch: Path | None = None,
+    ) -> None:
         self.chain = chain
+        self.scratch = scratch
         self.services = services
         self.server = server
         self.payer = Account.create()
@@ -43,14 +51,16 @@ class DevStack:
         """Start anvil, the relay on PORT and a funded payer."""
         say("starting a local chain (anvil, chain id 84532) with the test USDC...")
         chain = DevChain.start()
+        scratch = None if database else Path(tempfile.mkdtemp(prefix="relay-dev-"))
         try:
-            settings = dev_settings(chain, database or _temporary_database())
-            services = build_services(settings)
+            url = database or f"sqlite:///{scratch}/relay.db"
+            services = build_services(dev_settings(chain, url))
             server = make_server("127.0.0.1", port, create_app(services=services), threaded=True)
         except BaseException:
             chain.stop()
+            _remove(scratch)
             raise
-        return cls(chain, services, server)
+        return cls(chain, services, server, scratch)
 
     @property
     def url(self) -> str:
@@ -67,6 +77,8 @@ class DevStack:
                 f"  USDC (test)      {settings.usdc_address}",
                 f"  payTo            {settings.pay_to_address}",
                 f"  demo payer       {self.payer.address} (100 test USDC)",
+                f"  database         {self.services.settings.database_url}"
+                + (" (deleted when this stops)" if self.scratch else ""),
                 "",
                 "Send a paid SMS from another terminal (the key is a throwaway dev key):",
                 f"  export RELAY_URL={self.url}",
@@ -99,7 +111,9 @@ class DevStack:
         self.server.shutdown()
         self.server.server_close()
         self.services.payments.close()
+        self.services.ledger.engine.dispose()
         self.chain.stop()
+        _remove(self.scratch)
 
     def __enter__(self) -> DevStack:
         return self
@@ -128,6 +142,7 @@ def dev_settings(chain: DevChain, database_url: str) -> Settings:
     )
 
 
-def _temporary_database() -> str:
-    folder = Path(tempfile.mkdtemp(prefix="relay-dev-"))
-    return f"sqlite:///{folder / 'relay.db'}"
+def _remove(folder: Path | None) -> None:
+    """Delete the throwaway database folder of a stack without --database."""
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -34,7 +34,6 @@ from eth_typing import ChecksumAddress
 from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
-from sqlalchemy import Engine, inspect, select
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from web3 import Web3
@@ -42,7 +41,7 @@ from web3.exceptions import BadFunctionCallOutput, ContractLogicError
 from x402.http import FacilitatorConfig, HTTPFacilitatorClientSync
 
 from relay.devchain import load_abi
-from relay.ledger import SCHEMA_VERSION, Ledger, schema_info
+from relay.ledger import SCHEMA_VERSION, Ledger, missing_sqlite_file
 from relay.moderation import GEMINI_API_VERSION, GEMINI_DEFAULT_BASE_URL
 from relay.settings import Settings, read_settings
 
@@ -199,14 +198,16 @@ def check_database(settings: Settings) -> tuple[Status, str]:
     except ArgumentError:
         raise _Problem("DATABASE_URL is not a database URL") from None
     shown = url.render_as_string(hide_password=True)
-    _require_sqlite_file(url)
+    missing = missing_sqlite_file(settings.database_url)
+    if missing is not None:
+        raise _Problem(f"SQLite file {missing} does not exist (run `relay db upgrade`)")
     try:
         ledger = Ledger.from_url(_with_connect_timeout(url).render_as_string(hide_password=False))
     except NoSuchModuleError:
         raise _Problem(f"unsupported database scheme {url.drivername!r}") from None
     try:
         ledger.ping()
-        version = _schema_version(ledger.engine)
+        version = ledger.schema_version()
     except DBAPIError as exc:
         raise _Problem(f"{shown}: {_driver_message(exc)}") from None
     finally:
@@ -221,27 +222,10 @@ def check_database(settings: Settings) -> tuple[Status, str]:
     return "PASS", f"{shown}: schema version {version}"
 
 
-def _require_sqlite_file(url: URL) -> None:
-    """Connecting would create a missing SQLite file: report it instead."""
-    path = url.database or ""
-    if url.get_backend_name() != "sqlite" or path in ("", ":memory:") or path.startswith("file:"):
-        return
-    if not Path(path).is_file():
-        raise _Problem(f"SQLite file {path} does not exist (run `relay db upgrade`)")
-
-
 def _with_connect_timeout(url: URL) -> URL:
     if url.get_backend_name() != "postgresql" or "connect_timeout" in url.query:
         return url
     return url.update_query_dict({"connect_timeout": str(round(HTTP_TIMEOUT_SECONDS))})
-
-
-def _schema_version(engine: Engine) -> int | None:
-    if not inspect(engine).has_table(schema_info.name):
-        return None
-    with engine.connect() as conn:
-        version = conn.execute(select(schema_info.c.version)).scalar()
-    return None if version is None else int(version)
 
 
 def _driver_message(exc: DBAPIError) -> str:

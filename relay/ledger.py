@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import simplejson
@@ -25,6 +26,8 @@ from sqlalchemy import (
     create_engine,
     event,
     insert,
+    inspect,
+    make_url,
     select,
     update,
 )
@@ -178,6 +181,23 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+class SchemaMissing(Exception):
+    """The database has no relay schema yet (or its SQLite file does not exist)."""
+
+
+def missing_sqlite_file(url: str) -> str | None:
+    """The path of a SQLite database file that does not exist (connecting would create it)."""
+    parsed = make_url(url)
+    path = parsed.database or ""
+    if (
+        parsed.get_backend_name() != "sqlite"
+        or path in ("", ":memory:")
+        or path.startswith("file:")
+    ):
+        return None
+    return None if Path(path).is_file() else path
+
+
 class Ledger:
     """The relay's one database."""
 
@@ -188,6 +208,26 @@ class Ledger:
     def from_url(cls, url: str) -> Ledger:
         """A ledger on the database at URL (the schema is not touched)."""
         return cls(make_engine(url))
+
+    @classmethod
+    def open_existing(cls, url: str) -> Ledger:
+        """A ledger on a database that already has the relay schema; SchemaMissing if not."""
+        missing = missing_sqlite_file(url)
+        if missing is not None:
+            raise SchemaMissing(f"SQLite file {missing} does not exist (run `relay db upgrade`)")
+        ledger = cls.from_url(url)
+        if ledger.schema_version() is None:
+            ledger.engine.dispose()
+            raise SchemaMissing("the database has no relay schema (run `relay db upgrade`)")
+        return ledger
+
+    def schema_version(self) -> int | None:
+        """The schema version recorded in the database, None before the first upgrade."""
+        if not inspect(self.engine).has_table(schema_info.name):
+            return None
+        with self.engine.connect() as conn:
+            version = conn.execute(select(schema_info.c.version)).scalar()
+        return None if version is None else int(version)
 
     def upgrade(self) -> int:
         """Create or migrate the schema; returns the schema version."""
