@@ -1,0 +1,131 @@
+"""relay.client against a real relay over HTTP, paying on the local chain."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from decimal import Decimal
+
+import pytest
+import requests
+from werkzeug.serving import make_server
+
+from relay.app import create_app
+from relay.client import RelayClient
+from relay.devchain import DevChain
+from relay.errors import MessageTooLong, PriceLimitExceeded, Rejected
+from relay.services import Services, build_services
+from relay.settings import Settings
+from tests.conftest import Wallet
+
+US = "+13012576365"
+PRICE = 50_000
+
+
+class Served:
+    """The real app on a local port, with its services."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.server = make_server("127.0.0.1", 0, create_app(services=services), threaded=True)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def serve(paid_settings: Callable[..., Settings]) -> Iterator[Callable[..., Served]]:
+    started: list[Served] = []
+
+    def start(**overrides: object) -> Served:
+        started.append(Served(build_services(paid_settings(**overrides))))
+        return started[-1]
+
+    yield start
+    for served in started:
+        served.stop()
+
+
+class Recorder(requests.Session):
+    """A requests session that remembers every answer (to count the paid retries)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answers: list[tuple[str, int, str | None]] = []
+
+    def request(
+        self, method: str | bytes, url: str | bytes, *args: object, **kwargs: object
+    ) -> requests.Response:  # type: ignore[override]
+        response = super().request(method, url, *args, **kwargs)  # type: ignore[arg-type]
+        headers = kwargs.get("headers") or {}
+        signature = headers.get("PAYMENT-SIGNATURE") if isinstance(headers, dict) else None
+        self.answers.append((str(url), response.status_code, signature))
+        return response
+
+
+def test_send_pays_once_and_returns_the_receipt(
+    serve: Callable[..., Served], chain: DevChain, payer: Wallet
+) -> None:
+    served = serve()
+    session = Recorder()
+    client = RelayClient(served.url, payer.key, session=session)
+    result = client.send("Hello from the client", US, max_price_usd=Decimal("0.10"))
+    assert result["sent"] is True
+    assert result["paid_by"] == payer.address.lower()
+    assert chain.usdc_balance(payer.address) == 10_000_000 - PRICE
+    assert [(url.rsplit("/", 1)[-1], code) for url, code, _ in session.answers] == [
+        ("quote", 200),
+        ("send", 402),
+        ("send", 200),
+    ]
+
+
+def test_settlement_pending_is_retried_with_the_same_payment(
+    serve: Callable[..., Served], chain: DevChain, payer: Wallet
+) -> None:
+    served = serve(settlement_timeout_seconds=0.3)
+    session = Recorder()
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        chain.mine()
+
+    client = RelayClient(served.url, payer.key, session=session, sleep=sleep)
+    chain.set_automine(False)
+    try:
+        result = client.send("Slow chain ahead", US, max_price_usd="0.10")
+    finally:
+        chain.set_automine(True)
+    paid = [(code, signature) for _, code, signature in session.answers if signature]
+    assert [code for code, _ in paid] == [202, 200]
+    assert paid[0][1] == paid[1][1]
+    assert waits == [5]
+    assert result["transaction"].startswith("0x")
+    assert chain.usdc_balance(payer.address) == 10_000_000 - PRICE
+
+
+def test_price_cap_is_checked_before_signing(
+    serve: Callable[..., Served], chain: DevChain, payer: Wallet
+) -> None:
+    served = serve()
+    session = Recorder()
+    client = RelayClient(served.url, payer.key, session=session)
+    with pytest.raises(PriceLimitExceeded) as info:
+        client.send("Too dear", US, max_price_usd="0.049999")
+    assert info.value.details == {"price_atomic": "50000", "max_atomic": "49999"}
+    assert [url.rsplit("/", 1)[-1] for url, _, _ in session.answers] == ["quote"]
+    assert chain.usdc_balance(payer.address) == 10_000_000
+
+
+def test_errors_are_typed(serve: Callable[..., Served], payer: Wallet) -> None:
+    client = RelayClient(serve().url, payer.key)
+    with pytest.raises(Rejected) as rejected:
+        client.send("Verify your account at bit.ly/x", US, max_price_usd="1")
+    assert rejected.value.extra["approved"] is False
+    with pytest.raises(MessageTooLong):
+        client.send("a" * 1600, US, max_price_usd="1")
