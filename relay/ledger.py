@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,11 +32,12 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from relay.moderation import Verdict
 
 SCHEMA_VERSION = 1
+UPGRADE_ATTEMPTS = 5
 NONCE_GAP_SECONDS = 5.0
 MAX_NONCE_AHEAD = 256
 
@@ -230,7 +232,21 @@ class Ledger:
         return None if version is None else int(version)
 
     def upgrade(self) -> int:
-        """Create or migrate the schema; returns the schema version."""
+        """Create or migrate the schema; returns the schema version.
+
+        Several workers or hosts may start on a new database at once: whoever loses the race
+        to create a table or the version row simply looks again.
+        """
+        for attempt in range(UPGRADE_ATTEMPTS):
+            try:
+                return self._upgrade_once()
+            except DBAPIError:
+                if attempt == UPGRADE_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.1 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def _upgrade_once(self) -> int:
         metadata.create_all(self.engine)
         with self.engine.begin() as conn:
             row = conn.execute(select(schema_info.c.version)).first()
