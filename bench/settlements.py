@@ -1,6 +1,6 @@
 """Benchmark: how paid sends share blocks when many agents pay at once (SPEC §9).
 
-    python bench/settlements.py [--payers N] [--block-time S] [--threads T]
+    python bench/settlements.py [--payers N] [--block-time S] [--threads T] [--workers W]
 
 Starts its own anvil with interval mining (``--block-time`` seconds per block) and one
 `relay serve` process (FACILITATOR=local, rules moderation, outbox SMS, SQLite), then makes
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
 import tempfile
 import time
@@ -31,8 +32,10 @@ if str(REPO) not in sys.path:
 import requests  # noqa: E402
 from eth_account import Account  # noqa: E402
 from eth_account.signers.local import LocalAccount  # noqa: E402
+from eth_typing import HexStr  # noqa: E402
 
 from relay.devchain import MINTER_ADDRESS, DevChain  # noqa: E402
+from relay.ledger import Ledger  # noqa: E402
 from tests.processes import RelayProcess  # noqa: E402
 from tests.x402_helpers import pay  # noqa: E402
 
@@ -135,7 +138,7 @@ def record(chain: DevChain, run: Run, results: list[tuple[float, str | None, str
         if tx is None:
             run.failures.append(error)
             continue
-        receipt = chain.w3.eth.get_transaction_receipt(tx)  # type: ignore[arg-type]
+        receipt = chain.w3.eth.get_transaction_receipt(HexStr(tx))
         if receipt["status"] != 1:
             run.failures.append(f"reverted {tx}")
         run.blocks.append(receipt["blockNumber"])
@@ -148,7 +151,9 @@ def concurrent(chain: DevChain, url: str, payers: list[LocalAccount], tag: str) 
     before = settler_nonce(chain)
     start = time.monotonic()
     with ThreadPoolExecutor(max_workers=len(payers)) as pool:
-        results = list(pool.map(lambda i: paid_send(url, bodies[i], signatures[i]), range(len(payers))))
+        results = list(
+            pool.map(lambda i: paid_send(url, bodies[i], signatures[i]), range(len(payers)))
+        )
     run.wall = time.monotonic() - start
     run.nonces_used = settler_nonce(chain) - before
     record(chain, run, results)
@@ -210,19 +215,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--payers", type=int, default=20, help="paid sends per batch (20)")
     parser.add_argument("--block-time", type=float, default=1.0, help="seconds per block (1)")
     parser.add_argument("--threads", type=int, default=32, help="relay serve --threads (32)")
+    parser.add_argument("--workers", type=int, default=1, help="relay serve --workers (1)")
     args = parser.parse_args(argv)
     if args.payers < 1 or args.block_time <= 0:
         parser.error("--payers must be >= 1 and --block-time > 0")
+    # SIGTERM unwinds like Ctrl-C, so the relay and anvil are stopped either way.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
-    with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp, DevChain.start(
-        block_time=args.block_time
-    ) as chain:
+    with (
+        tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp,
+        DevChain.start(block_time=args.block_time) as chain,
+    ):
         work = Path(tmp)
         payers = fund(chain, 2 * args.payers)
+        env = relay_env(chain, work / "relay.db")
+        # Create the schema first: gunicorn workers booting on a fresh database race in
+        # Ledger.upgrade() (see bench/README.md), as tests/test_exactly_once.py's Cluster does.
+        ledger = Ledger.from_url(env["DATABASE_URL"])
+        ledger.upgrade()
+        ledger.engine.dispose()
         relay = RelayProcess(
-            relay_env(chain, work / "relay.db"),
+            env,
             work / "relay.log",
-            args=("--threads", str(args.threads)),
+            args=("--threads", str(args.threads), "--workers", str(args.workers)),
         )
         try:
             relay.start()
@@ -238,9 +253,17 @@ def main(argv: list[str] | None = None) -> int:
 
     print(
         f"{args.payers} payers, block time {args.block_time:g}s, "
-        f"relay serve --threads {args.threads} (1 process, SQLite)\n"
+        f"relay serve --threads {args.threads} --workers {args.workers} (SQLite)\n"
     )
     print(table(con, seq, args.block_time))
+    for run in (con, seq):
+        counts = {b: run.blocks.count(b) for b in sorted(set(run.blocks))}
+        shown = ", ".join(f"#{b}: {n}" for b, n in counts.items())
+        if len(counts) > 8:
+            shown = f"{len(counts)} blocks #{min(counts)}..#{max(counts)}, at most "
+            shown += f"{max(counts.values())} in one"
+        print(f"\n{run.name} settlements per block: {shown}", end="")
+    print()
     for run in (con, seq):
         for failure in run.failures[:5]:
             print(f"{run.name} failure: {failure}", file=sys.stderr)
