@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -48,6 +49,10 @@ def dev(args: argparse.Namespace) -> int:
     """The whole stack locally: chain, token, facilitator, rules moderation, outbox, a payer."""
     from relay.devstack import DevStack
 
+    signal.signal(signal.SIGTERM, _exit_on_signal)  # stop the chain on `kill` too
+    if args.demo:  # the demo narrates its own steps
+        for name in ("", "werkzeug"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     with DevStack.start(port=args.port, database=args.database, say=say) as stack:
         if args.demo:
             stack.demo(say)
@@ -59,6 +64,10 @@ def dev(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             say("stopping")
     return 0
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def quote(args: argparse.Namespace) -> int:
