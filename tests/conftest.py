@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 from eth_account import Account
 from flask import Flask
 from flask.testing import FlaskClient
+from sqlalchemy import create_engine, text
 
 from relay.app import create_app
 from relay.devchain import DevChain
@@ -105,3 +107,35 @@ def paid_settings(
         return make_settings(**base)
 
     return make
+
+
+# Shared configurations -------------------------------------------------------------------
+
+SINCH_PLAN, SINCH_TOKEN = "plan123", "sinch-token"
+PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def sinch_overrides(base_url: str) -> dict[str, Any]:
+    """Settings that dispatch through a (fake) Sinch at ``base_url``."""
+    return dict(
+        sms_provider="sinch",
+        sinch_service_plan_id=SINCH_PLAN,
+        sinch_api_token=SINCH_TOKEN,
+        sinch_from="+12065550100",
+        sinch_base_url=base_url,
+        sinch_callback_secret="callback-secret-123",
+        public_base_url="https://relay.example",
+    )
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh schema on the local PostgreSQL, dropped afterwards."""
+    schema = "t_" + secrets.token_hex(6)
+    admin = create_engine(PG_URL.replace("postgresql://", "postgresql+psycopg://"))
+    with admin.begin() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    yield f"{PG_URL}?options=-csearch_path%3D{schema}"
+    with admin.begin() as conn:
+        conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+    admin.dispose()

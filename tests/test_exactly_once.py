@@ -6,7 +6,6 @@ Runs `relay serve` processes against a real local chain, on SQLite and on Postgr
 from __future__ import annotations
 
 import contextlib
-import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,7 +16,6 @@ from typing import Any
 import pytest
 import requests
 from flask.testing import FlaskClient
-from sqlalchemy import create_engine, text
 
 from relay.app import create_app
 from relay.devchain import DevChain
@@ -30,20 +28,6 @@ from tests.x402_helpers import pay
 
 US = "+13012576365"
 PRICE = 50_000
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A fresh PostgreSQL schema on the local server, dropped afterwards."""
-    schema = "t_" + secrets.token_hex(6)
-    admin = create_engine(PG_ADMIN.replace("postgresql://", "postgresql+psycopg://"))
-    with admin.begin() as conn:
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
-    yield f"{PG_ADMIN}?options=-csearch_path%3D{schema}"
-    with admin.begin() as conn:
-        conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-    admin.dispose()
 
 
 def relay_env(chain: DevChain, database_url: str, **more: str) -> dict[str, str]:

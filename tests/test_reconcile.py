@@ -20,7 +20,7 @@ from relay.devchain import DevChain
 from relay.ledger import messages, outbox, payments, refunds
 from relay.services import Services, build_services
 from relay.settings import Settings
-from tests.conftest import Wallet, new_wallet
+from tests.conftest import SINCH_PLAN, SINCH_TOKEN, Wallet, new_wallet, sinch_overrides
 from tests.fake_sinch import FakeSinch
 from tests.x402_helpers import pay
 
@@ -86,14 +86,8 @@ def test_settled_but_never_dispatched(
 def test_dispatching_finds_the_batch_sinch_already_has(
     paid_settings: Callable[..., Settings], chain: DevChain, payer: Wallet
 ) -> None:
-    with FakeSinch(plan_id="plan", token="token") as fake:
-        settings = paid_settings(
-            sms_provider="sinch",
-            sinch_service_plan_id="plan",
-            sinch_api_token="token",
-            sinch_from="+12065550100",
-            sinch_base_url=fake.base_url,
-        )
+    with FakeSinch(plan_id=SINCH_PLAN, token=SINCH_TOKEN) as fake:
+        settings = paid_settings(**sinch_overrides(fake.base_url))
         app = create_app(services=build_services(settings))
         services = services_of(app)
         first, signature = paid_send(app, payer.key)
@@ -109,14 +103,8 @@ def test_unsent_refund_is_sent(
 ) -> None:
     refunder = new_wallet(chain, 1_000_000)
     chain.set_eth_balance(refunder.address, 10**18)
-    with FakeSinch(plan_id="plan", token="token") as fake:
-        settings = paid_settings(
-            sms_provider="sinch",
-            sinch_service_plan_id="plan",
-            sinch_api_token="token",
-            sinch_from="+12065550100",
-            sinch_base_url=fake.base_url,
-        )
+    with FakeSinch(plan_id=SINCH_PLAN, token=SINCH_TOKEN) as fake:
+        settings = paid_settings(**sinch_overrides(fake.base_url))
         fake.script({"status": 400, "code": "syntax_invalid_parameter_format", "text": "no"})
         app = create_app(services=build_services(settings))
         failed, _ = paid_send(app, payer.key)

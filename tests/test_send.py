@@ -17,7 +17,7 @@ from relay.app import create_app
 from relay.devchain import USDC_ADDRESS, DevChain
 from relay.services import Services, build_services
 from relay.settings import Settings
-from tests.conftest import Wallet, new_wallet
+from tests.conftest import SINCH_PLAN, SINCH_TOKEN, Wallet, new_wallet, sinch_overrides
 from tests.fake_facilitator import FakeFacilitator
 from tests.fake_sinch import FakeSinch
 from tests.x402_helpers import header, pay, pay_payload, pay_v1, signed
@@ -317,28 +317,17 @@ def test_remote_facilitator_send(
 
 # Dispatch through Sinch ------------------------------------------------------------
 
-PLAN, TOKEN = "plan123", "sinch-token"
-
 
 def sinch_settings(
     paid_settings: Callable[..., Settings], fake: FakeSinch, **more: Any
 ) -> Settings:
-    return paid_settings(
-        sms_provider="sinch",
-        sinch_service_plan_id=PLAN,
-        sinch_api_token=TOKEN,
-        sinch_from="+12065550100",
-        sinch_base_url=fake.base_url,
-        sinch_callback_secret="callback-secret-123",
-        public_base_url="https://relay.example",
-        **more,
-    )
+    return paid_settings(**sinch_overrides(fake.base_url), **more)
 
 
 def test_sinch_receives_the_batch(
     paid_settings: Callable[..., Settings], chain: DevChain, payer: Wallet
 ) -> None:
-    with FakeSinch(plan_id=PLAN, token=TOKEN) as fake:
+    with FakeSinch(plan_id=SINCH_PLAN, token=SINCH_TOKEN) as fake:
         app = make_app(sinch_settings(paid_settings, fake))
         response = paid(app.test_client(), BODY, payer.key)
         assert response.status_code == 200, response.get_data(as_text=True)
@@ -355,7 +344,7 @@ def test_sinch_failure_after_payment_refunds(
 ) -> None:
     refunder = new_wallet(chain, 5_000_000)
     chain.set_eth_balance(refunder.address, 10**18)
-    with FakeSinch(plan_id=PLAN, token=TOKEN) as fake:
+    with FakeSinch(plan_id=SINCH_PLAN, token=SINCH_TOKEN) as fake:
         app = make_app(sinch_settings(paid_settings, fake, refund_private_key=refunder.key))
         client = app.test_client()
         fake.script({"status": 400, "code": "syntax_invalid_parameter_format", "text": "bad"})
@@ -377,7 +366,7 @@ def test_sinch_failure_after_payment_refunds(
 def test_sinch_failure_without_refund_key_reports_the_transaction(
     paid_settings: Callable[..., Settings], chain: DevChain, payer: Wallet
 ) -> None:
-    with FakeSinch(plan_id=PLAN, token=TOKEN) as fake:
+    with FakeSinch(plan_id=SINCH_PLAN, token=SINCH_TOKEN) as fake:
         app = make_app(sinch_settings(paid_settings, fake))
         fake.script({"status": 401, "code": "unauthorized", "text": "no"})
         response = paid(app.test_client(), BODY, payer.key)
@@ -390,7 +379,7 @@ def test_sinch_failure_without_refund_key_reports_the_transaction(
 def test_delivery_reports_and_stop(
     paid_settings: Callable[..., Settings], chain: DevChain, payer: Wallet
 ) -> None:
-    with FakeSinch(plan_id=PLAN, token=TOKEN) as fake:
+    with FakeSinch(plan_id=SINCH_PLAN, token=SINCH_TOKEN) as fake:
         app = make_app(sinch_settings(paid_settings, fake))
         client = app.test_client()
         message_id = paid(client, BODY, payer.key).get_json()["message_id"]
