@@ -160,6 +160,12 @@ def _check(probe: Callable[[], None]) -> str:
     return "ok"
 
 
+def resource_url(svc: Services) -> str:
+    """The x402 resource URL: the public address when configured (behind proxies)."""
+    public = svc.settings.public_base_url
+    return public.rstrip("/") + request.path if public else request.base_url
+
+
 def require_password(svc: Services) -> None:
     """Enforce X-Pay-Password when PAY_PASSWORD is set, with a lock-out after failures."""
     expected = svc.settings.pay_password
@@ -185,10 +191,10 @@ def post_send() -> Response:
     if not paying:
         limit_quotes(svc)
     if not raw.strip() and not paying:
-        outcome = flows.probe(svc, request.base_url)
+        outcome = flows.probe(svc, resource_url(svc))
     else:
         req = parse_message_request(parse_json_object(raw), allow_token=True)
-        outcome = flows.send(svc, req, dict(request.headers), request.base_url)
+        outcome = flows.send(svc, req, dict(request.headers), resource_url(svc))
     response = jsonify(outcome.body)
     response.status_code = outcome.status
     response.headers.update(outcome.headers)

@@ -483,3 +483,10 @@ def test_replay_after_the_quote_expired_still_gets_the_stored_answer(
     again = post(client, body, **signature)
     assert first.status_code == again.status_code == 200
     assert again.get_json() == first.get_json()
+
+
+def test_resource_url_uses_the_public_address(paid_settings: Callable[..., Settings]) -> None:
+    client = make_app(paid_settings(public_base_url="https://sms.example/")).test_client()
+    required = decode(post(client, BODY).headers["PAYMENT-REQUIRED"])
+    assert required["resource"]["url"] == "https://sms.example/api/send"
+    assert post(client, BODY).get_json()["accepts"][0]["resource"] == "https://sms.example/api/send"
