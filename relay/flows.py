@@ -30,7 +30,7 @@ from relay.errors import (
 from relay.inputs import MessageRequest
 from relay.ledger import Conflict
 from relay.moderation import Verdict
-from relay.payments import ParsedPayment, Settlement
+from relay.payments import ParsedPayment, Settlement, SignedRefund
 from relay.phone import mask, normalize_destination
 from relay.pricing import (
     Price,
@@ -486,29 +486,21 @@ def dispatch_failed(
 
 
 def refund_payment(services: Services, row: dict[str, Any]) -> dict[str, Any] | None:
-    """Send the payer's USDC back when a refund key is configured; the refund record."""
+    """Send the payer's USDC back when a refund key is configured; the refund's summary.
+
+    The signed transaction is recorded before it is broadcast, so a retry after a crash or
+    a lost answer re-sends that same transaction: a payment is refunded at most once.
+    """
     if services.refunder is None:
         return None
-    now = services.clock()
-    record: dict[str, Any] = {
-        "payment_id": row["id"],
-        "tx_hash": None,
-        "amount_atomic": row["amount_atomic"],
-        "state": "sending",
-        "error": None,
-        "created_at": now,
-        "updated_at": now,
-    }
-    services.ledger.record_refund(record)
-    try:
-        record["tx_hash"] = services.refunder.refund(row["payer"], row["amount_atomic"])
-        record["state"] = "confirmed"
-    except SettlementPending as pending:
-        record["tx_hash"], record["state"] = pending.details.get("transaction"), "pending"
-    except RelayError as exc:
-        record["state"], record["error"] = "failed", exc.code
-    record["updated_at"] = services.clock()
-    services.ledger.record_refund(record)
+    record = services.ledger.refund(row["id"])
+    if record is None or record["state"] == "reverted" or not record["raw_tx"]:
+        record = new_refund(services, row)
+    if record["state"] != "confirmed":
+        signed = SignedRefund(record["tx_hash"], record["raw_tx"])
+        record["state"] = services.refunder.send(signed)
+        record["updated_at"] = services.clock()
+        services.ledger.record_refund(record)
     if record["state"] == "confirmed":
         services.ledger.update_message_status(row["id"], "refunded", record["updated_at"])
     return {
@@ -516,6 +508,28 @@ def refund_payment(services: Services, row: dict[str, Any]) -> dict[str, Any] | 
         "amount_atomic": str(row["amount_atomic"]),
         "state": record["state"],
     }
+
+
+def new_refund(services: Services, row: dict[str, Any]) -> dict[str, Any]:
+    """Sign a refund and record it (state "signed") before anything is broadcast."""
+    assert services.refunder is not None
+    now = services.clock()
+    record: dict[str, Any] = {
+        "payment_id": row["id"],
+        "amount_atomic": row["amount_atomic"],
+        "created_at": now,
+        "updated_at": now,
+        "error": None,
+    }
+    try:
+        signed = services.refunder.sign(row["payer"], row["amount_atomic"])
+    except RelayError as exc:
+        record.update(tx_hash=None, raw_tx=None, state="failed", error=exc.code)
+        services.ledger.record_refund(record)
+        return record
+    record.update(tx_hash=signed.tx_hash, raw_tx=signed.raw, state="signed")
+    services.ledger.record_refund(record)
+    return record
 
 
 def finish(
@@ -704,9 +718,7 @@ def continue_dispatch(
 
 
 def repair_refund(services: Services, row: dict[str, Any]) -> None:
-    """Send a refund that a crash or an outage left unsent."""
-    refund = services.ledger.refund(row["id"])
-    if refund is None or refund["state"] != "confirmed":
-        refund = refund_payment(services, row)
+    """Finish a refund that a crash, an outage or a slow chain left unconfirmed."""
+    refund = refund_payment(services, row)
     if refund is not None and refund["state"] == "confirmed":
         services.ledger.transition(row["id"], ("dispatch_failed",), "refunded", services.clock())

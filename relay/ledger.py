@@ -124,6 +124,7 @@ refunds = Table(
     metadata,
     Column("payment_id", String(32), primary_key=True),
     Column("tx_hash", String(66)),
+    Column("raw_tx", Text),
     Column("amount_atomic", BigInteger, nullable=False),
     Column("state", String(16), nullable=False),
     Column("error", String(200)),

@@ -37,7 +37,7 @@ from eth_typing import ChecksumAddress, HexStr
 from pydantic import BaseModel
 from web3 import Web3
 from web3.exceptions import ContractLogicError, TransactionNotFound
-from web3.types import TxReceipt
+from web3.types import Nonce, TxParams, TxReceipt
 from x402 import (
     AssetAmount,
     FacilitatorClientSync,
@@ -457,7 +457,7 @@ class Payments:
                 from_block=start, argument_filters={"authorizer": payer, "nonce": nonce}
             )
         except Exception as exc:
-            log.warning("authorization lookup failed: %r", exc)
+            log.warning("authorization lookup failed: %s", type(exc).__name__)
             raise _chain_unavailable() from exc
         return events[-1]["transactionHash"].to_0x_hex() if events else "unknown"
 
@@ -505,7 +505,7 @@ class Payments:
         except TransactionNotFound:
             return None
         except Exception as exc:
-            log.warning("receipt lookup failed: %r", exc)
+            log.warning("receipt lookup failed: %s", type(exc).__name__)
             raise _chain_unavailable() from exc
 
     def _call(self, call: Callable[[], T], *, settling: bool) -> T:
@@ -513,7 +513,9 @@ class Payments:
         try:
             return call()
         except Exception as exc:
-            log.warning("facilitator %s failed: %r", "settle" if settling else "verify", exc)
+            log.warning(
+                "facilitator %s failed: %s", "settle" if settling else "verify", type(exc).__name__
+            )
             raise self._translate(exc, settling) from exc
 
     def _translate(self, exc: Exception, settling: bool) -> RelayError:
@@ -555,7 +557,7 @@ class Payments:
             try:
                 self._server.initialize()
             except Exception as exc:
-                log.warning("facilitator unavailable: %r", exc)
+                log.warning("facilitator unavailable: %s", type(exc).__name__)
                 raise _chain_unavailable() from exc
             if self._server.get_supported_kind(2, self._settings.x402_network, SCHEME) is None:
                 raise InternalError(
@@ -580,58 +582,83 @@ class Refunder:
         token = Web3.to_checksum_address(usdc_address)
         self._token = self._w3.eth.contract(address=token, abi=load_abi("USDC"))
         self._receipt_timeout = receipt_timeout
-        self._lock = threading.Lock()  # one broadcast at a time: the account's nonces
+        self._lock = threading.Lock()  # one signature at a time: the account's nonces
+        self._nonce = 0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Refunder | None:
         """A refunder when REFUND_PRIVATE_KEY is set, else None."""
         if not settings.refund_private_key:
             return None
-        return cls(settings.rpc_url, settings.refund_private_key, settings.usdc_address)
+        return cls(
+            settings.rpc_url,
+            settings.refund_private_key,
+            settings.usdc_address,
+            receipt_timeout=settings.settlement_timeout_seconds,
+        )
 
     @property
     def address(self) -> str:
         """The refund wallet, which needs USDC and gas."""
         return str(self._account.address)
 
-    def refund(self, payer: str, amount_atomic: int) -> str:
-        """Send ``amount_atomic`` back to ``payer`` and wait for it; the transaction hash.
+    def sign(self, payer: str, amount_atomic: int) -> SignedRefund:
+        """A signed USDC transfer back to ``payer``, not yet broadcast.
 
-        Raises InternalError if the transfer would revert or reverted (e.g. the refund wallet
-        lacks USDC or gas), SettlementPending (details.transaction) if it is not mined in time,
-        and ChainUnavailable if nothing could be sent.
+        The caller records its hash before broadcasting, so that a crash or a lost answer
+        can only ever lead to the same transaction being sent again, never a second refund.
+        Raises InternalError if the transfer would revert, ChainUnavailable if the chain
+        cannot be asked.
         """
-        tx_hash = self._send(Web3.to_checksum_address(payer), amount_atomic)
-        try:
-            receipt = self._w3.eth.wait_for_transaction_receipt(
-                HexStr(tx_hash), timeout=self._receipt_timeout
-            )
-        except Exception as exc:
-            log.warning("refund %s unconfirmed: %r", tx_hash, exc)
-            raise _pending(tx_hash) from exc
-        if receipt["status"] != 1:
-            raise InternalError(
-                "The refund transaction reverted.", details={"transaction": tx_hash}
-            )
-        return tx_hash
-
-    def _send(self, payer: ChecksumAddress, amount_atomic: int) -> str:
         sender = self._account.address
         with self._lock:
             try:
-                nonce = self._w3.eth.get_transaction_count(sender, "pending")
-                call = self._token.functions.transfer(payer, amount_atomic)
-                tx = call.build_transaction({"from": sender, "nonce": nonce})
-                signed = self._account.sign_transaction(tx)
-                return self._w3.eth.send_raw_transaction(signed.raw_transaction).to_0x_hex()
+                nonce = self._next_nonce(sender)
+                call = self._token.functions.transfer(
+                    Web3.to_checksum_address(payer), amount_atomic
+                )
+                params: TxParams = {"from": sender, "nonce": Nonce(nonce)}
+                tx = call.build_transaction(params)
             except ContractLogicError as exc:
-                log.warning("refund would revert: %r", exc)
-                raise InternalError(
-                    "The refund would revert.", details={"reason": str(exc)}
-                ) from exc
+                log.warning("refund would revert")
+                raise InternalError("The refund would revert.") from exc
             except Exception as exc:
-                log.warning("refund not sent: %r", exc)
+                log.warning("refund not prepared: %s", type(exc).__name__)
                 raise _chain_unavailable() from exc
+            signed = self._account.sign_transaction(tx)
+        return SignedRefund(signed.hash.to_0x_hex(), signed.raw_transaction.to_0x_hex())
+
+    def _next_nonce(self, sender: ChecksumAddress) -> int:
+        pending = self._w3.eth.get_transaction_count(sender, "pending")
+        self._nonce = max(pending, self._nonce)
+        self._nonce += 1
+        return self._nonce - 1
+
+    def send(self, refund: SignedRefund) -> str:
+        """Broadcast (again) and wait; "confirmed", "reverted" or "pending".
+
+        Sending the same signed transaction twice is harmless: it can be mined only once.
+        """
+        try:
+            self._w3.eth.send_raw_transaction(HexStr(refund.raw))
+        except Exception as exc:  # already known, or the node is away: the receipt decides
+            log.info("refund broadcast: %s", type(exc).__name__)
+        try:
+            receipt = self._w3.eth.wait_for_transaction_receipt(
+                HexStr(refund.tx_hash), timeout=self._receipt_timeout
+            )
+        except Exception as exc:
+            log.warning("refund %s unconfirmed: %s", refund.tx_hash, type(exc).__name__)
+            return "pending"
+        return "confirmed" if receipt["status"] == 1 else "reverted"
+
+
+@dataclass(frozen=True)
+class SignedRefund:
+    """A refund transaction: its hash and raw signed bytes (hex)."""
+
+    tx_hash: str
+    raw: str
 
 
 # ---------------------------------------------------------------------- decoding

@@ -566,9 +566,12 @@ def test_refund_sends_the_usdc_back(
     chain.mint(refunder.address, AMOUNT)
     payer, _ = new_payer(0)
 
-    transaction = refunder.refund(payer.lower(), AMOUNT)
+    signed = refunder.sign(payer.lower(), AMOUNT)
+    assert chain.usdc_balance(payer) == 0  # signed, not sent
+    assert refunder.send(signed) == "confirmed"
+    assert refunder.send(signed) == "confirmed"  # sending it again moves nothing more
 
     assert chain.usdc_balance(payer) == AMOUNT
-    assert chain.w3.eth.get_transaction_receipt(HexStr(transaction))["status"] == 1
+    assert chain.w3.eth.get_transaction_receipt(HexStr(signed.tx_hash))["status"] == 1
     with pytest.raises(InternalError):  # the refund wallet is empty now
-        refunder.refund(payer, AMOUNT)
+        refunder.sign(payer, AMOUNT)

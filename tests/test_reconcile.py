@@ -164,3 +164,31 @@ def test_expired_unsettled_authorization_frees_the_quote(
     assert chain.usdc_balance(payer.address) == 10_000_000
     with services.ledger.begin() as conn:
         assert conn.execute(refunds.select()).first() is None
+
+
+def test_an_unconfirmed_refund_is_sent_again_never_twice(
+    paid_settings: Callable[..., Settings], chain: DevChain, payer: Wallet
+) -> None:
+    refunder = new_wallet(chain, 1_000_000)
+    chain.set_eth_balance(refunder.address, 10**18)
+    with FakeSinch(plan_id=SINCH_PLAN, token=SINCH_TOKEN) as fake:
+        settings = paid_settings(**sinch_overrides(fake.base_url))
+        fake.script({"status": 400, "code": "syntax_invalid_parameter_format", "text": "no"})
+        paid_send(create_app(services=build_services(settings)), payer.key)
+    refunding = settings.replace(refund_private_key=refunder.key, settlement_timeout_seconds=0.3)
+    services = services_of(create_app(services=build_services(refunding)))
+    payment_id = rewind(services, "dispatch_failed", response_status=502)
+    chain.set_automine(False)
+    try:
+        assert flows.reconcile(services, older_than=0) == {payment_id: "dispatch_failed"}
+        pending = services.ledger.refund(payment_id)
+        assert pending is not None and pending["state"] == "pending"
+        assert flows.reconcile(services, older_than=0) == {payment_id: "dispatch_failed"}
+        chain.mine()
+    finally:
+        chain.set_automine(True)
+    assert flows.reconcile(services, older_than=0) == {payment_id: "refunded"}
+    refund = services.ledger.refund(payment_id)
+    assert refund is not None and refund["tx_hash"] == pending["tx_hash"]
+    assert chain.usdc_balance(payer.address) == 10_000_000
+    assert chain.usdc_balance(refunder.address) == 1_000_000 - PRICE
