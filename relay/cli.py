@@ -37,6 +37,7 @@ def serve(args: argparse.Namespace) -> int:
             self.cfg.set("worker_class", "gthread")
             self.cfg.set("timeout", 120)
             self.cfg.set("accesslog", "-")
+            self.cfg.set("logger_class", "relay.logs.MaskedAccessLogger")
 
         def load(self) -> Any:
             return create_app(settings)

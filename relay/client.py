@@ -109,7 +109,7 @@ class RelayClient:
         for attempt in range(1, self._max_attempts + 1):
             try:
                 response = self._post("/api/send", body, headers)
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):
                 if attempt == self._max_attempts:
                     raise
                 self._sleep(min(2.0**attempt, self._max_wait))

@@ -215,7 +215,7 @@ def send(
             return stored
         raise
     payment_id = claim(services, order, parsed, requirements, payer)
-    return settle_and_dispatch(services, payment_id, parsed, requirements)
+    return settle_and_dispatch(services, payment_id, parsed, requirements, first=True)
 
 
 def challenge(
@@ -338,9 +338,11 @@ def settle_and_dispatch(
     payment_id: str,
     parsed: ParsedPayment,
     requirements: PaymentRequirements,
+    *,
+    first: bool = False,
 ) -> Outcome:
-    """Settle (or confirm a pending settlement), then dispatch exactly once."""
-    settlement = settle(services, payment_id, parsed, requirements)
+    """Settle (or confirm an earlier attempt), then dispatch exactly once."""
+    settlement = settle(services, payment_id, parsed, requirements, first=first)
     if not services.ledger.transition(payment_id, ("settled",), "dispatching", services.clock()):
         row = services.ledger.payment(payment_id) or {}
         return resume(services, row, parsed)
@@ -352,41 +354,99 @@ def settle(
     payment_id: str,
     parsed: ParsedPayment,
     requirements: PaymentRequirements,
+    *,
+    first: bool = False,
 ) -> Settlement:
-    """Settle on-chain, committing each outcome before anything else happens."""
+    """Settle on-chain, committing each outcome before anything else happens.
+
+    Only a certain failure is final (402 settlement failed, the quote freed); when money may
+    have moved the answer is 202 settlement_pending, and the chain decides later.
+    """
     ledger, now = services.ledger, services.clock
     row = ledger.payment(payment_id) or {}
     if row.get("state") == "settled" and row.get("tx_hash"):
         return services.payments.settlement_of(parsed, requirements, row["tx_hash"])
     try:
-        if row.get("state") == "settle_pending" and row.get("tx_hash"):
-            settlement = services.payments.confirm(parsed, requirements, row["tx_hash"])
-            if settlement is None:
-                raise SettlementPending(
-                    retry_after=5,
-                    details={"transaction": row["tx_hash"]},
-                    extra={"transaction": row["tx_hash"]},
-                )
-        else:
-            settlement = services.payments.settle(parsed, requirements)
+        settlement = attempt(services, row, parsed, requirements, first=first)
     except SettlementPending as pending:
-        tx = pending.details.get("transaction")
-        ledger.transition(
-            payment_id, ("settling", "settle_pending"), "settle_pending", now(), tx_hash=tx
-        )
+        tx = pending.details.get("transaction") or row.get("tx_hash")
+        ledger.transition(payment_id, SETTLING, "settle_pending", now(), tx_hash=tx)
         raise
     except PaymentSettlementFailed as failed:
-        settle_failed(services, payment_id, failed)
-        raise
+        found = settled_on_chain(services, parsed, requirements)
+        if found is None:
+            raise settlement_failed(services, payment_id, failed) from None
+        settlement = found
     except ChainUnavailable:
         # Unknown whether anything was broadcast: mark it stalled so that the next retry
         # of this payment repairs it from the chain at once instead of waiting.
         ledger.transition(payment_id, ("settling",), "settling", 0.0)
         raise
-    ledger.transition(
-        payment_id, ("settling", "settle_pending"), "settled", now(), tx_hash=settlement.transaction
-    )
+    states = (*SETTLING, "settle_failed")
+    ledger.transition(payment_id, states, "settled", now(), tx_hash=settlement.transaction)
     return settlement
+
+
+SETTLING = ("settling", "settle_pending")
+EXPIRY_MARGIN_SECONDS = 60
+
+
+def attempt(
+    services: Services,
+    row: dict[str, Any],
+    parsed: ParsedPayment,
+    req: PaymentRequirements,
+    *,
+    first: bool,
+) -> Settlement:
+    """Settle; after an earlier attempt, ask the chain first and never settle blindly again."""
+    payments = services.payments
+    if first:
+        return payments.settle(parsed, req)
+    tx = row.get("tx_hash")
+    settlement = payments.confirm(parsed, req, tx) if tx else None
+    settlement = settlement or settled_on_chain(services, parsed, req)
+    if settlement is not None:
+        return settlement
+    if services.clock() > parsed.valid_before + EXPIRY_MARGIN_SECONDS:
+        raise PaymentSettlementFailed(details={"reason": "expired", "transaction": tx})
+    if tx:
+        raise pending_error(tx)
+    return payments.settle(parsed, req)
+
+
+def settled_on_chain(
+    services: Services, parsed: ParsedPayment, req: PaymentRequirements
+) -> Settlement | None:
+    """The settlement of this payment's authorization if the chain shows one."""
+    tx = services.payments.settled_by(parsed)
+    return None if tx is None else services.payments.confirm(parsed, req, tx)
+
+
+def pending_error(tx: str | None) -> SettlementPending:
+    """202: broadcast (or possibly broadcast), not confirmed; repeat the same request."""
+    return SettlementPending(retry_after=5, details={"transaction": tx}, extra={"transaction": tx})
+
+
+def settlement_failed(
+    services: Services, payment_id: str, failed: PaymentSettlementFailed
+) -> RelayError:
+    """A certain failure is final (402); an ambiguous one stays pending (202)."""
+    reason = str(failed.details.get("reason") or "")
+    tx = failed.details.get("transaction")
+    certain = (
+        reason.startswith("invalid_")
+        or reason == "expired"
+        or (tx is not None and services.payments.reverted(tx))
+    )
+    if not certain:
+        known = {"tx_hash": tx} if tx else {}
+        services.ledger.transition(
+            payment_id, SETTLING, "settle_pending", services.clock(), **known
+        )
+        return pending_error(tx)
+    settle_failed(services, payment_id, failed)
+    return failed
 
 
 def dispatch(
@@ -673,6 +733,8 @@ def repair(services: Services, row: dict[str, Any]) -> str:
         drive(services, row)
     except RelayError as exc:
         log.info("payment %s not finished yet: %s", row["id"], exc.code)
+    except SmsDispatchError as exc:
+        log.info("payment %s not finished yet: %s", row["id"], exc.message)
     return str((ledger.payment(row["id"]) or {}).get("state"))
 
 
@@ -683,21 +745,7 @@ def drive(services: Services, row: dict[str, Any]) -> None:
         return
     parsed = services.payments.stored(row["payload"], row["version"])
     requirements = PaymentRequirements.model_validate(row["requirements"])
-    if row["state"] in ("settling", "settle_pending"):
-        recover_settlement(services, row, parsed)
-    if (services.ledger.payment(row["id"]) or {}).get("state") not in FINAL_STATES:
-        continue_dispatch(services, row, parsed, requirements)
-
-
-def recover_settlement(services: Services, row: dict[str, Any], parsed: ParsedPayment) -> None:
-    """Learn on-chain whether a stalled settlement happened; mark it settled if so."""
-    tx = services.payments.settled_by(parsed)
-    if tx is not None:
-        services.ledger.transition(
-            row["id"], ("settling", "settle_pending"), "settled", services.clock(), tx_hash=tx
-        )
-    elif row["state"] == "settling" and parsed.valid_before < services.clock():
-        settle_failed(services, row["id"], PaymentSettlementFailed(details={"reason": "expired"}))
+    continue_dispatch(services, row, parsed, requirements)
 
 
 def continue_dispatch(

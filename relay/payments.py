@@ -101,7 +101,7 @@ MAX_TIMEOUT_SECONDS = 300
 #: answers ``settlement_pending`` after about twice this.
 RECEIPT_TIMEOUT_SECONDS = 15.0
 PING_CACHE_SECONDS = 10.0
-LOG_WINDOW_BLOCKS = 50_000  # about a day on Base: how far back a crashed settlement is sought
+LOG_WINDOW_BLOCKS = 10_000  # hours on Base, and within common RPC log-range limits
 HTTP_TIMEOUT_SECONDS = 60.0
 RETRY_AFTER_SECONDS = 5
 MAX_HEADER_CHARS = 16 * 1024
@@ -440,7 +440,9 @@ class Payments:
         return parsed
 
     def settled_by(self, parsed: ParsedPayment) -> str | None:
-        """The transaction that used this payment's authorization on-chain, if any.
+        """The transaction that used this payment's authorization, from its AuthorizationUsed
+        log; None when the chain shows none (an authorization used without such a log — e.g.
+        cancelled by the payer — is not a payment, and is logged for review).
 
         Raises ChainUnavailable when the chain cannot be asked.
         """
@@ -459,7 +461,15 @@ class Payments:
         except Exception as exc:
             log.warning("authorization lookup failed: %s", type(exc).__name__)
             raise _chain_unavailable() from exc
-        return events[-1]["transactionHash"].to_0x_hex() if events else "unknown"
+        if not events:
+            log.warning("authorization of %s used without a settlement log", parsed.payer)
+            return None
+        return str(events[-1]["transactionHash"].to_0x_hex())
+
+    def reverted(self, transaction: str) -> bool:
+        """Whether ``transaction`` was mined and reverted (so it moved nothing)."""
+        receipt = self._receipt(transaction)
+        return receipt is not None and receipt["status"] != 1
 
     def response_header(self, settlement: Settlement, version: int) -> tuple[str, str]:
         """The PAYMENT-RESPONSE (v2) or X-PAYMENT-RESPONSE (v1) header of a settlement."""

@@ -54,7 +54,7 @@ class Settings:
     facilitator_url: str = DEFAULT_FACILITATOR_URL
     settler_private_key: str | None = _secret()
     settlement_timeout_seconds: float = 15.0
-    reconcile_after_seconds: float = 90.0
+    reconcile_after_seconds: float = 300.0
     refund_private_key: str | None = _secret()
     moderation_provider: Literal["gemini", "rules"] = "gemini"
     gemini_api_key: str | None = _secret()

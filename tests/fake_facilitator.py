@@ -59,6 +59,8 @@ class FakeFacilitator:
         self.fail_status: int | None = None
         self.fail_body: dict[str, Any] = {"error": "facilitator_unavailable"}
         self.fail_paths: tuple[str, ...] = ("/verify", "/settle")
+        # Settle for real, then lose the answer (a gateway timeout after broadcast).
+        self.lose_settle_answers = False
         self._server = ThreadingHTTPServer(("127.0.0.1", port), _handler_for(self))
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -111,7 +113,10 @@ class FakeFacilitator:
             payload, requirements = _parse_request(body)
         except (ValueError, TypeError) as exc:
             return 400, {"error": "invalid_request", "message": str(exc)[:500]}
-        return 200, as_json(_dispatch(self.facilitator, path, payload, requirements))
+        result = as_json(_dispatch(self.facilitator, path, payload, requirements))
+        if path == "/settle" and self.lose_settle_answers:
+            return 504, {"error": "gateway_timeout"}
+        return 200, result
 
 
 def _parse_request(

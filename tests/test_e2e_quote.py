@@ -55,3 +55,21 @@ def test_missing_configuration_is_reported_at_once(tmp_path: Path) -> None:
     log = relay.log()
     for name in ("QUOTE_SECRET", "PAY_TO_ADDRESS", "GEMINI_API_KEY"):
         assert name in log
+
+
+def test_access_log_masks_the_callback_secret(tmp_path: Path) -> None:
+    env = {
+        "QUOTE_SECRET": "e2e-quote-secret-0123456789",
+        "PAY_TO_ADDRESS": "0x85F37873f97afa61263A27107f2e7b0B672d7CFF",
+        "MODERATION_PROVIDER": "rules",
+        "SMS_PROVIDER": "outbox",
+        "SINCH_CALLBACK_SECRET": "hook-secret-987654321",
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'relay.db'}",
+    }
+    with RelayProcess(env, tmp_path / "relay.log") as relay:
+        report = {"type": "recipient_delivery_report_sms", "batch_id": "x", "status": "Delivered"}
+        requests.post(relay.url + "/webhooks/sinch/hook-secret-987654321", json=report, timeout=10)
+        requests.get(relay.url + "/health", timeout=10)
+        log = relay.log()
+    assert "/webhooks/sinch/***" in log
+    assert "hook-secret-987654321" not in log

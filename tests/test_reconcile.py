@@ -157,7 +157,7 @@ def test_expired_unsettled_authorization_frees_the_quote(
         "updated_at": 0.0,
     }
     services.ledger.claim_payment(row)
-    services.clock = lambda: parsed.valid_before + 1.0
+    services.clock = lambda: parsed.valid_before + flows.EXPIRY_MARGIN_SECONDS + 1.0
     assert flows.reconcile(services) == {"crashed0payment0000000001": "settle_failed"}
     assert services.ledger.payment(row["id"])["state"] == "settle_failed"  # type: ignore[index]
     assert services.ledger.quote_claim(row["quote_id"]) is None
@@ -192,3 +192,31 @@ def test_an_unconfirmed_refund_is_sent_again_never_twice(
     assert refund is not None and refund["tx_hash"] == pending["tx_hash"]
     assert chain.usdc_balance(payer.address) == 10_000_000
     assert chain.usdc_balance(refunder.address) == 1_000_000 - PRICE
+
+
+def test_a_dropped_pending_settlement_fails_once_expired(
+    paid_settings: Callable[..., Settings], chain: DevChain, payer: Wallet
+) -> None:
+    app = create_app(services=build_services(paid_settings(settlement_timeout_seconds=0.3)))
+    services = services_of(app)
+    client = app.test_client()
+    head = client.post("/api/send", json=BODY).headers["PAYMENT-REQUIRED"]
+    signature = {"PAYMENT-SIGNATURE": pay(head, payer.key)}
+    parsed = services.payments.parse_payment(signature)
+    assert parsed is not None
+    chain.set_automine(False)
+    try:
+        pending = client.post("/api/send", json=BODY, headers=signature)
+        assert pending.status_code == 202, pending.get_data(as_text=True)
+        chain.drop_transaction(pending.get_json()["transaction"])
+        still = client.post("/api/send", json=BODY, headers=signature)
+        assert still.status_code == 202
+        services.clock = lambda: parsed.valid_before + flows.EXPIRY_MARGIN_SECONDS + 1.0
+        final = client.post("/api/send", json=BODY, headers=signature)
+    finally:
+        chain.set_automine(True)
+    assert final.status_code == 402, final.get_data(as_text=True)
+    assert final.get_json()["error"] == "payment_settlement_failed"
+    assert final.get_json()["details"]["reason"] == "expired"
+    assert chain.usdc_balance(payer.address) == 10_000_000
+    assert services.ledger.outbox_messages() == []

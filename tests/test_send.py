@@ -290,11 +290,12 @@ def test_settlement_failure_sends_nothing_and_frees_the_quote(
         token = client.post("/api/quote", json=BODY).get_json()["quote_token"]
         body = {**BODY, "quote_token": token}
         facilitator.fail_status, facilitator.fail_paths = 400, ("/settle",)
-        facilitator.fail_body = {"success": False, "errorReason": "transaction_failed"}
+        reason = "invalid_exact_evm_insufficient_balance"
+        facilitator.fail_body = {"success": False, "errorReason": reason}
         response = paid(client, body, payer.key)
         assert response.status_code == 402
         assert response.get_json()["error"] == "payment_settlement_failed"
-        assert response.get_json()["details"]["reason"] == "transaction_failed"
+        assert response.get_json()["details"]["reason"] == reason
         assert services_of(app).ledger.outbox_messages() == []
         facilitator.fail_status = None
         retry = paid(client, body, payer.key)
@@ -490,3 +491,46 @@ def test_resource_url_uses_the_public_address(paid_settings: Callable[..., Setti
     required = decode(post(client, BODY).headers["PAYMENT-REQUIRED"])
     assert required["resource"]["url"] == "https://sms.example/api/send"
     assert post(client, BODY).get_json()["accepts"][0]["resource"] == "https://sms.example/api/send"
+
+
+def test_an_ambiguous_settlement_failure_is_pending_never_402(
+    paid_settings: Callable[..., Settings], chain: DevChain, payer: Wallet
+) -> None:
+    with FakeFacilitator(chain.rpc_url, chain.accounts[4].private_key) as facilitator:
+        app = make_app(paid_settings(facilitator="remote", facilitator_url=facilitator.url))
+        client = app.test_client()
+        head = post(client, BODY).headers["PAYMENT-REQUIRED"]
+        signature = {"PAYMENT-SIGNATURE": pay(head, payer.key)}
+        facilitator.fail_status, facilitator.fail_paths = 400, ("/settle",)
+        facilitator.fail_body = {"success": False, "errorReason": "transaction_failed"}
+        unsure = post(client, BODY, **signature)
+        facilitator.fail_status = None
+        final = post(client, BODY, **signature)
+        services_of(app).payments.close()
+    assert unsure.status_code == 202, unsure.get_data(as_text=True)
+    assert unsure.get_json()["error"] == "settlement_pending"
+    assert final.status_code == 200, final.get_data(as_text=True)
+    assert chain.usdc_balance(payer.address) == 10_000_000 - PRICE
+    assert len(services_of(app).ledger.outbox_messages()) == 1
+
+
+def test_a_lost_settlement_answer_is_found_on_chain(
+    paid_settings: Callable[..., Settings], chain: DevChain, payer: Wallet
+) -> None:
+    with FakeFacilitator(chain.rpc_url, chain.accounts[5].private_key) as facilitator:
+        app = make_app(paid_settings(facilitator="remote", facilitator_url=facilitator.url))
+        client = app.test_client()
+        head = post(client, BODY).headers["PAYMENT-REQUIRED"]
+        signature = {"PAYMENT-SIGNATURE": pay(head, payer.key)}
+        facilitator.lose_settle_answers = True
+        lost = post(client, BODY, **signature)
+        facilitator.lose_settle_answers = False
+        settles = facilitator.calls.count("POST /settle")
+        final = post(client, BODY, **signature)
+        resettled = facilitator.calls.count("POST /settle") - settles
+        services_of(app).payments.close()
+    assert lost.status_code == 202, lost.get_data(as_text=True)
+    assert final.status_code == 200, final.get_data(as_text=True)
+    assert resettled == 0
+    assert chain.usdc_balance(payer.address) == 10_000_000 - PRICE
+    assert len(services_of(app).ledger.outbox_messages()) == 1
