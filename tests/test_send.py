@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +20,7 @@ from relay.services import Services, build_services
 from relay.settings import Settings
 from tests.conftest import SINCH_PLAN, SINCH_TOKEN, Wallet, new_wallet, sinch_overrides
 from tests.fake_facilitator import FakeFacilitator
-from tests.fake_sinch import FakeSinch
+from tests.fake_sinch import FakeSinch, signature_headers
 from tests.x402_helpers import header, pay, pay_payload, pay_v1, signed
 
 US = "+13012576365"
@@ -534,3 +535,23 @@ def test_a_lost_settlement_answer_is_found_on_chain(
     assert resettled == 0
     assert chain.usdc_balance(payer.address) == 10_000_000 - PRICE
     assert len(services_of(app).ledger.outbox_messages()) == 1
+
+
+def test_signed_callbacks_are_required_when_a_signing_secret_is_set(
+    paid_settings: Callable[..., Settings],
+) -> None:
+    client = make_app(
+        paid_settings(sinch_callback_secret="callback-secret-123", sinch_signing_secret="hmac-key")
+    ).test_client()
+    inbound = json.dumps({"type": "mo_text", "from": "13012576365", "to": "1", "body": "STOP"})
+    hook = "/webhooks/sinch/callback-secret-123"
+    unsigned = client.post(hook, data=inbound, content_type="application/json")
+    assert unsigned.status_code == 401
+    assert client.post("/api/quote", json=BODY).status_code == 200
+    headers = signature_headers("hmac-key", inbound.encode(), "nonce-1", int(time.time()))
+    signed = client.post(hook, data=inbound, content_type="application/json", headers=headers)
+    assert signed.status_code == 200
+    assert client.post("/api/quote", json=BODY).get_json()["error"] == "recipient_opted_out"
+    stale = signature_headers("hmac-key", inbound.encode(), "nonce-2", int(time.time()) - 3600)
+    late = client.post(hook, data=inbound, content_type="application/json", headers=stale)
+    assert late.status_code == 401
