@@ -75,9 +75,11 @@ from x402.mechanisms.evm.constants import (
     ERR_TRANSACTION_FAILED,
     ERR_TRANSACTION_SIMULATION_FAILED,
     ERR_VALID_BEFORE_EXPIRED,
+    TX_STATUS_SUCCESS,
 )
 from x402.mechanisms.evm.exact import ExactEvmServerScheme, register_exact_evm_facilitator
 from x402.mechanisms.evm.exact.eip3009_utils import verify_eip3009_transfer_event
+from x402.mechanisms.evm.types import TransactionReceipt
 
 from relay.devchain import load_abi
 from relay.errors import (
@@ -101,6 +103,7 @@ MAX_TIMEOUT_SECONDS = 300
 #: answers ``settlement_pending`` after about twice this.
 RECEIPT_TIMEOUT_SECONDS = 15.0
 PING_CACHE_SECONDS = 10.0
+RECEIPT_POLL_SECONDS = 0.25
 LOG_WINDOW_BLOCKS = 10_000  # hours on Base, and within common RPC log-range limits
 HTTP_TIMEOUT_SECONDS = 60.0
 RETRY_AFTER_SECONDS = 5
@@ -205,6 +208,21 @@ class SharedNonceSigner(FacilitatorWeb3Signer):
     def __init__(self, private_key: str, rpc_url: str, nonces: NonceStore, **options: Any) -> None:
         super().__init__(private_key, rpc_url, **options)
         self._nonces = nonces
+
+    def wait_for_transaction_receipt(self, tx_hash: str) -> TransactionReceipt:
+        """The SDK's receipt wait, polling less often: many settlements wait at once."""
+        tx = tx_hash if tx_hash.startswith("0x") else "0x" + tx_hash
+        receipt = self._w3.eth.wait_for_transaction_receipt(
+            HexStr(tx),
+            timeout=self._confirmation_timeout_seconds,
+            poll_latency=RECEIPT_POLL_SECONDS,
+        )
+        return TransactionReceipt(
+            status=TX_STATUS_SUCCESS if receipt["status"] == 1 else 0,
+            block_number=receipt["blockNumber"],
+            tx_hash=tx,
+            logs=list(receipt.get("logs") or []),
+        )
 
     def _reserve_nonce(self) -> int:
         address = self._account.address
