@@ -11,6 +11,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from relay import flows
 from relay.errors import NotFound, RateLimited, Unauthorized
 from relay.inputs import parse_json_object, parse_message_request
+from relay.payments import PAYMENT_HEADERS
 from relay.pricing import token_prices
 from relay.services import Services
 
@@ -187,7 +188,7 @@ def post_send() -> Response:
     svc = services()
     require_password(svc)
     raw = request.get_data()
-    paying = svc.payments.parse_payment(dict(request.headers)) is not None
+    paying = any(name in request.headers for name in PAYMENT_HEADERS)
     if not paying:
         limit_quotes(svc)
     if not raw.strip() and not paying:

@@ -110,6 +110,7 @@ RETRY_AFTER_SECONDS = 5
 MAX_HEADER_CHARS = 16 * 1024
 V2_HEADER, V1_HEADER = "PAYMENT-SIGNATURE", "X-PAYMENT"
 V2_RESPONSE_HEADER, V1_RESPONSE_HEADER = "PAYMENT-RESPONSE", "X-PAYMENT-RESPONSE"
+PAYMENT_HEADERS = (V2_HEADER, V1_HEADER)
 REQUIREMENTS_MISMATCH = "requirements_mismatch"
 
 # Reasons the local facilitator also reports when the RPC fails rather than the payment.
@@ -695,7 +696,7 @@ class SignedRefund:
 def _payment_header(headers: Mapping[str, str]) -> tuple[str, str] | None:
     """(name, value) of the payment header, preferring v2; header names are case-insensitive."""
     upper = {key.upper(): value for key, value in headers.items()}
-    for name in (V2_HEADER, V1_HEADER):
+    for name in PAYMENT_HEADERS:
         if name in upper:
             return name, upper[name]
     return None
