@@ -1,13 +1,10 @@
-"""Many agents pay at once (SPEC §9): concurrent settlements share blocks.
+"""Many agents pay at once (SPEC §9): concurrent settlements land in the same block or the next.
 
-Twenty payers paying at once on anvil with 1-second blocks settle together, with exactly
-twenty settler transactions and none reverted. The timing target itself — all within two
-blocks — is measured and reported by bench/settlements.py (speed targets live in benchmarks,
-not in timed tests); here the bound is loose enough to hold on a loaded 2-core machine
-while still failing for one block per payment (twenty blocks).
-Runs one `relay serve` process (32 threads) against a dedicated anvil with interval mining
-(the module ``chain`` fixture automines: one block per transaction, which would hide the
-question), signs twenty payments first and then fires them together.
+Twenty payers paying at once on anvil with 1-second blocks all settle within two blocks,
+with exactly twenty settler transactions and none reverted, against `relay serve` run as
+the Procfile runs it (two workers sharing the settler's nonces through the database).
+Settlements per block and latency in block times, side by side with sequential sends, are
+measured by bench/settlements.py.
 """
 
 from __future__ import annotations
@@ -29,7 +26,7 @@ from tests.processes import RelayProcess
 from tests.test_exactly_once import relay_env
 from tests.x402_helpers import pay
 
-MAX_BLOCK_SPREAD = 3
+MAX_BLOCK_SPREAD = 1
 US = "+13012576365"
 PAYERS = 20
 BLOCK_TIME = 1.0
@@ -72,7 +69,8 @@ def test_twenty_payers_at_once_settle_within_two_blocks(
     chain = slow_chain
     env = relay_env(chain, f"sqlite:///{tmp_path / 'relay.db'}")
     payers = fund(chain, PAYERS, FUNDS)
-    with RelayProcess(env, tmp_path / "relay.log", args=("--threads", "32")) as relay:
+    args = ("--workers", "2", "--threads", "16")  # the Procfile default: two workers
+    with RelayProcess(env, tmp_path / "relay.log", args=args) as relay:
         url = relay.url + "/api/send"
         bodies = [{"message": f"Throughput test message {i}", "to": US} for i in range(PAYERS)]
         signatures, prices = [], []
