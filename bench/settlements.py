@@ -215,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--payers", type=int, default=20, help="paid sends per batch (20)")
     parser.add_argument("--block-time", type=float, default=1.0, help="seconds per block (1)")
     parser.add_argument("--threads", type=int, default=32, help="relay serve --threads (32)")
-    parser.add_argument("--workers", type=int, default=1, help="relay serve --workers (1)")
+    parser.add_argument(
+        "--workers", type=int, default=2, help="relay serve --workers (2, as the Procfile)"
+    )
     args = parser.parse_args(argv)
     if args.payers < 1 or args.block_time <= 0:
         parser.error("--payers must be >= 1 and --block-time > 0")
