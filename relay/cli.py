@@ -241,7 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=20)
     p.set_defaults(func=ledger)
     p = sub.add_parser("reconcile", help="finish stalled payments (also run at start-up)")
-    p.add_argument("--all", action="store_true", help="include payments that are not stalled yet")
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="also payments not stalled yet (only with no server running)",
+    )
     p.set_defaults(func=reconcile)
     sub.add_parser("doctor", help="check configuration and reachability").set_defaults(func=doctor)
     db = sub.add_parser("db", help="database maintenance")
