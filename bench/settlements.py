@@ -35,7 +35,6 @@ from eth_account.signers.local import LocalAccount  # noqa: E402
 from eth_typing import HexStr  # noqa: E402
 
 from relay.devchain import MINTER_ADDRESS, DevChain  # noqa: E402
-from relay.ledger import Ledger  # noqa: E402
 from tests.processes import RelayProcess  # noqa: E402
 from tests.x402_helpers import pay  # noqa: E402
 
@@ -231,11 +230,6 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         payers = fund(chain, 2 * args.payers)
         env = relay_env(chain, work / "relay.db")
-        # Create the schema first: gunicorn workers booting on a fresh database race in
-        # Ledger.upgrade() (see bench/README.md), as tests/test_exactly_once.py's Cluster does.
-        ledger = Ledger.from_url(env["DATABASE_URL"])
-        ledger.upgrade()
-        ledger.engine.dispose()
         relay = RelayProcess(
             env,
             work / "relay.log",

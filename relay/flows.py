@@ -30,7 +30,7 @@ from relay.errors import (
 from relay.inputs import MessageRequest
 from relay.ledger import Conflict
 from relay.moderation import Verdict
-from relay.payments import ParsedPayment, Settlement, SignedRefund
+from relay.payments import ParsedPayment, Settlement, SignedRefund, settlement_pending
 from relay.phone import mask, normalize_destination
 from relay.pricing import (
     Price,
@@ -219,7 +219,10 @@ def send(
 
 
 def challenge(
-    services: Services, requirements: Any, amount_atomic: int, resource_url: str
+    services: Services,
+    requirements: PaymentRequirements,
+    amount_atomic: int,
+    resource_url: str,
 ) -> Outcome:
     """The 402: v2 PAYMENT-REQUIRED header, v1 accepts and the reference's fields in the body."""
     price = from_atomic(amount_atomic)
@@ -411,7 +414,7 @@ def attempt(
     if services.clock() > parsed.valid_before + EXPIRY_MARGIN_SECONDS:
         raise PaymentSettlementFailed(details={"reason": "expired", "transaction": tx})
     if tx:
-        raise pending_error(tx)
+        raise settlement_pending(tx)
     return payments.settle(parsed, req)
 
 
@@ -421,11 +424,6 @@ def settled_on_chain(
     """The settlement of this payment's authorization if the chain shows one."""
     tx = services.payments.settled_by(parsed)
     return None if tx is None else services.payments.confirm(parsed, req, tx)
-
-
-def pending_error(tx: str | None) -> SettlementPending:
-    """202: broadcast (or possibly broadcast), not confirmed; repeat the same request."""
-    return SettlementPending(retry_after=5, details={"transaction": tx}, extra={"transaction": tx})
 
 
 def settlement_failed(
@@ -444,7 +442,7 @@ def settlement_failed(
         services.ledger.transition(
             payment_id, SETTLING, "settle_pending", services.clock(), **known
         )
-        return pending_error(tx)
+        return settlement_pending(tx)
     settle_failed(services, payment_id, failed)
     return failed
 

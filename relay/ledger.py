@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -272,7 +271,7 @@ class Ledger:
         """The cached verdict stored under KEY, if any."""
         with self.engine.connect() as conn:
             row = conn.execute(select(verdicts.c.verdict).where(verdicts.c.key == key)).first()
-        return None if row is None else _as_dict(row.verdict)
+        return None if row is None else dict(row.verdict)
 
     def put_verdict(self, key: str, verdict: dict[str, Any], now: float) -> None:
         """Store a verdict; the first one stored for a key wins."""
@@ -547,10 +546,3 @@ class LedgerVerdictCache:
     def put(self, key: str, verdict: Verdict) -> None:
         """Remember a verdict."""
         self._ledger.put_verdict(key, verdict.to_dict(), self._clock())
-
-
-def _as_dict(value: Any) -> dict[str, Any]:
-    if isinstance(value, str):
-        loaded: dict[str, Any] = json.loads(value)
-        return loaded
-    return dict(value)

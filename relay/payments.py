@@ -522,7 +522,7 @@ class Payments:
         reason = result.error_reason or "settlement_failed"
         tx = result.transaction or None
         if reason == ERR_SETTLEMENT_PENDING and tx:
-            raise _pending(tx)
+            raise settlement_pending(tx)
         if tx is None:
             self._raise_if_chain_down(reason)
         log.warning("settlement failed: reason=%s tx=%s", reason, tx)
@@ -553,7 +553,7 @@ class Payments:
             reason = _reason_in(match.group(2)) or f"facilitator_http_{match.group(1)}"
             return _settlement_failed(reason, None) if settling else _verify_failed(reason)
         if settling and self._is_remote() and not _never_sent(exc):
-            return _pending(None)
+            return settlement_pending(None)
         return _chain_unavailable()
 
     def _raise_if_chain_down(self, reason: str) -> None:
@@ -801,7 +801,8 @@ def _settlement_failed(reason: str, tx: str | None) -> PaymentSettlementFailed:
     )
 
 
-def _pending(tx: str | None) -> SettlementPending:
+def settlement_pending(tx: str | None) -> SettlementPending:
+    """202: broadcast (or possibly broadcast), not confirmed; repeat the same request."""
     return SettlementPending(
         details={"transaction": tx},
         extra={"transaction": tx},

@@ -5,7 +5,8 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -52,6 +53,31 @@ def paid(client: FlaskClient, body: Any, key: str, **headers: str) -> Any:
 def decode(value: str) -> dict[str, Any]:
     data: dict[str, Any] = json.loads(base64.b64decode(value))
     return data
+
+
+@dataclass
+class Remote:
+    """The app paying through a local HTTP facilitator (FACILITATOR=remote)."""
+
+    facilitator: FakeFacilitator
+    app: Flask
+    client: FlaskClient
+
+
+@pytest.fixture
+def remote(paid_settings: Callable[..., Settings], chain: DevChain) -> Iterator[Remote]:
+    settler = new_wallet(chain)
+    chain.set_eth_balance(settler.address, 10**18)
+    with FakeFacilitator(chain.rpc_url, settler.key) as facilitator:
+        app = make_app(paid_settings(facilitator="remote", facilitator_url=facilitator.url))
+        yield Remote(facilitator, app, app.test_client())
+        services_of(app).payments.close()
+
+
+def signed_headers(client: FlaskClient, body: Any, key: str) -> dict[str, str]:
+    """The 402's challenge for ``body``, paid the way a stock v2 client pays it."""
+    head = post(client, body).headers["PAYMENT-REQUIRED"]
+    return {"PAYMENT-SIGNATURE": pay(head, key)}
 
 
 @pytest.fixture
@@ -283,37 +309,29 @@ def test_invalid_request_with_payment_is_never_settled(
 
 
 def test_settlement_failure_sends_nothing_and_frees_the_quote(
-    paid_settings: Callable[..., Settings], chain: DevChain, payer: Wallet
+    remote: Remote, chain: DevChain, payer: Wallet
 ) -> None:
-    with FakeFacilitator(chain.rpc_url, chain.accounts[2].private_key) as facilitator:
-        app = make_app(paid_settings(facilitator="remote", facilitator_url=facilitator.url))
-        client = app.test_client()
-        token = client.post("/api/quote", json=BODY).get_json()["quote_token"]
-        body = {**BODY, "quote_token": token}
-        facilitator.fail_status, facilitator.fail_paths = 400, ("/settle",)
-        reason = "invalid_exact_evm_insufficient_balance"
-        facilitator.fail_body = {"success": False, "errorReason": reason}
-        response = paid(client, body, payer.key)
-        assert response.status_code == 402
-        assert response.get_json()["error"] == "payment_settlement_failed"
-        assert response.get_json()["details"]["reason"] == reason
-        assert services_of(app).ledger.outbox_messages() == []
-        facilitator.fail_status = None
-        retry = paid(client, body, payer.key)
-        assert retry.status_code == 200, retry.get_data(as_text=True)
-        services_of(app).payments.close()
+    client, facilitator = remote.client, remote.facilitator
+    token = client.post("/api/quote", json=BODY).get_json()["quote_token"]
+    body = {**BODY, "quote_token": token}
+    facilitator.fail_status, facilitator.fail_paths = 400, ("/settle",)
+    reason = "invalid_exact_evm_insufficient_balance"
+    facilitator.fail_body = {"success": False, "errorReason": reason}
+    response = paid(client, body, payer.key)
+    assert response.status_code == 402
+    assert response.get_json()["error"] == "payment_settlement_failed"
+    assert response.get_json()["details"]["reason"] == reason
+    assert services_of(remote.app).ledger.outbox_messages() == []
+    facilitator.fail_status = None
+    retry = paid(client, body, payer.key)
+    assert retry.status_code == 200, retry.get_data(as_text=True)
     assert chain.usdc_balance(payer.address) == 10_000_000 - PRICE
 
 
-def test_remote_facilitator_send(
-    paid_settings: Callable[..., Settings], chain: DevChain, payer: Wallet
-) -> None:
-    with FakeFacilitator(chain.rpc_url, chain.accounts[3].private_key) as facilitator:
-        app = make_app(paid_settings(facilitator="remote", facilitator_url=facilitator.url))
-        response = paid(app.test_client(), BODY, payer.key)
-        services_of(app).payments.close()
-        assert response.status_code == 200, response.get_data(as_text=True)
-        assert "POST /settle" in facilitator.calls
+def test_remote_facilitator_send(remote: Remote, chain: DevChain, payer: Wallet) -> None:
+    response = paid(remote.client, BODY, payer.key)
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert "POST /settle" in remote.facilitator.calls
     assert chain.usdc_balance(payer.address) == 10_000_000 - PRICE
 
 
@@ -476,8 +494,7 @@ def test_replay_after_the_quote_expired_still_gets_the_stored_answer(
 ) -> None:
     token = client.post("/api/quote", json=BODY).get_json()["quote_token"]
     body = {**BODY, "quote_token": token}
-    head = post(client, body).headers["PAYMENT-REQUIRED"]
-    signature = {"PAYMENT-SIGNATURE": pay(head, payer.key)}
+    signature = signed_headers(client, body, payer.key)
     first = post(client, body, **signature)
     services = services_of(app)
     real_clock = services.clock
@@ -495,46 +512,35 @@ def test_resource_url_uses_the_public_address(paid_settings: Callable[..., Setti
 
 
 def test_an_ambiguous_settlement_failure_is_pending_never_402(
-    paid_settings: Callable[..., Settings], chain: DevChain, payer: Wallet
+    remote: Remote, chain: DevChain, payer: Wallet
 ) -> None:
-    with FakeFacilitator(chain.rpc_url, chain.accounts[4].private_key) as facilitator:
-        app = make_app(paid_settings(facilitator="remote", facilitator_url=facilitator.url))
-        client = app.test_client()
-        head = post(client, BODY).headers["PAYMENT-REQUIRED"]
-        signature = {"PAYMENT-SIGNATURE": pay(head, payer.key)}
-        facilitator.fail_status, facilitator.fail_paths = 400, ("/settle",)
-        facilitator.fail_body = {"success": False, "errorReason": "transaction_failed"}
-        unsure = post(client, BODY, **signature)
-        facilitator.fail_status = None
-        final = post(client, BODY, **signature)
-        services_of(app).payments.close()
+    signature = signed_headers(remote.client, BODY, payer.key)
+    remote.facilitator.fail_status, remote.facilitator.fail_paths = 400, ("/settle",)
+    remote.facilitator.fail_body = {"success": False, "errorReason": "transaction_failed"}
+    unsure = post(remote.client, BODY, **signature)
+    remote.facilitator.fail_status = None
+    final = post(remote.client, BODY, **signature)
     assert unsure.status_code == 202, unsure.get_data(as_text=True)
     assert unsure.get_json()["error"] == "settlement_pending"
     assert final.status_code == 200, final.get_data(as_text=True)
     assert chain.usdc_balance(payer.address) == 10_000_000 - PRICE
-    assert len(services_of(app).ledger.outbox_messages()) == 1
+    assert len(services_of(remote.app).ledger.outbox_messages()) == 1
 
 
 def test_a_lost_settlement_answer_is_found_on_chain(
-    paid_settings: Callable[..., Settings], chain: DevChain, payer: Wallet
+    remote: Remote, chain: DevChain, payer: Wallet
 ) -> None:
-    with FakeFacilitator(chain.rpc_url, chain.accounts[5].private_key) as facilitator:
-        app = make_app(paid_settings(facilitator="remote", facilitator_url=facilitator.url))
-        client = app.test_client()
-        head = post(client, BODY).headers["PAYMENT-REQUIRED"]
-        signature = {"PAYMENT-SIGNATURE": pay(head, payer.key)}
-        facilitator.lose_settle_answers = True
-        lost = post(client, BODY, **signature)
-        facilitator.lose_settle_answers = False
-        settles = facilitator.calls.count("POST /settle")
-        final = post(client, BODY, **signature)
-        resettled = facilitator.calls.count("POST /settle") - settles
-        services_of(app).payments.close()
+    signature = signed_headers(remote.client, BODY, payer.key)
+    remote.facilitator.lose_settle_answers = True
+    lost = post(remote.client, BODY, **signature)
+    remote.facilitator.lose_settle_answers = False
+    settles = remote.facilitator.calls.count("POST /settle")
+    final = post(remote.client, BODY, **signature)
     assert lost.status_code == 202, lost.get_data(as_text=True)
     assert final.status_code == 200, final.get_data(as_text=True)
-    assert resettled == 0
+    assert remote.facilitator.calls.count("POST /settle") == settles
     assert chain.usdc_balance(payer.address) == 10_000_000 - PRICE
-    assert len(services_of(app).ledger.outbox_messages()) == 1
+    assert len(services_of(remote.app).ledger.outbox_messages()) == 1
 
 
 def test_signed_callbacks_are_required_when_a_signing_secret_is_set(
