@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Any
 
 import simplejson
@@ -12,7 +11,6 @@ from flask.json.provider import JSONProvider
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from relay import flows
 from relay.errors import (
     InternalError,
     InvalidInput,
@@ -62,23 +60,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.register_blueprint(api)
     app.register_blueprint(docs)
     _register_error_handlers(app)
-    _reconcile_in_background(services)
     return app
-
-
-def _reconcile_in_background(services: Services) -> None:
-    """Finish payments a crash left behind, without delaying start-up (SPEC §11)."""
-
-    def run() -> None:
-        try:
-            finished = flows.reconcile(services)
-        except Exception:
-            log.exception("start-up reconciliation failed")
-            return
-        if finished:
-            log.info("start-up reconciliation: %s", finished)
-
-    threading.Thread(target=run, name="relay-reconcile", daemon=True).start()
 
 
 def error_response(error: RelayError) -> Response:

@@ -1,4 +1,4 @@
-"""The `relay` command: serve, dev, quote, send, status, ledger, reconcile, doctor, db."""
+"""The `relay` command: serve, worker, dev, quote, send, status, ledger, reconcile, doctor, db."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -22,12 +23,14 @@ Command = Callable[[argparse.Namespace], int]
 
 
 def serve(args: argparse.Namespace) -> int:
-    """Serve the app with gunicorn (the same server as production)."""
+    """Serve the app with gunicorn (the same server as production), with a reconciler
+    (`relay worker`) beside it; the loops of several servers elect one to work at a time."""
     from gunicorn.app.base import BaseApplication
 
     from relay.app import create_app
 
     settings = load_settings()
+    worker = subprocess.Popen([sys.executable, "-m", "relay.cli", "worker"])
 
     class _Server(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
@@ -42,7 +45,34 @@ def serve(args: argparse.Namespace) -> int:
         def load(self) -> Any:
             return create_app(settings)
 
-    _Server().run()
+    try:
+        _Server().run()
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(10)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+    return 0
+
+
+def worker(_args: argparse.Namespace) -> int:
+    """Finish stalled payments and pending refunds continuously (the Procfile's worker)."""
+    from relay.services import build_services
+    from relay.worker import Worker
+
+    settings = load_settings()
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    try:
+        services = None
+        while services is None:  # beside a server creating the schema at start-up
+            try:
+                services = build_services(settings, migrate=False)
+            except SchemaMissing:
+                time.sleep(settings.worker_interval_seconds)
+        Worker(services).run()
+    except (KeyboardInterrupt, SystemExit):
+        say("worker stopped")
     return 0
 
 
@@ -136,8 +166,7 @@ def reconcile(args: argparse.Namespace) -> int:
         say(f"  {payment_id}: {result}")
 
     say("reconciling unfinished payments...")
-    older = 0.0 if args.all else None
-    results = flows.reconcile(_services(), older_than=older, progress=progress)
+    results = flows.reconcile(_services(), force=args.all, progress=progress)
     say(f"done: {len(results)} payment(s) looked at")
     return 0
 
@@ -240,11 +269,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ledger", help="list payments, messages and refunds")
     p.add_argument("--limit", type=int, default=20)
     p.set_defaults(func=ledger)
-    p = sub.add_parser("reconcile", help="finish stalled payments (also run at start-up)")
+    sub.add_parser("worker", help="finish stalled payments and refunds continuously").set_defaults(
+        func=worker
+    )
+    p = sub.add_parser("reconcile", help="finish stalled payments once, now")
     p.add_argument(
         "--all",
         action="store_true",
-        help="also payments not stalled yet (only with no server running)",
+        help="also payments leased to a live request (only with no server running)",
     )
     p.set_defaults(func=reconcile)
     sub.add_parser("doctor", help="check configuration and reachability").set_defaults(func=doctor)

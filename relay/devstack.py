@@ -1,5 +1,6 @@
 """`relay dev`: the whole stack on one machine — a local chain with the test USDC, the local
-facilitator, rules moderation, the outbox SMS provider and a funded demo payer."""
+facilitator, rules moderation, the outbox SMS provider, the reconciler and a funded demo
+payer."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from relay.client import RelayClient
 from relay.devchain import DevChain
 from relay.services import Services, build_services
 from relay.settings import Settings
+from relay.worker import Worker
 
 DEMO_USDC = 100_000_000  # 100 test USDC for the demo payer
 DEMO_TO = "+13012576365"
@@ -45,6 +47,8 @@ class DevStack:
         chain.mint(self.payer.address, DEMO_USDC)
         self._thread = threading.Thread(target=server.serve_forever, daemon=True)
         self._thread.start()
+        self.worker = Worker(services)
+        self.worker.start()
 
     @classmethod
     def start(cls, *, port: int = 8000, database: str | None = None, say: Say) -> DevStack:
@@ -107,7 +111,8 @@ class DevStack:
         return result
 
     def stop(self) -> None:
-        """Stop the HTTP server and the chain."""
+        """Stop the HTTP server, the reconciler and the chain."""
+        self.worker.stop()
         self.server.shutdown()
         self.server.server_close()
         self.services.payments.close()

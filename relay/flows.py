@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import secrets
 from collections.abc import Callable, Mapping
@@ -12,7 +14,6 @@ from typing import Any
 from x402 import PaymentRequirements
 
 from relay.errors import (
-    ChainUnavailable,
     IdempotencyKeyReused,
     MessageTooLong,
     PaymentRequired,
@@ -30,7 +31,14 @@ from relay.errors import (
 from relay.inputs import MessageRequest
 from relay.ledger import Conflict
 from relay.moderation import Verdict
-from relay.payments import ParsedPayment, Settlement, SignedRefund, settlement_pending
+from relay.payments import (
+    NOT_PAID,
+    ParsedPayment,
+    Settlement,
+    SignedRefund,
+    recording_broadcasts,
+    settlement_pending,
+)
 from relay.phone import mask, normalize_destination
 from relay.pricing import (
     Price,
@@ -145,9 +153,25 @@ def quote(services: Services, req: MessageRequest, *, one_shot: bool = False) ->
 
 
 # Paid send ---------------------------------------------------------------------------
+#
+# A payment's life (one row in the ledger, moved only by Ledger.transition):
+#
+#   settling ──► settle_pending ──► settled ──► dispatching ──► dispatched
+#      │  ▲            │               ▲             │   └──────► dispatch_unknown ─┐
+#      │  └────────────┤ settle_unknown┘             └──► dispatch_failed ──► refunded
+#      └──► settle_failed (certain: nothing moved; the quote is free again)
+#
+# Whoever acts on a payment (the first request, a replay, the reconciler) holds its lease
+# (Ledger.take); a crash leaves the lease to run out, and anyone may then take over.
 
 IN_PROGRESS_RETRY_SECONDS = 2
-FINAL_STATES = ("dispatched", "dispatch_failed", "refunded", "settle_failed")
+FINAL_STATES = ("dispatched", "refunded", "settle_failed")
+ANSWERED_STATES = (*FINAL_STATES, "dispatch_failed")
+SETTLING = ("settling", "settle_pending", "settle_unknown")
+UNFINISHED = (*SETTLING, "settled", "dispatching", "dispatch_unknown", "dispatch_failed")
+EXPIRY_MARGIN_SECONDS = 60
+CANCELED = "authorization_canceled"
+CREDITED_ELSEWHERE = "transfer_already_credited"
 
 
 @dataclass(frozen=True)
@@ -204,8 +228,10 @@ def send(
     if order.quote_id is not None:
         holder = services.ledger.quote_claim(order.quote_id)
         if holder is not None:
+            if holder["payment_key"] == parsed.payment_key:  # a copy of this very payment
+                return resume(services, holder, parsed)
             raise QuoteAlreadyUsed(details={"message_id": holder.get("message_id")})
-    payments.match(parsed, requirements)
+    payments.match(parsed, requirements, services.clock())
     try:
         payer = payments.verify(parsed, requirements)
     except PaymentVerifyFailed:
@@ -214,8 +240,8 @@ def send(
         if stored is not None:
             return stored
         raise
-    payment_id = claim(services, order, parsed, requirements, payer)
-    return settle_and_dispatch(services, payment_id, parsed, requirements, first=True)
+    row = claim(services, order, parsed, requirements, payer)
+    return advance(services, row, parsed, requirements, first=True)
 
 
 def challenge(
@@ -265,21 +291,28 @@ def replay(services: Services, parsed: ParsedPayment) -> Outcome | None:
 
 
 def resume(services: Services, row: dict[str, Any], parsed: ParsedPayment) -> Outcome:
-    """Continue or report a payment already in the ledger."""
-    if row["response_status"] is not None and row["state"] in FINAL_STATES:
-        return Outcome(row["response_status"], row["response_body"], row["response_headers"] or {})
-    if row["state"] == "settle_pending":
-        requirements = PaymentRequirements.model_validate(row["requirements"])
-        return settle_and_dispatch(services, row["id"], parsed, requirements)
-    stalled = (
-        services.clock() - float(row["updated_at"]) >= services.settings.reconcile_after_seconds
-    )
-    if row["state"] in UNFINISHED and stalled:
-        repair(services, row)
-        repaired = services.ledger.payment(row["id"]) or {}
-        if repaired.get("state") in FINAL_STATES and repaired["response_status"] is not None:
-            return resume(services, repaired, parsed)
-    raise RequestInProgress(retry_after=IN_PROGRESS_RETRY_SECONDS, details={"state": row["state"]})
+    """Report a payment already in the ledger, or continue it when nobody else is."""
+    if row["response_status"] is not None and row["state"] in ANSWERED_STATES:
+        return stored_answer(row)
+    if not services.ledger.take(row["id"], services.clock(), lease_seconds(services)):
+        if row["state"] in ("settle_pending", "settle_unknown"):
+            raise settlement_pending(row["tx_hash"])
+        raise RequestInProgress(
+            retry_after=IN_PROGRESS_RETRY_SECONDS, details={"state": row["state"]}
+        )
+    current = services.ledger.payment(row["id"]) or row
+    requirements = PaymentRequirements.model_validate(current["requirements"])
+    return advance(services, current, parsed, requirements)
+
+
+def stored_answer(row: dict[str, Any]) -> Outcome:
+    """The answer stored with a payment's final state."""
+    return Outcome(row["response_status"], row["response_body"], row["response_headers"] or {})
+
+
+def lease_seconds(services: Services) -> float:
+    """How long one holder may act on a payment before others may take it over."""
+    return services.settings.reconcile_after_seconds
 
 
 def claim(
@@ -288,12 +321,11 @@ def claim(
     parsed: ParsedPayment,
     requirements: PaymentRequirements,
     payer: str,
-) -> str:
-    """Claim quote, authorization and identifier in one insert; the payment id."""
+) -> dict[str, Any]:
+    """Claim quote, authorization and identifier in one insert, leased to this request."""
     now = services.clock()
-    payment_id = secrets.token_hex(12)
     row = {
-        "id": payment_id,
+        "id": secrets.token_hex(12),
         "payment_key": parsed.payment_key,
         "payment_identifier": parsed.payment_identifier,
         "quote_id": order.quote_id or f"auth:{payer}:{parsed.nonce}",
@@ -309,18 +341,21 @@ def claim(
         "version": parsed.version,
         "state": "settling",
         "payload": parsed.as_dict(),
+        "header": parsed.header,
         "requirements": requirements.model_dump(mode="json", by_alias=True),
+        "claim_block": services.payments.block_number(),
+        "lease_until": now + lease_seconds(services),
         "created_at": now,
         "updated_at": now,
     }
     try:
         services.ledger.claim_payment(row)
     except Conflict as conflict:
-        raise claim_error(services, conflict, parsed) from None
-    return payment_id
+        raise claim_error(conflict, parsed) from None
+    return row
 
 
-def claim_error(services: Services, conflict: Conflict, parsed: ParsedPayment) -> RelayError:
+def claim_error(conflict: Conflict, parsed: ParsedPayment) -> RelayError:
     """Why a claim lost: the same payment running, a reused identifier, or a used quote."""
     existing = conflict.existing or {}
     if conflict.kind == "same_payment":
@@ -336,25 +371,47 @@ def claim_error(services: Services, conflict: Conflict, parsed: ParsedPayment) -
     return QuoteAlreadyUsed(details={"message_id": existing.get("message_id")})
 
 
-def settle_and_dispatch(
+def advance(
     services: Services,
-    payment_id: str,
+    row: dict[str, Any],
     parsed: ParsedPayment,
     requirements: PaymentRequirements,
     *,
     first: bool = False,
 ) -> Outcome:
-    """Settle (or confirm an earlier attempt), then dispatch exactly once."""
-    settlement = settle(services, payment_id, parsed, requirements, first=first)
-    if not services.ledger.transition(payment_id, ("settled",), "dispatching", services.clock()):
-        row = services.ledger.payment(payment_id) or {}
-        return resume(services, row, parsed)
-    return dispatch(services, payment_id, parsed, settlement)
+    """Drive a payment whose lease we hold from its state to its end; the lease is given up
+    whatever happens, so that the next retry or repair can act at once."""
+    try:
+        return drive(services, row, parsed, requirements, first=first)
+    finally:
+        services.ledger.release(row["id"])
+
+
+def drive(
+    services: Services,
+    row: dict[str, Any],
+    parsed: ParsedPayment,
+    requirements: PaymentRequirements,
+    *,
+    first: bool,
+) -> Outcome:
+    state = row["state"]
+    if state in ("dispatching", "dispatch_unknown"):
+        return redispatch(services, row, parsed, requirements)
+    if state == "dispatch_failed":
+        return finish_refund(services, row, parsed, requirements)
+    if state not in (*SETTLING, "settled"):
+        return stored_answer(row)
+    settlement = settle(services, row, parsed, requirements, first=first)
+    now = services.clock()
+    if not services.ledger.transition(row["id"], ("settled",), "dispatching", now):
+        raise RequestInProgress(retry_after=IN_PROGRESS_RETRY_SECONDS)
+    return dispatch(services, row["id"], parsed, settlement)
 
 
 def settle(
     services: Services,
-    payment_id: str,
+    row: dict[str, Any],
     parsed: ParsedPayment,
     requirements: PaymentRequirements,
     *,
@@ -365,33 +422,34 @@ def settle(
     Only a certain failure is final (402 settlement failed, the quote freed); when money may
     have moved the answer is 202 settlement_pending, and the chain decides later.
     """
-    ledger, now = services.ledger, services.clock
-    row = ledger.payment(payment_id) or {}
-    if row.get("state") == "settled" and row.get("tx_hash"):
-        return services.payments.settlement_of(parsed, requirements, row["tx_hash"])
+    ledger, payments, payment_id = services.ledger, services.payments, row["id"]
+    if row["state"] == "settled" and row["tx_hash"] and row["log_index"] is not None:
+        return payments.settlement_of(parsed, requirements, row["tx_hash"], row["log_index"])
     try:
         settlement = attempt(services, row, parsed, requirements, first=first)
     except SettlementPending as pending:
         tx = pending.details.get("transaction") or row.get("tx_hash")
-        ledger.transition(payment_id, SETTLING, "settle_pending", now(), tx_hash=tx)
+        waiting = ("settling", "settle_pending")  # settle_unknown stays for review
+        ledger.transition(payment_id, waiting, "settle_pending", services.clock(), tx_hash=tx)
         raise
     except PaymentSettlementFailed as failed:
-        found = settled_on_chain(services, parsed, requirements)
-        if found is None:
-            raise settlement_failed(services, payment_id, failed) from None
-        settlement = found
-    except ChainUnavailable:
-        # Unknown whether anything was broadcast: mark it stalled so that the next retry
-        # of this payment repairs it from the chain at once instead of waiting.
-        ledger.transition(payment_id, ("settling",), "settling", 0.0)
-        raise
-    states = (*SETTLING, "settle_failed")
-    ledger.transition(payment_id, states, "settled", now(), tx_hash=settlement.transaction)
+        raise settlement_failed(services, payment_id, failed) from None
+    try:
+        ledger.transition(
+            payment_id,
+            (*SETTLING, "settled"),
+            "settled",
+            services.clock(),
+            tx_hash=settlement.transaction,
+            log_index=settlement.log_index,
+        )
+    except Conflict:
+        log.warning("transfer %s already paid another payment", settlement.transaction)
+        taken = PaymentSettlementFailed(
+            details={"reason": CREDITED_ELSEWHERE, "transaction": settlement.transaction}
+        )
+        raise settlement_failed(services, payment_id, taken) from None
     return settlement
-
-
-SETTLING = ("settling", "settle_pending")
-EXPIRY_MARGIN_SECONDS = 60
 
 
 def attempt(
@@ -403,27 +461,75 @@ def attempt(
     first: bool,
 ) -> Settlement:
     """Settle; after an earlier attempt, ask the chain first and never settle blindly again."""
-    payments = services.payments
+    payments, payment_id = services.payments, row["id"]
     if first:
-        return payments.settle(parsed, req)
-    tx = row.get("tx_hash")
-    settlement = payments.confirm(parsed, req, tx) if tx else None
-    settlement = settlement or settled_on_chain(services, parsed, req)
-    if settlement is not None:
-        return settlement
+        try:
+            return broadcast(services, payment_id, parsed, req)
+        except PaymentSettlementFailed as failed:
+            found = chain_verdict(services, row, parsed, req, failed)
+            if found is None:
+                raise
+            return found
+    tx = row["tx_hash"]
+    failure: PaymentSettlementFailed | None = None
+    if tx:
+        try:
+            settlement = payments.confirm(parsed, req, tx)
+        except PaymentSettlementFailed as failed:  # ours reverted: did another tx use it?
+            settlement, failure = None, failed
+        if settlement is not None:
+            return settlement
+    found = chain_verdict(services, row, parsed, req, failure)
+    if found is not None:
+        return found
     if services.clock() > parsed.valid_before + EXPIRY_MARGIN_SECONDS:
         raise PaymentSettlementFailed(details={"reason": "expired", "transaction": tx})
     if tx:
         raise settlement_pending(tx)
-    return payments.settle(parsed, req)
+    return broadcast(services, payment_id, parsed, req)
 
 
-def settled_on_chain(
-    services: Services, parsed: ParsedPayment, req: PaymentRequirements
+def broadcast(
+    services: Services, payment_id: str, parsed: ParsedPayment, req: PaymentRequirements
+) -> Settlement:
+    """Settle through the facilitator, storing the transaction hash before it is sent."""
+
+    def record(tx_hash: str) -> None:
+        services.ledger.transition(
+            payment_id, SETTLING, "settling", services.clock(), tx_hash=tx_hash
+        )
+
+    with recording_broadcasts(record):
+        return services.payments.settle(parsed, req)
+
+
+def chain_verdict(
+    services: Services,
+    row: dict[str, Any],
+    parsed: ParsedPayment,
+    req: PaymentRequirements,
+    failure: PaymentSettlementFailed | None,
 ) -> Settlement | None:
-    """The settlement of this payment's authorization if the chain shows one."""
-    tx = services.payments.settled_by(parsed)
-    return None if tx is None else services.payments.confirm(parsed, req, tx)
+    """What the chain did with the authorization, searched from the payment's claim block.
+
+    Used: the Settlement if its own Transfer paid us (else a certain failure). Canceled by
+    the payer: a certain failure. Used with no log found: settle_unknown, kept for review and
+    never freed. Unused: ``failure`` if the attempt failed, else None.
+    """
+    fate = services.payments.fate(parsed, row["claim_block"])
+    if fate.state == "used" and fate.transaction is not None:
+        found = services.payments.confirm(parsed, req, fate.transaction)
+        if found is None:
+            raise settlement_pending(fate.transaction)
+        return found
+    if fate.state == "canceled":
+        raise PaymentSettlementFailed(details={"reason": CANCELED, "transaction": None})
+    if fate.state == "unknown":
+        services.ledger.transition(row["id"], SETTLING, "settle_unknown", services.clock())
+        raise settlement_pending(row["tx_hash"])
+    if failure is not None:
+        raise failure
+    return None
 
 
 def settlement_failed(
@@ -434,7 +540,7 @@ def settlement_failed(
     tx = failed.details.get("transaction")
     certain = (
         reason.startswith("invalid_")
-        or reason == "expired"
+        or reason in ("expired", CANCELED, CREDITED_ELSEWHERE, NOT_PAID)
         or (tx is not None and services.payments.reverted(tx))
     )
     if not certain:
@@ -459,6 +565,21 @@ def dispatch(
     except SmsDispatchError as exc:
         return dispatch_failed(services, row, settlement, exc, payment_header)
     return dispatched(services, row, sent.message_id, sent.provider, settlement)
+
+
+def redispatch(
+    services: Services, row: dict[str, Any], parsed: ParsedPayment, req: PaymentRequirements
+) -> Outcome:
+    """After a crash or an unconfirmed hand-over: find the message the provider may hold
+    (searching from the payment's creation) and send only when it certainly holds none.
+    A provider that cannot be asked leaves the payment as it is, never sent twice."""
+    settlement = services.payments.settlement_of(parsed, req, row["tx_hash"], row["log_index"])
+    sent = services.sms.lookup(row["id"], since=float(row["created_at"]))
+    if sent is not None:
+        return dispatched(services, row, sent.message_id, sent.provider, settlement)
+    now = services.clock()
+    services.ledger.transition(row["id"], ("dispatch_unknown",), "dispatching", now)
+    return dispatch(services, row["id"], parsed, settlement)
 
 
 def dispatched(
@@ -524,41 +645,64 @@ def dispatch_failed(
         payment_id, ("dispatching",), "dispatch_failed", services.clock(), error=exc.message[:200]
     )
     ledger.record_message(message_row(row, payment_id, "none", "failed", services.clock()))
-    refund = refund_payment(services, row)
     error = SinchSendFailedAfterPayment(
-        details={
-            "transaction": settlement.transaction,
-            "provider_status": exc.status,
-            "refund": refund,
-        },
-        extra={"transaction": settlement.transaction, "refund": refund, "message_id": payment_id},
+        details={"transaction": settlement.transaction, "provider_status": exc.status},
+        extra={"transaction": settlement.transaction, "message_id": payment_id},
     )
+    outcome = Outcome(error.status, error.body(), payment_header)
+    return refunded_answer(services, {**row, "response_headers": payment_header}, outcome)
+
+
+def finish_refund(
+    services: Services, row: dict[str, Any], parsed: ParsedPayment, req: PaymentRequirements
+) -> Outcome:
+    """Finish a refund that a crash, an outage or a slow chain left unconfirmed, and update
+    the stored answer so that a replay reports it."""
+    if row["response_status"] is not None:
+        return refunded_answer(services, row, stored_answer(row))
+    settlement = services.payments.settlement_of(parsed, req, row["tx_hash"], row["log_index"])
+    header = dict([services.payments.response_header(settlement, parsed.version)])
+    error = SinchSendFailedAfterPayment(
+        details={"transaction": settlement.transaction},
+        extra={"transaction": settlement.transaction, "message_id": row["id"]},
+    )
+    return refunded_answer(services, row, Outcome(error.status, error.body(), header))
+
+
+def refunded_answer(services: Services, row: dict[str, Any], outcome: Outcome) -> Outcome:
+    """Refund the payment (if a refund key is set) and store the 502 with the refund."""
+    refund = refund_payment(services, row)
+    body = dict(outcome.body)
+    body["refund"] = refund
+    body["details"] = {**(body.get("details") or {}), "refund": refund}
     state = "refunded" if refund and refund["state"] == "confirmed" else "dispatch_failed"
-    return finish(
-        services,
-        payment_id,
-        ("dispatch_failed",),
-        state,
-        Outcome(error.status, error.body(), payment_header),
-    )
+    answer = Outcome(outcome.status, body, outcome.headers)
+    return finish(services, row["id"], ("dispatch_failed",), state, answer)
 
 
 def refund_payment(services: Services, row: dict[str, Any]) -> dict[str, Any] | None:
     """Send the payer's USDC back when a refund key is configured; the refund's summary.
 
     The signed transaction is recorded before it is broadcast, so a retry after a crash or
-    a lost answer re-sends that same transaction: a payment is refunded at most once.
+    a lost answer re-sends that same transaction; a new one is signed only when the chain
+    shows the old one can never be mined (reverted, or its nonce taken by another): a
+    payment is refunded at most once.
     """
     if services.refunder is None:
         return None
-    record = services.ledger.refund(row["id"])
-    if record is None or record["state"] == "reverted" or not record["raw_tx"]:
-        record = new_refund(services, row)
-    if record["state"] != "confirmed":
-        signed = SignedRefund(record["tx_hash"], record["raw_tx"])
+    found = services.ledger.refund(row["id"])
+    record: dict[str, Any] = found or {"state": "failed"}
+    for _ in range(2):
+        if found is None or record["state"] in ("reverted", "replaced", "failed"):
+            record = found = new_refund(services, row)
+        if record["state"] in ("confirmed", "failed"):
+            break
+        signed = SignedRefund(record["tx_hash"], record["raw_tx"], record["nonce"])
         record["state"] = services.refunder.send(signed)
         record["updated_at"] = services.clock()
         services.ledger.record_refund(record)
+        if record["state"] != "replaced":
+            break
     if record["state"] == "confirmed":
         services.ledger.update_message_status(row["id"], "refunded", record["updated_at"])
     return {
@@ -582,10 +726,10 @@ def new_refund(services: Services, row: dict[str, Any]) -> dict[str, Any]:
     try:
         signed = services.refunder.sign(row["payer"], row["amount_atomic"])
     except RelayError as exc:
-        record.update(tx_hash=None, raw_tx=None, state="failed", error=exc.code)
+        record.update(tx_hash=None, raw_tx=None, nonce=None, state="failed", error=exc.code)
         services.ledger.record_refund(record)
         return record
-    record.update(tx_hash=signed.tx_hash, raw_tx=signed.raw, state="signed")
+    record.update(tx_hash=signed.tx_hash, raw_tx=signed.raw, nonce=signed.nonce, state="signed")
     services.ledger.record_refund(record)
     return record
 
@@ -618,7 +762,7 @@ def settle_failed(services: Services, payment_id: str, failed: RelayError) -> No
     finish(
         services,
         payment_id,
-        ("settling", "settle_pending"),
+        SETTLING,
         "settle_failed",
         Outcome(failed.status, failed.body(), failed.response_headers()),
         quote_id=f"released:{payment_id}",
@@ -697,23 +841,26 @@ def sinch_callback(
 
 # Reconciliation ----------------------------------------------------------------------
 
-UNFINISHED = ("settling", "settle_pending", "settled", "dispatching", "dispatch_unknown")
-
 
 def reconcile(
     services: Services,
     *,
-    older_than: float | None = None,
+    force: bool = False,
     progress: Callable[[str, str], None] | None = None,
 ) -> dict[str, str]:
-    """Finish every stalled payment from the chain's truth: dispatch or refund (SPEC §11)."""
-    limit = services.settings.reconcile_after_seconds if older_than is None else older_than
+    """Finish every unfinished payment nobody holds, from the chain's truth: settle,
+    dispatch or refund (SPEC §11). ``force`` ignores leases (only with nothing else running).
+    """
     results: dict[str, str] = {}
-    for row in services.ledger.unfinished_payments((*UNFINISHED, "dispatch_failed")):
-        if services.clock() - float(row["updated_at"]) < limit:
+    now = services.clock()
+    for row in services.ledger.unfinished_payments(UNFINISHED):
+        lease = row["lease_until"]
+        if row["state"] == "dispatch_failed" and (services.refunder is None):
+            continue  # nothing to do without a refund key
+        if not force and lease is not None and lease > now:
             continue
         try:
-            results[row["id"]] = repair(services, row)
+            results[row["id"]] = repair(services, row, force=force)
         except Exception:  # one broken payment must not stop the others being finished
             log.exception("reconciling payment %s failed", row["id"])
             results[row["id"]] = "error"
@@ -722,49 +869,27 @@ def reconcile(
     return results
 
 
-def repair(services: Services, row: dict[str, Any]) -> str:
-    """Take over one stalled payment and drive it to its end; the state it reached."""
+def repair(services: Services, row: dict[str, Any], *, force: bool = False) -> str:
+    """Take over one payment and drive it as far as it goes now; the state it reached."""
     ledger = services.ledger
-    if not ledger.take_over(row["id"], row["state"], row["updated_at"], services.clock()):
+    if not ledger.take(row["id"], services.clock(), lease_seconds(services), force=force):
         return "busy"
+    current = ledger.payment(row["id"]) or row
     try:
-        drive(services, row)
+        parsed = services.payments.stored(stored_header(current), current["version"])
+        requirements = PaymentRequirements.model_validate(current["requirements"])
+        advance(services, current, parsed, requirements)
     except RelayError as exc:
         log.info("payment %s not finished yet: %s", row["id"], exc.code)
     except SmsDispatchError as exc:
         log.info("payment %s not finished yet: %s", row["id"], exc.message)
+    finally:
+        ledger.release(row["id"])
     return str((ledger.payment(row["id"]) or {}).get("state"))
 
 
-def drive(services: Services, row: dict[str, Any]) -> None:
-    """Learn what happened on-chain, then dispatch or refund."""
-    if row["state"] == "dispatch_failed":
-        repair_refund(services, row)
-        return
-    parsed = services.payments.stored(row["payload"], row["version"])
-    requirements = PaymentRequirements.model_validate(row["requirements"])
-    continue_dispatch(services, row, parsed, requirements)
-
-
-def continue_dispatch(
-    services: Services, row: dict[str, Any], parsed: ParsedPayment, req: PaymentRequirements
-) -> Outcome:
-    """Resume after a crash: settle if needed, then dispatch unless the provider has it."""
-    current = services.ledger.payment(row["id"]) or {}
-    if current["state"] in ("dispatching", "dispatch_unknown"):
-        sent = services.sms.lookup(row["id"])
-        settlement = services.payments.settlement_of(parsed, req, current["tx_hash"])
-        if sent is not None:
-            return dispatched(services, current, sent.message_id, sent.provider, settlement)
-        services.ledger.transition(
-            row["id"], ("dispatch_unknown",), "dispatching", services.clock()
-        )
-        return dispatch(services, row["id"], parsed, settlement)
-    return settle_and_dispatch(services, row["id"], parsed, req)
-
-
-def repair_refund(services: Services, row: dict[str, Any]) -> None:
-    """Finish a refund that a crash, an outage or a slow chain left unconfirmed."""
-    refund = refund_payment(services, row)
-    if refund is not None and refund["state"] == "confirmed":
-        services.ledger.transition(row["id"], ("dispatch_failed",), "refunded", services.clock())
+def stored_header(row: dict[str, Any]) -> str:
+    """The payment header as received (rows from before it was kept: re-encoded payload)."""
+    if row.get("header"):
+        return str(row["header"])
+    return base64.b64encode(json.dumps(row["payload"], default=str).encode()).decode()

@@ -16,6 +16,7 @@ from sqlalchemy import (
     Connection,
     Engine,
     Float,
+    Index,
     Integer,
     MetaData,
     Row,
@@ -24,21 +25,26 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     create_engine,
+    delete,
     event,
     insert,
     inspect,
     make_url,
     select,
+    text,
     update,
 )
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from relay.moderation import Verdict
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 UPGRADE_ATTEMPTS = 5
+#: A reserved transaction nonce the chain has not seen after this long was never broadcast
+#: (a crash between reservation and broadcast): the next reservation re-uses it.
 NONCE_GAP_SECONDS = 5.0
 MAX_NONCE_AHEAD = 256
+NONCE_ATTEMPTS = 100
 
 metadata = MetaData()
 
@@ -83,8 +89,16 @@ payments = Table(
     Column("version", Integer, nullable=False),
     Column("state", String(24), nullable=False),
     Column("payload", JSON, nullable=False),
+    # The payment header exactly as received: what reconciliation parses again.
+    Column("header", Text),
     Column("requirements", JSON, nullable=False),
+    # The chain's height when the payment was claimed: its settlement cannot be older.
+    Column("claim_block", BigInteger),
     Column("tx_hash", String(66)),
+    # The index of the Transfer log that paid: one (transaction, log) pays one payment.
+    Column("log_index", Integer),
+    # Who may act on the payment: a request or repair holds it until lease_until.
+    Column("lease_until", Float),
     Column("message_id", String(64)),
     Column("error", String(200)),
     Column("response_status", Integer),
@@ -93,6 +107,7 @@ payments = Table(
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
     UniqueConstraint("payer", "nonce", name="uq_payments_authorization"),
+    Index("uq_payments_transfer", "tx_hash", "log_index", unique=True),
 )
 
 messages = Table(
@@ -124,6 +139,7 @@ refunds = Table(
     Column("payment_id", String(32), primary_key=True),
     Column("tx_hash", String(66)),
     Column("raw_tx", Text),
+    Column("nonce", BigInteger),
     Column("amount_atomic", BigInteger, nullable=False),
     Column("state", String(16), nullable=False),
     Column("error", String(200)),
@@ -141,13 +157,35 @@ outbox = Table(
     Column("created_at", Float, nullable=False),
 )
 
-settler_nonces = Table(
-    "settler_nonces",
+#: Every transaction nonce handed out and not yet seen by the chain, one row each, so a
+#: reservation that was never broadcast is found by its own age.
+nonce_reservations = Table(
+    "nonce_reservations",
     metadata,
     Column("address", String(42), primary_key=True),
-    Column("next_nonce", BigInteger, nullable=False),
-    Column("updated_at", Float, nullable=False),
+    Column("nonce", BigInteger, primary_key=True),
+    Column("reserved_at", Float, nullable=False),
 )
+
+#: Fleet-wide leases (e.g. which process runs the reconciler now).
+leases = Table(
+    "leases",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("holder", String(64), nullable=False),
+    Column("expires_at", Float, nullable=False),
+)
+
+#: Columns added by each schema version, for databases created by an earlier release.
+_ADDED_COLUMNS: dict[int, list[tuple[Table, str]]] = {
+    2: [
+        (payments, "header"),
+        (payments, "claim_block"),
+        (payments, "log_index"),
+        (payments, "lease_until"),
+        (refunds, "nonce"),
+    ],
+}
 
 
 def make_engine(url: str) -> Engine:
@@ -253,7 +291,32 @@ class Ledger:
             if row is None:
                 conn.execute(insert(schema_info).values(id=1, version=SCHEMA_VERSION))
                 return SCHEMA_VERSION
-            return int(row.version)
+            version = int(row.version)
+        while version < SCHEMA_VERSION:
+            version += 1
+            self._migrate_to(version)
+        return version
+
+    def _migrate_to(self, version: int) -> None:
+        """Bring a database of ``version - 1`` to ``version``; safe to run twice at once."""
+        present = {
+            table.name: {c["name"] for c in inspect(self.engine).get_columns(table.name)}
+            for table in (payments, refunds)
+        }
+        with self.engine.begin() as conn:
+            for table, name in _ADDED_COLUMNS.get(version, []):
+                if name in present[table.name]:
+                    continue
+                column = table.c[name]
+                kind = column.type.compile(dialect=self.engine.dialect)
+                conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {name} {kind}"))
+            for index in payments.indexes:
+                index.create(conn, checkfirst=True)
+            conn.execute(
+                update(schema_info)
+                .where(schema_info.c.version == version - 1)
+                .values(version=version)
+            )
 
     @contextmanager
     def begin(self) -> Iterator[Connection]:
@@ -352,28 +415,48 @@ class Ledger:
         now: float,
         **fields: Any,
     ) -> bool:
-        """Move a payment between states; False if another worker moved it first."""
+        """Move a payment between states; False if another worker moved it first.
+
+        Raises Conflict("transfer") when the settling (transaction, log) already paid for
+        another payment.
+        """
         query = (
             update(payments)
             .where(payments.c.id == payment_id, payments.c.state.in_(from_states))
             .values(state=to_state, updated_at=now, **fields)
         )
-        with self.engine.begin() as conn:
-            return conn.execute(query).rowcount == 1
-
-    def take_over(self, payment_id: str, state: str, seen_at: float, now: float) -> bool:
-        """Claim a stalled payment for repair; False if anyone touched it since ``seen_at``."""
-        query = (
-            update(payments)
-            .where(
-                payments.c.id == payment_id,
-                payments.c.state == state,
-                payments.c.updated_at == seen_at,
+        try:
+            with self.engine.begin() as conn:
+                return conn.execute(query).rowcount == 1
+        except IntegrityError:
+            if "log_index" not in fields:
+                raise
+            existing = self._first(
+                select(payments).where(
+                    payments.c.tx_hash == fields.get("tx_hash"),
+                    payments.c.log_index == fields["log_index"],
+                )
             )
-            .values(updated_at=now)
-        )
+            raise Conflict("transfer", existing) from None
+
+    def take(self, payment_id: str, now: float, seconds: float, *, force: bool = False) -> bool:
+        """Lease a payment for ``seconds``; False while someone else's lease runs.
+
+        ``force`` takes it whatever the lease (only with no other process running).
+        """
+        query = update(payments).where(payments.c.id == payment_id)
+        if not force:
+            free = payments.c.lease_until.is_(None) | (payments.c.lease_until <= now)
+            query = query.where(free)
         with self.engine.begin() as conn:
-            return conn.execute(query).rowcount == 1
+            return conn.execute(query.values(lease_until=now + seconds)).rowcount == 1
+
+    def release(self, payment_id: str) -> None:
+        """End the lease on a payment: the next retry or repair may act at once."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(payments).where(payments.c.id == payment_id).values(lease_until=None)
+            )
 
     def unfinished_payments(self, states: tuple[str, ...]) -> list[dict[str, Any]]:
         """Payments still in one of these states, oldest first."""
@@ -387,45 +470,77 @@ class Ledger:
         with self.engine.connect() as conn:
             return [dict(row._mapping) for row in conn.execute(query)]
 
-    # Settler nonces ----------------------------------------------------------------
-    def reserve_nonce(self, address: str, pending: int, latest: int, now: float) -> int:
-        """Reserve the settler's next transaction nonce, shared by every process.
+    # Transaction nonces -----------------------------------------------------------
+    def reserve_nonce(self, address: str, pending: int, now: float) -> int:
+        """Reserve the next transaction nonce of ``address``, shared by every process.
 
-        The chain's pending count wins when it is ahead (another sender, a reset chain); a
-        reservation ahead of the chain while its mempool is empty for a while is a gap (a
-        reservation never broadcast) and falls back to the chain's count.
+        ``pending`` is the chain's count of the account's transactions including its
+        mempool. Reservations below it were seen by the chain and are forgotten; one at it
+        that is older than NONCE_GAP_SECONDS was never broadcast (a crash in between) and
+        is handed out again, judged by its own age, however busy the account is.
         """
-        while True:
-            row = self._first(select(settler_nonces).where(settler_nonces.c.address == address))
-            if row is None:
-                if self._insert_nonce(address, pending + 1, now):
-                    return pending
-                continue
-            stored = int(row["next_nonce"])
-            gap = stored > pending == latest and now - float(row["updated_at"]) > NONCE_GAP_SECONDS
-            nonce = (
-                pending if stored < pending or gap or stored > pending + MAX_NONCE_AHEAD else stored
-            )
-            query = (
-                update(settler_nonces)
-                .where(settler_nonces.c.address == address, settler_nonces.c.next_nonce == stored)
-                .values(next_nonce=nonce + 1, updated_at=now)
-            )
-            with self.engine.begin() as conn:
-                if conn.execute(query).rowcount == 1:
-                    return nonce
+        for _ in range(NONCE_ATTEMPTS):
+            nonce = self._try_reserve(address, pending, now)
+            if nonce is not None:
+                return nonce
+        raise RuntimeError("no transaction nonce could be reserved")
 
-    def _insert_nonce(self, address: str, next_nonce: int, now: float) -> bool:
+    def _try_reserve(self, address: str, pending: int, now: float) -> int | None:
+        table = nonce_reservations
+        mine = table.c.address == address
+        stale = now - NONCE_GAP_SECONDS
+        with self.engine.begin() as conn:
+            conn.execute(delete(table).where(mine, table.c.nonce < pending))
+            query = select(table.c.nonce, table.c.reserved_at).where(mine).order_by(table.c.nonce)
+            rows = conn.execute(query).all()
+            if rows and rows[-1].nonce > pending + MAX_NONCE_AHEAD:  # the chain was reset
+                conn.execute(delete(table).where(mine))
+                rows = []
+            lowest = rows[0] if rows else None
+            if lowest is not None and lowest.nonce == pending and lowest.reserved_at < stale:
+                retake = (
+                    update(table)
+                    .where(mine, table.c.nonce == pending)
+                    .where(table.c.reserved_at == lowest.reserved_at)
+                    .values(reserved_at=now)
+                )
+                return pending if conn.execute(retake).rowcount == 1 else None
+            gap = lowest is None or (lowest.nonce > pending and lowest.reserved_at < stale)
+            nonce = pending if gap else max(rows[-1].nonce + 1, pending)
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(table).values(address=address, nonce=nonce, reserved_at=now))
+        except IntegrityError:
+            return None
+        return nonce
+
+    # Fleet leases ------------------------------------------------------------------
+    def acquire_lease(self, name: str, holder: str, now: float, seconds: float) -> bool:
+        """Take or renew the lease ``name`` for ``holder``; False while another holds it."""
+        renew = (
+            update(leases)
+            .where(
+                leases.c.name == name,
+                (leases.c.holder == holder) | (leases.c.expires_at <= now),
+            )
+            .values(holder=holder, expires_at=now + seconds)
+        )
+        with self.engine.begin() as conn:
+            if conn.execute(renew).rowcount == 1:
+                return True
         try:
             with self.engine.begin() as conn:
                 conn.execute(
-                    insert(settler_nonces).values(
-                        address=address, next_nonce=next_nonce, updated_at=now
-                    )
+                    insert(leases).values(name=name, holder=holder, expires_at=now + seconds)
                 )
         except IntegrityError:
             return False
         return True
+
+    def release_lease(self, name: str, holder: str) -> None:
+        """Give the lease up (if still held by ``holder``)."""
+        with self.engine.begin() as conn:
+            conn.execute(delete(leases).where(leases.c.name == name, leases.c.holder == holder))
 
     # Messages ----------------------------------------------------------------------
     def record_message(self, row: dict[str, Any]) -> None:

@@ -20,20 +20,21 @@ Two SDK behaviours shape this module:
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Literal, NoReturn, Protocol, TypedDict, TypeVar
 
 import httpx
 from eth_account import Account
-from eth_typing import ChecksumAddress, HexStr
+from eth_typing import HexStr
 from pydantic import BaseModel
 from web3 import Web3
 from web3.exceptions import ContractLogicError, TransactionNotFound
@@ -77,8 +78,8 @@ from x402.mechanisms.evm.constants import (
     ERR_VALID_BEFORE_EXPIRED,
     TX_STATUS_SUCCESS,
 )
+from x402.mechanisms.evm.data_suffix import append_data_suffix
 from x402.mechanisms.evm.exact import ExactEvmServerScheme, register_exact_evm_facilitator
-from x402.mechanisms.evm.exact.eip3009_utils import verify_eip3009_transfer_event
 from x402.mechanisms.evm.types import TransactionReceipt
 
 from relay.devchain import load_abi
@@ -112,6 +113,15 @@ V2_HEADER, V1_HEADER = "PAYMENT-SIGNATURE", "X-PAYMENT"
 V2_RESPONSE_HEADER, V1_RESPONSE_HEADER = "PAYMENT-RESPONSE", "X-PAYMENT-RESPONSE"
 PAYMENT_HEADERS = (V2_HEADER, V1_HEADER)
 REQUIREMENTS_MISMATCH = "requirements_mismatch"
+#: A validBefore may lie this much beyond the advertised maxTimeoutSeconds (clock skew).
+VALIDITY_ALLOWANCE_SECONDS = 60
+VALIDITY_TOO_LONG = "authorization_validity_too_long"
+#: The authorization was used on-chain, but its own Transfer did not pay this relay.
+NOT_PAID = "authorization_used_without_payment"
+BLOCK_CACHE_SECONDS = 5.0
+AUTHORIZATION_USED = Web3.keccak(text="AuthorizationUsed(address,bytes32)").to_0x_hex()
+AUTHORIZATION_CANCELED = Web3.keccak(text="AuthorizationCanceled(address,bytes32)").to_0x_hex()
+TRANSFER = Web3.keccak(text="Transfer(address,address,uint256)").to_0x_hex()
 
 # Reasons the local facilitator also reports when the RPC fails rather than the payment.
 _MAYBE_RPC_FAILURE = {
@@ -123,6 +133,7 @@ _HINTS = {
     ERR_INSUFFICIENT_BALANCE: "The payer's USDC balance is too low (testnet: faucet.circle.com).",
     ERR_AUTHORIZATION_VALUE_MISMATCH: "The authorization is not for the required amount.",
     ERR_RECIPIENT_MISMATCH: "The authorization pays someone other than this relay.",
+    VALIDITY_TOO_LONG: "The authorization stays valid longer than maxTimeoutSeconds allows.",
     ERR_VALID_BEFORE_EXPIRED: "The authorization has expired; sign a new payment.",
     ERR_INVALID_SIGNATURE: "The payment signature is not valid for this payer and token.",
     ERR_NONCE_ALREADY_USED: "This authorization has already been used.",
@@ -169,9 +180,19 @@ class Settlement:
     """A confirmed on-chain settlement."""
 
     transaction: str
+    log_index: int
     payer: str
     network: str
     raw: SettleResponse
+
+
+@dataclass(frozen=True)
+class AuthorizationFate:
+    """What the chain says of an authorization: unused, used (by ``transaction``), canceled
+    by the payer, or used with no log found (settled-unknown: never treated as failed)."""
+
+    state: Literal["unused", "used", "canceled", "unknown"]
+    transaction: str | None = None
 
 
 def as_json(model: BaseModel) -> dict[str, Any]:
@@ -194,13 +215,31 @@ def build_facilitator(
 
 
 class NonceStore(Protocol):
-    """Hands out the settler's transaction nonces across processes."""
+    """Hands out an account's transaction nonces across processes."""
 
-    def reserve_nonce(self, address: str, pending: int, latest: int, now: float) -> int: ...
+    def reserve_nonce(self, address: str, pending: int, now: float) -> int: ...
+
+
+#: Called with a settlement's transaction hash after signing, before broadcast.
+_on_broadcast: ContextVar[Callable[[str], None] | None] = ContextVar(
+    "relay_on_broadcast", default=None
+)
+
+
+@contextmanager
+def recording_broadcasts(record: Callable[[str], None]) -> Iterator[None]:
+    """Within the block, every settlement transaction is passed to ``record`` (which stores
+    it) before it is broadcast, so a crash or a lost answer never loses its hash."""
+    token = _on_broadcast.set(record)
+    try:
+        yield
+    finally:
+        _on_broadcast.reset(token)
 
 
 class SharedNonceSigner(FacilitatorWeb3Signer):
-    """The SDK's web3 signer with its per-process nonce lock replaced by a shared store.
+    """The SDK's web3 signer with its per-process nonce lock replaced by a shared store, and
+    each transaction's hash recorded before it is broadcast.
 
     Several processes (or hosts) may settle with one key; the SDK only coordinates nonces
     within a process, so reservations go through the database instead.
@@ -225,11 +264,51 @@ class SharedNonceSigner(FacilitatorWeb3Signer):
             logs=list(receipt.get("logs") or []),
         )
 
+    def write_contract(
+        self,
+        address: str,
+        abi: list[dict[str, Any]],
+        function_name: str,
+        *args: Any,
+        data_suffix: str | None = None,
+    ) -> str:
+        """The SDK's contract call, recording the hash before broadcast."""
+        contract = self._w3.eth.contract(address=Web3.to_checksum_address(address), abi=abi)
+        tx = dict(
+            getattr(contract.functions, function_name)(*args).build_transaction(self._params())
+        )
+        if data_suffix:
+            data = tx["data"]
+            if isinstance(data, bytes | bytearray):
+                data = "0x" + bytes(data).hex()
+            tx["data"] = append_data_suffix(data, data_suffix)
+        return self._broadcast(tx)
+
+    def send_transaction(self, to: str, data: bytes) -> str:
+        """The SDK's raw call, recording the hash before broadcast."""
+        return self._broadcast({**self._params(), "to": Web3.to_checksum_address(to), "data": data})
+
+    def _params(self) -> dict[str, Any]:
+        return {
+            "from": self._account.address,
+            "nonce": self._reserve_nonce(),
+            "gas": self._gas_limit,
+            "gasPrice": self._w3.eth.gas_price,
+        }
+
+    def _broadcast(self, tx: dict[str, Any]) -> str:
+        signed = self._account.sign_transaction(tx)
+        tx_hash = str(signed.hash.to_0x_hex())
+        record = _on_broadcast.get()
+        if record is not None:
+            record(tx_hash)
+        self._w3.eth.send_raw_transaction(signed.raw_transaction)
+        return tx_hash
+
     def _reserve_nonce(self) -> int:
         address = self._account.address
         pending = self._w3.eth.get_transaction_count(address, "pending")
-        latest = self._w3.eth.get_transaction_count(address, "latest")
-        return self._nonces.reserve_nonce(address, pending, latest, time.time())
+        return self._nonces.reserve_nonce(address, pending, time.time())
 
 
 def settler_signer(settings: Settings, nonces: NonceStore | None = None) -> FacilitatorWeb3Signer:
@@ -284,6 +363,7 @@ class Payments:
         self._ready = False
         self._w3: Web3 | None = None
         self._pinged_at = float("-inf")
+        self._block: tuple[float, int] | None = None
 
     # ------------------------------------------------------------------ the 402 challenge
 
@@ -367,8 +447,12 @@ class Payments:
             **auth,
         )
 
-    def match(self, parsed: ParsedPayment, req: PaymentRequirements) -> PaymentRequirements:
-        """The requirements ``parsed`` pays for; PaymentVerifyFailed unless exactly ``req``."""
+    def match(
+        self, parsed: ParsedPayment, req: PaymentRequirements, now: float
+    ) -> PaymentRequirements:
+        """The requirements ``parsed`` pays for; PaymentVerifyFailed unless exactly ``req``
+        and valid no longer than the challenge's maxTimeoutSeconds (plus clock skew) from
+        ``now``, so a payment left unsettled cannot stay pending for days."""
         payload = parsed.payload
         if isinstance(payload, PaymentPayload):
             matched = self._server.find_matching_requirements([req], payload) is not None
@@ -380,6 +464,8 @@ class Payments:
             raise _verify_failed(ERR_RECIPIENT_MISMATCH)
         if parsed.value != int(req.amount):
             raise _verify_failed(ERR_AUTHORIZATION_VALUE_MISMATCH)
+        if parsed.valid_before > now + req.max_timeout_seconds + VALIDITY_ALLOWANCE_SECONDS:
+            raise _verify_failed(VALIDITY_TOO_LONG)
         return req
 
     def verify(self, parsed: ParsedPayment, req: PaymentRequirements) -> str:
@@ -412,78 +498,109 @@ class Payments:
         )
         if not result.success:
             self._settle_failed(result)
-        payer = (result.payer or parsed.payer).lower()
-        return Settlement(result.transaction, payer, result.network, result)
+        settlement = self.confirm(parsed, req, result.transaction)
+        if settlement is None:  # a remote facilitator's node may be ahead of ours
+            raise settlement_pending(result.transaction)
+        return settlement
 
     def confirm(
         self, parsed: ParsedPayment, req: PaymentRequirements, transaction: str
     ) -> Settlement | None:
-        """The outcome of an earlier broadcast of this payment (after settlement_pending).
+        """The outcome of a transaction that may have settled this payment.
 
-        A Settlement once mined with this payment's Transfer; None while not mined (pending or
-        dropped). Raises PaymentSettlementFailed if it reverted or moved other funds, and
-        ChainUnavailable.
+        A Settlement when it is mined and this payment's own authorization produced the
+        Transfer that paid (from the payer, to payTo, exactly the amount); None while it is
+        not mined (pending or dropped). Raises PaymentSettlementFailed when it reverted,
+        ``NOT_PAID`` when it used the authorization without paying, and ChainUnavailable.
         """
         receipt = self._receipt(transaction)
         if receipt is None:
             return None
-        paid = verify_eip3009_transfer_event(
-            list(receipt["logs"]),
-            req.asset,
-            from_address=parsed.payer,
-            to=req.pay_to,
-            value=parsed.value,
-        )
-        if receipt["status"] != 1 or not paid:
+        if receipt["status"] != 1:
             raise _settlement_failed(ERR_TRANSACTION_FAILED, transaction)
-        raw = SettleResponse(
-            success=True, transaction=transaction, network=req.network, payer=parsed.payer
-        )
-        return Settlement(transaction, parsed.payer, req.network, raw)
+        index = paying_transfer(list(receipt["logs"]), req.asset, parsed, req.pay_to)
+        if index is None:
+            used = authorization_log(list(receipt["logs"]), req.asset, parsed) is not None
+            raise _settlement_failed(NOT_PAID if used else ERR_TRANSACTION_FAILED, transaction)
+        return self.settlement_of(parsed, req, transaction, index)
 
     def settlement_of(
-        self, parsed: ParsedPayment, req: PaymentRequirements, transaction: str
+        self, parsed: ParsedPayment, req: PaymentRequirements, transaction: str, log_index: int
     ) -> Settlement:
         """The Settlement of a payment the ledger already knows as settled by ``transaction``."""
         raw = SettleResponse(
             success=True, transaction=transaction, network=req.network, payer=parsed.payer
         )
-        return Settlement(transaction, parsed.payer, req.network, raw)
+        return Settlement(transaction, log_index, parsed.payer, req.network, raw)
 
-    def stored(self, payload: Mapping[str, Any], version: int) -> ParsedPayment:
-        """A payment the ledger kept, parsed again exactly as when it arrived."""
-        name = V1_HEADER if version == 1 else V2_HEADER
-        raw = base64.b64encode(json.dumps(dict(payload)).encode()).decode()
-        parsed = self.parse_payment({name: raw})
+    def stored(self, header: str, version: int) -> ParsedPayment:
+        """A payment the ledger kept, parsed again from the header exactly as it arrived."""
+        parsed = self.parse_payment({V1_HEADER if version == 1 else V2_HEADER: header})
         assert parsed is not None
         return parsed
 
-    def settled_by(self, parsed: ParsedPayment) -> str | None:
-        """The transaction that used this payment's authorization, from its AuthorizationUsed
-        log; None when the chain shows none (an authorization used without such a log — e.g.
-        cancelled by the payer — is not a payment, and is logged for review).
+    def block_number(self) -> int | None:
+        """The chain's height (cached a few seconds, so possibly a little lower); None when
+        the chain cannot be asked. A settlement after a claim is never below it."""
+        now = time.monotonic()
+        cached = self._block
+        if cached is not None and now - cached[0] < BLOCK_CACHE_SECONDS:
+            return cached[1]
+        try:
+            number = int(self._web3().eth.block_number)
+        except Exception as exc:
+            log.warning("block number lookup failed: %s", type(exc).__name__)
+            return None
+        self._block = (now, number)
+        return number
 
-        Raises ChainUnavailable when the chain cannot be asked.
+    def fate(self, parsed: ParsedPayment, from_block: int | None) -> AuthorizationFate:
+        """What the chain did with this payment's authorization, searching its logs from
+        ``from_block`` (the payment's claim; without it, the last LOG_WINDOW_BLOCKS).
+
+        An authorization used but with no log found is "unknown", never a failure: money may
+        have moved. Raises ChainUnavailable when the chain cannot be asked.
         """
-        token = self._web3().eth.contract(
-            address=Web3.to_checksum_address(self._settings.usdc_address), abi=load_abi("USDC")
-        )
+        token = self._token()
         payer = Web3.to_checksum_address(parsed.payer)
         nonce = bytes.fromhex(parsed.nonce[2:])
         try:
             if not token.functions.authorizationState(payer, nonce).call():
-                return None
-            start = max(0, self._web3().eth.block_number - LOG_WINDOW_BLOCKS)
-            events = token.events.AuthorizationUsed().get_logs(
-                from_block=start, argument_filters={"authorizer": payer, "nonce": nonce}
-            )
+                return AuthorizationFate("unused")
+            latest = int(self._web3().eth.block_number)
+            start = max(0, latest - LOG_WINDOW_BLOCKS if from_block is None else from_block)
+            found = self._authorization_logs(parsed, start, latest)
         except Exception as exc:
             log.warning("authorization lookup failed: %s", type(exc).__name__)
             raise _chain_unavailable() from exc
-        if not events:
-            log.warning("authorization of %s used without a settlement log", parsed.payer)
-            return None
-        return str(events[-1]["transactionHash"].to_0x_hex())
+        if found is None:
+            log.warning("authorization of %s used without a log found", parsed.payer)
+            return AuthorizationFate("unknown")
+        kind, transaction = found
+        return AuthorizationFate(kind, transaction)
+
+    def _authorization_logs(
+        self, parsed: ParsedPayment, start: int, latest: int
+    ) -> tuple[Literal["used", "canceled"], str] | None:
+        """The AuthorizationUsed or AuthorizationCanceled log of (payer, nonce), searched in
+        windows of LOG_WINDOW_BLOCKS (common RPC limits) from ``start``."""
+        payer_topic = "0x" + parsed.payer.lower().removeprefix("0x").rjust(64, "0")
+        topics: Any = [[AUTHORIZATION_USED, AUTHORIZATION_CANCELED], payer_topic, parsed.nonce]
+        asset = Web3.to_checksum_address(self._settings.usdc_address)
+        for low in range(start, latest + 1, LOG_WINDOW_BLOCKS):
+            high = min(low + LOG_WINDOW_BLOCKS - 1, latest)
+            logs = self._web3().eth.get_logs(
+                {"address": asset, "fromBlock": low, "toBlock": high, "topics": topics}
+            )
+            for entry in logs:
+                used = _hex(entry["topics"][0]) == AUTHORIZATION_USED
+                return ("used" if used else "canceled"), _hex(entry["transactionHash"])
+        return None
+
+    def _token(self) -> Any:
+        return self._web3().eth.contract(
+            address=Web3.to_checksum_address(self._settings.usdc_address), abi=load_abi("USDC")
+        )
 
     def reverted(self, transaction: str) -> bool:
         """Whether ``transaction`` was mined and reverted (so it moved nothing)."""
@@ -595,14 +712,23 @@ class Payments:
             self._ready = True
 
 
+RefundState = Literal["confirmed", "reverted", "pending", "replaced"]
+
+
 class Refunder:
-    """Sends a payer's USDC back from REFUND_PRIVATE_KEY (SPEC §11: x402 has no way back)."""
+    """Sends a payer's USDC back from REFUND_PRIVATE_KEY (SPEC §11: x402 has no way back).
+
+    Its transaction nonces are reserved through the same shared store as the settler's, so
+    any number of processes may refund at once (and a refund key equal to the settler key
+    shares the settler's reservations).
+    """
 
     def __init__(
         self,
         rpc_url: str,
         private_key: str,
         usdc_address: str,
+        nonces: NonceStore,
         *,
         receipt_timeout: float = RECEIPT_TIMEOUT_SECONDS,
     ) -> None:
@@ -611,11 +737,10 @@ class Refunder:
         token = Web3.to_checksum_address(usdc_address)
         self._token = self._w3.eth.contract(address=token, abi=load_abi("USDC"))
         self._receipt_timeout = receipt_timeout
-        self._lock = threading.Lock()  # one signature at a time: the account's nonces
-        self._nonce = 0
+        self._nonces = nonces
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Refunder | None:
+    def from_settings(cls, settings: Settings, nonces: NonceStore) -> Refunder | None:
         """A refunder when REFUND_PRIVATE_KEY is set, else None."""
         if not settings.refund_private_key:
             return None
@@ -623,6 +748,7 @@ class Refunder:
             settings.rpc_url,
             settings.refund_private_key,
             settings.usdc_address,
+            nonces,
             receipt_timeout=settings.settlement_timeout_seconds,
         )
 
@@ -634,37 +760,35 @@ class Refunder:
     def sign(self, payer: str, amount_atomic: int) -> SignedRefund:
         """A signed USDC transfer back to ``payer``, not yet broadcast.
 
-        The caller records its hash before broadcasting, so that a crash or a lost answer
-        can only ever lead to the same transaction being sent again, never a second refund.
+        The caller records it before broadcasting, so that a crash or a lost answer can only
+        ever lead to the same transaction being sent again, never a second refund.
         Raises InternalError if the transfer would revert, ChainUnavailable if the chain
         cannot be asked.
         """
         sender = self._account.address
-        with self._lock:
-            try:
-                nonce = self._next_nonce(sender)
-                call = self._token.functions.transfer(
-                    Web3.to_checksum_address(payer), amount_atomic
-                )
-                params: TxParams = {"from": sender, "nonce": Nonce(nonce)}
-                tx = call.build_transaction(params)
-            except ContractLogicError as exc:
-                log.warning("refund would revert")
-                raise InternalError("The refund would revert.") from exc
-            except Exception as exc:
-                log.warning("refund not prepared: %s", type(exc).__name__)
-                raise _chain_unavailable() from exc
-            signed = self._account.sign_transaction(tx)
-        return SignedRefund(signed.hash.to_0x_hex(), signed.raw_transaction.to_0x_hex())
+        call = self._token.functions.transfer(Web3.to_checksum_address(payer), amount_atomic)
+        try:
+            gas = call.estimate_gas({"from": sender})
+        except ContractLogicError as exc:
+            log.warning("refund would revert")
+            raise InternalError("The refund would revert.") from exc
+        except Exception as exc:
+            log.warning("refund not prepared: %s", type(exc).__name__)
+            raise _chain_unavailable() from exc
+        try:
+            pending = self._w3.eth.get_transaction_count(sender, "pending")
+            nonce = self._nonces.reserve_nonce(sender, pending, time.time())
+            params: TxParams = {"from": sender, "nonce": Nonce(nonce), "gas": gas * 5 // 4}
+            tx = call.build_transaction(params)
+        except Exception as exc:
+            log.warning("refund not prepared: %s", type(exc).__name__)
+            raise _chain_unavailable() from exc
+        signed = self._account.sign_transaction(tx)
+        return SignedRefund(signed.hash.to_0x_hex(), signed.raw_transaction.to_0x_hex(), nonce)
 
-    def _next_nonce(self, sender: ChecksumAddress) -> int:
-        pending = self._w3.eth.get_transaction_count(sender, "pending")
-        self._nonce = max(pending, self._nonce)
-        self._nonce += 1
-        return self._nonce - 1
-
-    def send(self, refund: SignedRefund) -> str:
-        """Broadcast (again) and wait; "confirmed", "reverted" or "pending".
+    def send(self, refund: SignedRefund) -> RefundState:
+        """Broadcast (again) and wait: "confirmed", "reverted", "pending", or "replaced"
+        when another transaction took its nonce (sign a new refund then).
 
         Sending the same signed transaction twice is harmless: it can be mined only once.
         """
@@ -674,20 +798,36 @@ class Refunder:
             log.info("refund broadcast: %s", type(exc).__name__)
         try:
             receipt = self._w3.eth.wait_for_transaction_receipt(
-                HexStr(refund.tx_hash), timeout=self._receipt_timeout
+                HexStr(refund.tx_hash), timeout=self._receipt_timeout, poll_latency=0.25
             )
         except Exception as exc:
             log.warning("refund %s unconfirmed: %s", refund.tx_hash, type(exc).__name__)
+            return self._unconfirmed(refund)
+        return "confirmed" if receipt["status"] == 1 else "reverted"
+
+    def _unconfirmed(self, refund: SignedRefund) -> RefundState:
+        """Pending, unless the account's mined nonce passed it with no receipt of ours."""
+        try:
+            mined = self._w3.eth.get_transaction_count(self._account.address, "latest")
+            if refund.nonce is None or mined <= refund.nonce:
+                return "pending"
+            receipt = self._w3.eth.get_transaction_receipt(HexStr(refund.tx_hash))
+        except TransactionNotFound:
+            log.warning("refund %s replaced: its nonce was used elsewhere", refund.tx_hash)
+            return "replaced"
+        except Exception as exc:
+            log.warning("refund %s unchecked: %s", refund.tx_hash, type(exc).__name__)
             return "pending"
         return "confirmed" if receipt["status"] == 1 else "reverted"
 
 
 @dataclass(frozen=True)
 class SignedRefund:
-    """A refund transaction: its hash and raw signed bytes (hex)."""
+    """A refund transaction: its hash, raw signed bytes (hex) and account nonce."""
 
     tx_hash: str
     raw: str
+    nonce: int | None = None
 
 
 # ---------------------------------------------------------------------- decoding
@@ -784,6 +924,68 @@ def _as_v2(parsed: ParsedPayment, req: PaymentRequirements) -> PaymentPayload:
     if isinstance(parsed.payload, PaymentPayload):
         return parsed.payload
     return PaymentPayload(x402_version=2, payload=parsed.payload.payload, accepted=req)
+
+
+# ---------------------------------------------------------------------- receipts
+
+
+def _hex(value: Any) -> str:
+    if isinstance(value, bytes | bytearray):
+        return "0x" + bytes(value).hex()
+    if hasattr(value, "to_0x_hex"):
+        return str(value.to_0x_hex())
+    text = str(value).lower()
+    return text if text.startswith("0x") else "0x" + text
+
+
+def _topic_address(topic: Any) -> str:
+    return "0x" + _hex(topic)[-40:]
+
+
+def _is_event(entry: Any, token: str, topic: str, count: int) -> bool:
+    topics = entry["topics"]
+    return (
+        str(entry["address"]).lower() == token.lower()
+        and len(topics) == count
+        and _hex(topics[0]) == topic
+    )
+
+
+def authorization_log(logs: list[Any], token: str, parsed: ParsedPayment) -> int | None:
+    """The position in ``logs`` of the AuthorizationUsed log of this payment's (payer, nonce)."""
+    for position, entry in enumerate(logs):
+        if (
+            _is_event(entry, token, AUTHORIZATION_USED, 3)
+            and _topic_address(entry["topics"][1]) == parsed.payer.lower()
+            and _hex(entry["topics"][2]) == parsed.nonce.lower()
+        ):
+            return position
+    return None
+
+
+def paying_transfer(logs: list[Any], token: str, parsed: ParsedPayment, pay_to: str) -> int | None:
+    """The log index of the Transfer that this payment's own authorization produced, if it
+    paid ``pay_to`` exactly the amount from the payer; None otherwise.
+
+    The token emits AuthorizationUsed(payer, nonce) and then that call's Transfer as the next
+    log: any other Transfer in the transaction (a batch of several authorizations) pays for
+    something else.
+    """
+    position = authorization_log(logs, token, parsed)
+    if position is None or position + 1 >= len(logs):
+        return None
+    transfer = logs[position + 1]
+    if not _is_event(transfer, token, TRANSFER, 3):
+        return None
+    topics = transfer["topics"]
+    data = _hex(transfer["data"]).removeprefix("0x")
+    paid = (
+        _topic_address(topics[1]) == parsed.payer.lower()
+        and _topic_address(topics[2]) == pay_to.lower()
+        and len(data) == 64
+        and int(data, 16) == parsed.value
+    )
+    return int(transfer["logIndex"]) if paid else None
 
 
 # ---------------------------------------------------------------------- errors

@@ -53,6 +53,6 @@ def build_services(
         password_limiter=Limiter(settings.rate_limit_storage_url, lockout),
         payments=Payments(settings, nonces=ledger),
         sms=build_sender(settings, ledger),
-        refunder=Refunder.from_settings(settings),
+        refunder=Refunder.from_settings(settings, ledger),
         clock=clock,
     )

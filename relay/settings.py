@@ -55,6 +55,7 @@ class Settings:
     settler_private_key: str | None = _secret()
     settlement_timeout_seconds: float = 15.0
     reconcile_after_seconds: float = 300.0
+    worker_interval_seconds: float = 15.0
     refund_private_key: str | None = _secret()
     moderation_provider: Literal["gemini", "rules"] = "gemini"
     gemini_api_key: str | None = _secret()
@@ -139,6 +140,8 @@ def _check_core(s: Settings) -> list[str]:
         out.append("USDC_ADDRESS must be set to the token address for this network")
     if s.quote_ttl_seconds < 30 or s.max_segments < 1 or s.price_per_segment_usd <= 0:
         out.append("QUOTE_TTL_SECONDS >= 30, MAX_SEGMENTS >= 1, PRICE_PER_SEGMENT_USD > 0")
+    if not 0 < s.worker_interval_seconds <= 60:
+        out.append("WORKER_INTERVAL_SECONDS must be above 0 and at most 60")
     return out
 
 
@@ -237,6 +240,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "SETTLER_PRIVATE_KEY": _text,
     "SETTLEMENT_TIMEOUT_SECONDS": _decimal,
     "RECONCILE_AFTER_SECONDS": _decimal,
+    "WORKER_INTERVAL_SECONDS": _decimal,
     "REFUND_PRIVATE_KEY": _text,
     "MODERATION_PROVIDER": _choice("gemini", "rules"),
     "GEMINI_API_KEY": _text,
@@ -309,6 +313,7 @@ def _parse(source: Mapping[str, str | None]) -> tuple[dict[str, Any], list[str]]
             "GEMINI_TIMEOUT_SECONDS",
             "SETTLEMENT_TIMEOUT_SECONDS",
             "RECONCILE_AFTER_SECONDS",
+            "WORKER_INTERVAL_SECONDS",
         ):
             value = float(value)
         values[name.lower()] = value

@@ -10,7 +10,7 @@ import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
 import requests
@@ -28,6 +28,7 @@ DeliveryStatus = Literal["dispatched", "delivered", "failed"]
 OptOutAction = Literal["stop", "start"]
 
 _LOOKUP_PAGE_SIZE = 100
+_LOOKUP_MARGIN_SECONDS = 300  # clock skew between us and Sinch
 _LOOKUP_MAX_PAGES = 10
 
 
@@ -44,7 +45,7 @@ class SmsSender(Protocol):
 
     def send(self, to: str, body: str, client_reference: str) -> SendResult: ...
 
-    def lookup(self, client_reference: str) -> SendResult | None: ...
+    def lookup(self, client_reference: str, since: float | None = None) -> SendResult | None: ...
 
 
 class SmsDispatchError(Exception):
@@ -160,22 +161,23 @@ class SinchSender:
             error,
         )
 
-    def lookup(self, client_reference: str) -> SendResult | None:
-        """The batch already created under client_reference, if any (Sinch lists the last 24 h).
+    def lookup(self, client_reference: str, since: float | None = None) -> SendResult | None:
+        """The batch already created under client_reference at or after ``since`` (epoch
+        seconds; the payment's creation) — Sinch lists only the last 24 hours unless asked.
 
         Raises SmsDispatchError(maybe_sent=True) when Sinch cannot be asked.
         """
         try:
-            return self._find(client_reference)
+            return self._find(client_reference, since)
         except (requests.RequestException, ValueError) as exc:
             raise SmsDispatchError(
                 "Sinch did not confirm the message and could not be asked; it may have been sent.",
                 maybe_sent=True,
             ) from exc
 
-    def _find(self, client_reference: str) -> SendResult | None:
+    def _find(self, client_reference: str, since: float | None) -> SendResult | None:
         for page in range(_LOOKUP_MAX_PAGES):
-            batches, more = self._list_page(client_reference, page)
+            batches, more = self._list_page(client_reference, page, since)
             for batch in batches:
                 if batch.get("client_reference") == client_reference and batch.get("id"):
                     log.info("sinch batch %s found for ref %s", batch["id"], client_reference)
@@ -211,12 +213,16 @@ class SinchSender:
         )
         return result
 
-    def _list_page(self, client_reference: str, page: int) -> tuple[list[dict[str, Any]], bool]:
+    def _list_page(
+        self, client_reference: str, page: int, since: float | None
+    ) -> tuple[list[dict[str, Any]], bool]:
         params: dict[str, str | int] = {
             "client_reference": client_reference,
             "page": page,
             "page_size": _LOOKUP_PAGE_SIZE,
         }
+        if since is not None:
+            params["start_date"] = _iso8601(since - _LOOKUP_MARGIN_SECONDS)
         with self._session.get(self._batches_url, params=params, timeout=self._timeout) as response:
             response.raise_for_status()
             data = response.json()
@@ -234,6 +240,12 @@ class SinchSender:
             else self._backoff * 2 ** (attempt - 1)
         )
         return min(max(wait, 0.0), self._max_wait)
+
+
+def _iso8601(epoch: float) -> str:
+    """Sinch's date format: YYYY-MM-DDThh:mm:ss.SSSZ (UTC)."""
+    moment = datetime.fromtimestamp(max(epoch, 0.0), UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _callback_url(settings: Settings) -> str | None:
@@ -473,8 +485,8 @@ class OutboxSender:
         log.info("outbox message to %s stored", mask(to))
         return SendResult(message_id=stored["message_id"], provider="outbox")
 
-    def lookup(self, client_reference: str) -> SendResult | None:
-        """The message stored under this client reference, if any."""
+    def lookup(self, client_reference: str, since: float | None = None) -> SendResult | None:
+        """The message stored under this client reference, if any (the outbox keeps all)."""
         found = self._ledger.outbox_find(client_reference)
         return None if found is None else SendResult(found["message_id"], "outbox")
 

@@ -34,7 +34,7 @@ import urllib.error
 import urllib.request
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -253,14 +253,25 @@ class FakeSinch:
         except ValueError as exc:
             raise _BadRequest(400, "syntax_invalid_parameter_format", "Bad paging.") from exc
         ref = query.get("client_reference", [None])[0]
+        # As Sinch: only batches created at or after start_date (default: the last 24 hours).
+        start = query.get("start_date", [None])[0]
+        since = _parse_time(start) if start else datetime.now(UTC) - timedelta(hours=24)
         with self._lock:
             found = [
                 b
                 for b in reversed(self._state.batches)
-                if ref is None or b.get("client_reference") == ref
+                if (ref is None or b.get("client_reference") == ref)
+                and _parse_time(b["created_at"]) >= since
             ]
         chunk = found[page * size : (page + 1) * size]
         return {"count": len(found), "page": page, "page_size": len(chunk), "batches": chunk}
+
+    def age(self, seconds: float) -> None:
+        """Move every batch's creation ``seconds`` into the past (a repair days later)."""
+        with self._lock:
+            for batch in self._state.batches:
+                then = _parse_time(batch["created_at"]) - timedelta(seconds=seconds)
+                batch["created_at"] = _format_time(then)
 
     def _get(self, batch_id: str) -> dict[str, Any]:
         with self._lock:
@@ -424,7 +435,19 @@ def _default_code(status: int) -> str:
 
 
 def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return _format_time(datetime.now(UTC))
+
+
+def _format_time(moment: datetime) -> str:
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _parse_time(text: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise _BadRequest(400, "syntax_invalid_parameter_format", "Bad date.") from exc
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def inbound_text(**fields: str) -> dict[str, Any]:

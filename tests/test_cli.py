@@ -25,7 +25,7 @@ import pytest
 
 from relay.devchain import DevChain
 from relay.devstack import DEMO_MESSAGE, DEMO_TO
-from relay.ledger import Ledger
+from relay.ledger import SCHEMA_VERSION, Ledger
 from tests.conftest import Wallet, new_wallet
 from tests.processes import RelayProcess, free_port
 from tests.test_exactly_once import relay_env
@@ -393,7 +393,7 @@ def test_db_upgrade_creates_the_schema(stack: Stack, tmp_path: Path) -> None:
     env = {**stack.env, "DATABASE_URL": url}
     result = run_cli(["db", "upgrade"], env, tmp_path)
     assert result.returncode == 0, explain(result)
-    assert "schema at version 1" in result.stdout
+    assert f"schema at version {SCHEMA_VERSION}" in result.stdout
     assert (tmp_path / "fresh.db").is_file()
     assert Ledger.from_url(url).list_payments() == []
 

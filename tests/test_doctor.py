@@ -16,7 +16,7 @@ from eth_account import Account
 
 from relay import doctor
 from relay.devchain import DevChain, load_artifact
-from relay.ledger import Ledger
+from relay.ledger import SCHEMA_VERSION, Ledger
 from relay.settings import Settings
 from tests.conftest import new_wallet
 from tests.fake_facilitator import FakeFacilitator
@@ -128,7 +128,7 @@ def test_all_green_configuration_passes_every_check(
     assert {s for s, _ in rows.values()} == {"PASS"}, text
     assert "chain 84532" in rows["rpc"][1]
     assert "name 'USDC', version '2', 6 decimals" in rows["token"][1]
-    assert "schema version 1" in rows["database"][1]
+    assert f"schema version {SCHEMA_VERSION}" in rows["database"][1]
     assert "an account without code" in rows["payTo"][1]
     assert "local; settler" in rows["facilitator"][1]
     assert "5 USDC" in rows["refund wallet"][1]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import secrets
+import subprocess
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -11,7 +13,11 @@ from typing import Any
 
 import pytest
 
-from relay.ledger import NONCE_GAP_SECONDS, Conflict, Ledger, SchemaMissing
+from relay.ledger import NONCE_GAP_SECONDS, SCHEMA_VERSION, Conflict, Ledger, SchemaMissing
+
+REPO = Path(__file__).resolve().parent.parent
+#: The last release whose schema was version 1.
+SCHEMA_1_COMMIT = "654eca80f138cc31d0f1cef93be36ab69b67ed6c"
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -39,7 +45,7 @@ def test_workers_upgrading_a_new_database_at_once(url: str) -> None:
         return book.upgrade()
 
     with ThreadPoolExecutor(len(ledgers)) as pool:
-        assert list(pool.map(upgrade, ledgers)) == [1] * len(ledgers)
+        assert list(pool.map(upgrade, ledgers)) == [SCHEMA_VERSION] * len(ledgers)
     for book in ledgers:
         book.engine.dispose()
 
@@ -55,28 +61,106 @@ def test_open_existing_refuses_a_database_without_schema(tmp_path: Path) -> None
 
 def test_nonces_are_unique_under_concurrency(ledger: Ledger) -> None:
     with ThreadPoolExecutor(12) as pool:
-        nonces = list(pool.map(lambda _: ledger.reserve_nonce("0xabc", 7, 7, 100.0), range(40)))
+        nonces = list(pool.map(lambda _: ledger.reserve_nonce("0xabc", 7, 100.0), range(40)))
     assert sorted(nonces) == list(range(7, 47))
 
 
 def test_nonce_follows_the_chain_when_it_is_ahead(ledger: Ledger) -> None:
-    assert ledger.reserve_nonce("0xabc", 3, 3, 100.0) == 3
-    assert ledger.reserve_nonce("0xabc", 10, 10, 100.0) == 10
-    assert ledger.reserve_nonce("0xabc", 10, 10, 100.0) == 11
+    assert ledger.reserve_nonce("0xabc", 3, 100.0) == 3
+    assert ledger.reserve_nonce("0xabc", 10, 100.0) == 10
+    assert ledger.reserve_nonce("0xabc", 10, 100.0) == 11
 
 
-def test_nonce_gap_falls_back_to_the_chain(ledger: Ledger) -> None:
+def test_a_reservation_never_broadcast_is_reused_under_steady_traffic(ledger: Ledger) -> None:
+    """Nonce 5 is reserved and never broadcast (a crash); later reservations, one a
+    second, queue behind it on the chain. Nonce 5 is handed out again once its own
+    reservation is older than NONCE_GAP_SECONDS, however recent the others are."""
+    assert ledger.reserve_nonce("0xabc", 5, 100.0) == 5
+    handed = [ledger.reserve_nonce("0xabc", 5, 100.0 + t) for t in range(1, 8)]
+    assert handed[: int(NONCE_GAP_SECONDS)] == list(range(6, 6 + int(NONCE_GAP_SECONDS)))
+    assert 5 in handed[int(NONCE_GAP_SECONDS) :]
+    # once the chain has it, the queue behind it moves on
+    assert ledger.reserve_nonce("0xabc", 12, 120.0) == 12
+
+
+def test_a_transaction_dropped_from_the_mempool_frees_its_nonce(ledger: Ledger) -> None:
     for expected in (5, 6, 7):
-        assert ledger.reserve_nonce("0xabc", 5, 5, 100.0) == expected
-    assert ledger.reserve_nonce("0xabc", 6, 5, 100.0 + NONCE_GAP_SECONDS + 1) == 8
-    later = 100.0 + 3 * NONCE_GAP_SECONDS
-    assert ledger.reserve_nonce("0xabc", 6, 6, later) == 6
+        assert ledger.reserve_nonce("0xabc", 5, 100.0) == expected
+    assert ledger.reserve_nonce("0xabc", 8, 101.0) == 8  # 5-7 seen by the chain
+    # 8 was dropped; the chain is back at 8 and 9 waits behind it
+    assert ledger.reserve_nonce("0xabc", 8, 101.0 + NONCE_GAP_SECONDS + 1) == 8
 
 
 def test_nonce_reset_chain_starts_over(ledger: Ledger) -> None:
     for _ in range(3):
-        ledger.reserve_nonce("0xabc", 400, 400, 100.0)
-    assert ledger.reserve_nonce("0xabc", 0, 0, 100.0) == 0
+        ledger.reserve_nonce("0xabc", 400, 100.0)
+    assert ledger.reserve_nonce("0xabc", 0, 100.0) == 0
+
+
+def test_one_holder_of_a_fleet_lease_at_a_time(ledger: Ledger) -> None:
+    assert ledger.acquire_lease("reconciler", "a", 100.0, 30.0)
+    assert not ledger.acquire_lease("reconciler", "b", 110.0, 30.0)
+    assert ledger.acquire_lease("reconciler", "a", 120.0, 30.0)  # renewed
+    assert not ledger.acquire_lease("reconciler", "b", 149.0, 30.0)
+    assert ledger.acquire_lease("reconciler", "b", 150.0, 30.0)  # a's lease ran out
+    ledger.release_lease("reconciler", "b")
+    assert ledger.acquire_lease("reconciler", "a", 151.0, 30.0)
+
+
+def test_payment_leases(ledger: Ledger) -> None:
+    row = payment(lease_until=130.0)
+    ledger.claim_payment(row)
+    assert not ledger.take(row["id"], 120.0, 30.0)
+    assert ledger.take(row["id"], 120.0, 30.0, force=True)
+    assert not ledger.take(row["id"], 149.0, 30.0)
+    ledger.release(row["id"])
+    assert ledger.take(row["id"], 149.0, 30.0)
+
+
+def test_one_transfer_log_pays_for_one_payment(ledger: Ledger) -> None:
+    first, second = payment(quote_id="q1"), payment(quote_id="q2", nonce="0x" + "22" * 32)
+    ledger.claim_payment(first)
+    ledger.claim_payment(second)
+    assert ledger.transition(first["id"], ("settling",), "settled", 2.0, tx_hash="0xt", log_index=3)
+    with pytest.raises(Conflict) as info:
+        ledger.transition(second["id"], ("settling",), "settled", 2.0, tx_hash="0xt", log_index=3)
+    assert info.value.kind == "transfer"
+    assert info.value.existing is not None and info.value.existing["id"] == first["id"]
+    assert ledger.transition(
+        second["id"], ("settling",), "settled", 2.0, tx_hash="0xt", log_index=5
+    )
+
+
+def test_a_database_of_the_previous_release_is_upgraded(url: str, tmp_path: Path) -> None:
+    """The schema-1 ledger module of the last release creates the database and a payment;
+    this release's upgrade adds its columns and keeps the row."""
+    source = subprocess.run(
+        ["git", "show", f"{SCHEMA_1_COMMIT}:relay/ledger.py"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    spec = importlib.util.spec_from_loader("ledger_schema_1", loader=None)
+    assert spec is not None
+    old = importlib.util.module_from_spec(spec)
+    exec(compile(source, "ledger_schema_1.py", "exec"), old.__dict__)
+    previous = old.Ledger.from_url(url)
+    assert previous.upgrade() == 1
+    row = payment()
+    del row["header"], row["claim_block"], row["lease_until"]
+    previous.claim_payment(row)
+    previous.engine.dispose()
+
+    book = Ledger.from_url(url)
+    assert book.upgrade() == SCHEMA_VERSION
+    assert book.upgrade() == SCHEMA_VERSION
+    kept = book.payment(row["id"])
+    assert kept is not None and kept["payment_key"] == row["payment_key"]
+    assert kept["header"] is None and kept["log_index"] is None
+    assert book.take(row["id"], 1.0, 30.0)
+    assert book.reserve_nonce("0xabc", 3, 1.0) == 3
+    book.engine.dispose()
 
 
 def payment(**changes: Any) -> dict[str, Any]:
@@ -97,7 +181,10 @@ def payment(**changes: Any) -> dict[str, Any]:
         "version": 2,
         "state": "settling",
         "payload": {"amount": 1},
+        "header": "e30=",
         "requirements": {},
+        "claim_block": 1,
+        "lease_until": None,
         "created_at": 1.0,
         "updated_at": 1.0,
     }

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,6 +31,7 @@ from relay.errors import (
     PaymentVerifyFailed,
     SettlementPending,
 )
+from relay.ledger import Ledger
 from relay.payments import (
     REQUIREMENTS_MISMATCH,
     ParsedPayment,
@@ -200,7 +203,7 @@ def test_v2_payment_verifies_settles_and_moves_exactly_the_amount(
     assert parsed.value == AMOUNT and parsed.nonce.startswith("0x") and len(parsed.nonce) == 66
     before = chain.usdc_balance(payer), chain.usdc_balance(PAY_TO)
 
-    assert payments.match(parsed, req) == req
+    assert payments.match(parsed, req, time.time()) == req
     assert payments.verify(parsed, req) == payer.lower()
     settlement = payments.settle(parsed, req)
 
@@ -223,7 +226,7 @@ def test_v1_x_payment_verifies_settles_and_answers_x_payment_response(
     assert (parsed.version, parsed.payer, parsed.payment_identifier) == (1, payer.lower(), None)
     before = chain.usdc_balance(PAY_TO)
 
-    payments.match(parsed, req)
+    payments.match(parsed, req, time.time())
     assert payments.verify(parsed, req) == payer.lower()
     settlement = payments.settle(parsed, req)
 
@@ -329,13 +332,13 @@ def test_payment_for_other_terms_is_a_requirements_mismatch(
     req = local.requirements(AMOUNT)
     _, cheaper, _ = challenge(local, AMOUNT - 1)
     with pytest.raises(PaymentVerifyFailed) as exc:
-        local.match(parse(local, "PAYMENT-SIGNATURE", pay(cheaper, key)), req)
+        local.match(parse(local, "PAYMENT-SIGNATURE", pay(cheaper, key)), req, time.time())
     assert reason_of(exc) == REQUIREMENTS_MISMATCH
 
     with closing(Payments(make_settings(chain, pay_to_address=OTHER))) as elsewhere:
         _, other_pay_to, _ = challenge(elsewhere)
     with pytest.raises(PaymentVerifyFailed) as exc:
-        local.match(parse(local, "PAYMENT-SIGNATURE", pay(other_pay_to, key)), req)
+        local.match(parse(local, "PAYMENT-SIGNATURE", pay(other_pay_to, key)), req, time.time())
     assert reason_of(exc) == REQUIREMENTS_MISMATCH
 
 
@@ -348,7 +351,7 @@ def test_v1_payment_on_another_network_is_a_requirements_mismatch(
     data["network"] = "base"
     x_payment = base64.b64encode(json.dumps(data).encode()).decode()
     with pytest.raises(PaymentVerifyFailed) as exc:
-        local.match(parse(local, "X-PAYMENT", x_payment), req)
+        local.match(parse(local, "X-PAYMENT", x_payment), req, time.time())
     assert reason_of(exc) == REQUIREMENTS_MISMATCH
 
 
@@ -369,7 +372,7 @@ def test_authorization_for_other_terms_fails_match_and_verify(
     req = payments.requirements(AMOUNT)
     parsed = parse(payments, "PAYMENT-SIGNATURE", header(signed(req, key, **terms)))
     with pytest.raises(PaymentVerifyFailed) as exc:
-        payments.match(parsed, req)
+        payments.match(parsed, req, time.time())
     assert reason_of(exc) == reason
     with pytest.raises(PaymentVerifyFailed) as exc:
         payments.verify(parsed, req)  # the facilitator agrees
@@ -382,7 +385,7 @@ def test_expired_authorization_fails_verify(
     _, key = new_payer()
     req = payments.requirements(AMOUNT)
     parsed = parse(payments, "PAYMENT-SIGNATURE", header(signed(req, key, max_timeout_seconds=1)))
-    payments.match(parsed, req)
+    payments.match(parsed, req, time.time())
     with pytest.raises(PaymentVerifyFailed) as exc:
         payments.verify(parsed, req)
     assert reason_of(exc) == "invalid_exact_evm_payload_authorization_valid_before"
@@ -394,7 +397,7 @@ def test_insufficient_balance_fails_verify(
     _, key = new_payer(AMOUNT - 1)
     req, value, _ = challenge(payments)
     parsed = parse(payments, "PAYMENT-SIGNATURE", pay(value, key))
-    payments.match(parsed, req)
+    payments.match(parsed, req, time.time())
     with pytest.raises(PaymentVerifyFailed) as exc:
         payments.verify(parsed, req)
     assert reason_of(exc) == "invalid_exact_evm_insufficient_balance"
@@ -410,7 +413,7 @@ def test_signature_of_another_key_fails_verify(
     payload = pay_payload(value, forger_key)
     payload.payload["authorization"]["from"] = payer
     parsed = parse(payments, "PAYMENT-SIGNATURE", header(payload))
-    payments.match(parsed, req)
+    payments.match(parsed, req, time.time())
     with pytest.raises(PaymentVerifyFailed) as exc:
         payments.verify(parsed, req)
     assert reason_of(exc) == "invalid_exact_evm_payload_signature"
@@ -556,11 +559,13 @@ def test_unreachable_rpc_is_chain_unavailable(
 
 
 def test_refund_sends_the_usdc_back(
-    chain: DevChain, new_payer: Callable[..., tuple[str, str]]
+    chain: DevChain, new_payer: Callable[..., tuple[str, str]], tmp_path: Path
 ) -> None:
-    assert Refunder.from_settings(make_settings(chain)) is None
+    nonces = Ledger.from_url(f"sqlite:///{tmp_path / 'nonces.db'}")
+    nonces.upgrade()
+    assert Refunder.from_settings(make_settings(chain), nonces) is None
     refunder = Refunder.from_settings(
-        make_settings(chain, refund_private_key=chain.accounts[7].private_key)
+        make_settings(chain, refund_private_key=chain.accounts[7].private_key), nonces
     )
     assert refunder is not None and refunder.address == chain.accounts[7].address
     chain.mint(refunder.address, AMOUNT)

@@ -46,7 +46,7 @@ def paid_send(app: Flask, key: str) -> tuple[dict[str, Any], str]:
 def rewind(services: Services, state: str, **fields: Any) -> str:
     """Put the only payment back into ``state`` as a crash there would leave it."""
     (row,) = services.ledger.list_payments()
-    values = {"state": state, "updated_at": 0.0, "response_status": None, **fields}
+    values = {"state": state, "lease_until": None, "response_status": None, **fields}
     with services.ledger.begin() as conn:
         conn.execute(update(payments).where(payments.c.id == row["id"]).values(**values))
     return str(row["id"])
@@ -180,14 +180,14 @@ def test_an_unconfirmed_refund_is_sent_again_never_twice(
     payment_id = rewind(services, "dispatch_failed", response_status=502)
     chain.set_automine(False)
     try:
-        assert flows.reconcile(services, older_than=0) == {payment_id: "dispatch_failed"}
+        assert flows.reconcile(services, force=True) == {payment_id: "dispatch_failed"}
         pending = services.ledger.refund(payment_id)
         assert pending is not None and pending["state"] == "pending"
-        assert flows.reconcile(services, older_than=0) == {payment_id: "dispatch_failed"}
+        assert flows.reconcile(services, force=True) == {payment_id: "dispatch_failed"}
         chain.mine()
     finally:
         chain.set_automine(True)
-    assert flows.reconcile(services, older_than=0) == {payment_id: "refunded"}
+    assert flows.reconcile(services, force=True) == {payment_id: "refunded"}
     refund = services.ledger.refund(payment_id)
     assert refund is not None and refund["tx_hash"] == pending["tx_hash"]
     assert chain.usdc_balance(payer.address) == 10_000_000

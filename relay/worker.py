@@ -1,0 +1,68 @@
+"""The reconciler loop (`relay worker`): finishes payments whose holder went away.
+
+Any number of worker loops may run across the fleet; a lease in the database elects one to
+work at a time, and a crashed holder's lease runs out after a few intervals. Each payment
+it repairs is leased on its own as well, so a loop and a live request never act at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import threading
+
+from relay import flows
+from relay.services import Services
+
+log = logging.getLogger(__name__)
+
+LEASE_NAME = "reconciler"
+#: How many intervals the elected loop's lease outlives its last pass.
+LEASE_INTERVALS = 4
+
+
+class Worker:
+    """One reconciler loop."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.interval = services.settings.worker_interval_seconds
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._stop = threading.Event()
+
+    def run_once(self) -> dict[str, str] | None:
+        """One pass if this loop holds the lease: payment id → state reached; None if
+        another loop holds it."""
+        services = self.services
+        seconds = self.interval * LEASE_INTERVALS
+        if not services.ledger.acquire_lease(LEASE_NAME, self.holder, services.clock(), seconds):
+            return None
+        results = flows.reconcile(services)
+        if results:
+            log.info("reconciled %s", results)
+        return results
+
+    def run(self) -> None:
+        """Pass after pass until stop(); a failing pass is logged and retried next time."""
+        log.info("reconciler running every %ss", self.interval)
+        try:
+            while not self._stop.is_set():
+                try:
+                    self.run_once()
+                except Exception:
+                    log.exception("reconciler pass failed")
+                self._stop.wait(self.interval)
+        finally:
+            self.services.ledger.release_lease(LEASE_NAME, self.holder)
+
+    def start(self) -> threading.Thread:
+        """Run in a daemon thread (the dev stack)."""
+        thread = threading.Thread(target=self.run, name="relay-worker", daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self) -> None:
+        """End the loop after the current pass."""
+        self._stop.set()

@@ -1,0 +1,360 @@
+"""A hostile payer and a crashing relay, on the real local chain (README "Threat model").
+
+Each test performs the attack or leaves the fault exactly as a crash would, then checks that
+every payment ends with one SMS or one refund, and that nothing is sent unpaid.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from sqlalchemy import update
+from x402.http import decode_payment_required_header
+
+import relay.payments
+from relay import flows
+from relay.app import create_app
+from relay.devchain import DevChain
+from relay.ledger import NONCE_GAP_SECONDS, messages, outbox, payments
+from relay.payments import NOT_PAID, VALIDITY_TOO_LONG
+from relay.services import Services, build_services
+from relay.settings import Settings
+from tests.chain_attacks import Authorization, authorize, batch, cancel
+from tests.conftest import SINCH_PLAN, SINCH_TOKEN, Wallet, sinch_overrides
+from tests.fake_sinch import FakeSinch
+from tests.x402_helpers import client_for, header, pay, pay_payload, signed
+
+US = "+13012576365"
+PRICE = 50_000
+FUNDS = 10_000_000
+
+
+def services_of(app: Flask) -> Services:
+    found: Services = app.extensions["relay"]
+    return found
+
+
+def challenge(client: FlaskClient, body: dict[str, Any]) -> str:
+    response = client.post("/api/send", json=body)
+    assert response.status_code == 402, response.get_data(as_text=True)
+    return str(response.headers["PAYMENT-REQUIRED"])
+
+
+def send(client: FlaskClient, body: dict[str, Any], signature: str) -> Any:
+    return client.post("/api/send", json=body, headers={"PAYMENT-SIGNATURE": signature})
+
+
+def settler_nonce(chain: DevChain, block: str = "latest") -> int:
+    return int(chain.w3.eth.get_transaction_count(chain.accounts[0].address, block))  # type: ignore[arg-type]
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def no_automine(chain: DevChain) -> Iterator[None]:
+    chain.set_automine(False)
+    try:
+        yield
+    finally:
+        chain.mine()
+        chain.set_automine(True)
+
+
+def rewind(services: Services, payment_id: str, **values: Any) -> None:
+    """Put a payment back as a crash would leave it: unleased, with ``values``."""
+    with services.ledger.begin() as conn:
+        conn.execute(
+            update(payments)
+            .where(payments.c.id == payment_id)
+            .values(lease_until=None, response_status=None, **values)
+        )
+
+
+# 1. One transfer, many SMS ---------------------------------------------------------------
+
+
+def test_one_batched_transfer_pays_for_one_sms_only(
+    paid_settings: Callable[..., Settings], chain: DevChain, payer: Wallet, no_automine: None
+) -> None:
+    """The payer signs A and B for two messages, sends both, and gets one Multicall3
+    transaction mined first that executes A to payTo and B's nonce as a zero transfer to
+    itself. A is paid by its own Transfer; B paid nothing and is refused."""
+    settings = paid_settings()
+    app = create_app(services=build_services(settings))
+    client = app.test_client()
+    bodies = [{"message": f"Batched {n}", "to": US} for n in ("A", "B")]
+    payloads = [pay_payload(challenge(client, body), payer.key) for body in bodies]
+    nonce_b = payloads[1].payload["authorization"]["nonce"]
+    a_signed = _signed_authorization(payloads[0])
+    b_zero = authorize(payer.key, payer.address, 0, nonce=nonce_b)
+    attack = batch(chain, [a_signed, b_zero])
+    before = settler_nonce(chain, "pending")
+    with ThreadPoolExecutor(2) as pool:
+        futures = [
+            pool.submit(send, app.test_client(), body, header(payload))
+            for body, payload in zip(bodies, payloads, strict=True)
+        ]
+        wait_for(lambda: settler_nonce(chain, "pending") == before + 2)
+        chain.mine()
+        answers = [f.result() for f in futures]
+    assert chain.w3.eth.get_transaction_receipt(attack)["status"] == 1
+    a_answer, b_answer = answers
+    assert a_answer.status_code == 200, a_answer.get_data(as_text=True)
+    assert a_answer.get_json()["transaction"] == attack
+    assert b_answer.status_code == 402, b_answer.get_data(as_text=True)
+    assert b_answer.get_json()["details"]["reason"] == NOT_PAID
+    services = services_of(app)
+    assert len(services.ledger.outbox_messages()) == 1
+    assert chain.usdc_balance(settings.pay_to_address) == PRICE
+    assert chain.usdc_balance(payer.address) == FUNDS - PRICE
+
+
+def _signed_authorization(payload: Any) -> Authorization:
+    """The payment's own signed authorization, as the payer can submit it anywhere."""
+    auth = payload.payload["authorization"]
+    return Authorization(
+        auth["from"],
+        auth["to"],
+        int(auth["value"]),
+        int(auth["validAfter"]),
+        int(auth["validBefore"]),
+        bytes.fromhex(auth["nonce"][2:]),
+        bytes.fromhex(payload.payload["signature"][2:]),
+    )
+
+
+# 2. Settled but booked as failed ---------------------------------------------------------
+
+
+def crashed_after_broadcast(
+    app: Flask, chain: DevChain, payer: Wallet, message: str
+) -> tuple[str, str, dict[str, Any]]:
+    """A payment whose authorization was settled on-chain by a process that died before the
+    transaction hash (or anything after it) reached the ledger: (payment id, signature,
+    body)."""
+    services = services_of(app)
+    client = app.test_client()
+    body = {"message": message, "to": US}
+    signature = pay(challenge(client, body), payer.key)
+    assert send(client, body, signature).status_code == 200
+    (row,) = [r for r in services.ledger.list_payments() if r["state"] == "dispatched"][:1]
+    forget_dispatch(services)
+    rewind(
+        services,
+        row["id"],
+        state="settling",
+        tx_hash=None,
+        log_index=None,
+        message_id=None,
+        body=message,
+    )
+    return row["id"], signature, body
+
+
+def forget_dispatch(services: Services) -> None:
+    """No message was handed to the provider yet."""
+    with services.ledger.begin() as conn:
+        conn.execute(messages.delete())
+        conn.execute(outbox.delete())
+
+
+def test_a_settlement_found_long_after_is_dispatched_not_failed(
+    paid_settings: Callable[..., Settings],
+    chain: DevChain,
+    payer: Wallet,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Repair runs more than LOG_WINDOW_BLOCKS after the settlement (the window made small
+    so that the chain need not mine thousands of blocks): the search starts at the claim."""
+    monkeypatch.setattr(relay.payments, "LOG_WINDOW_BLOCKS", 20)
+    app = create_app(services=build_services(paid_settings()))
+    services = services_of(app)
+    payment_id, signature, body = crashed_after_broadcast(app, chain, payer, "Found late")
+    chain.mine(75)  # repair runs long after
+    assert flows.reconcile(services) == {payment_id: "dispatched"}
+    assert len(services.ledger.outbox_messages()) == 1
+    answer = send(app.test_client(), body, signature)
+    assert answer.status_code == 200, answer.get_data(as_text=True)
+    assert chain.usdc_balance(payer.address) == FUNDS - PRICE
+
+
+def test_an_authorization_used_without_a_log_found_is_kept_for_review(
+    paid_settings: Callable[..., Settings], chain: DevChain, payer: Wallet
+) -> None:
+    """Logs unavailable (pruned by the RPC, or the claim height wrong): money may have
+    moved, so the payment is settle_unknown: never failed, never a free quote."""
+    app = create_app(services=build_services(paid_settings()))
+    services = services_of(app)
+    payment_id, signature, body = crashed_after_broadcast(app, chain, payer, "Logs gone")
+    chain.mine(3)
+    rewind(services, payment_id, claim_block=chain.w3.eth.block_number + 1)
+    assert flows.reconcile(services) == {payment_id: "settle_unknown"}
+    row = services.ledger.payment(payment_id)
+    assert row is not None and not row["quote_id"].startswith("released:")
+    answer = send(app.test_client(), body, signature)
+    assert answer.status_code == 202, answer.get_data(as_text=True)
+    assert services.ledger.outbox_messages() == []
+
+
+def test_a_canceled_authorization_is_a_certain_failure(
+    paid_settings: Callable[..., Settings], chain: DevChain, payer: Wallet, no_automine: None
+) -> None:
+    """The payer cancels the authorization and gets the cancel mined ahead of the relay's
+    settlement: nothing moved, the payment fails for certain and sends nothing."""
+    app = create_app(services=build_services(paid_settings()))
+    services = services_of(app)
+    client = app.test_client()
+    body = {"message": "Canceled", "to": US}
+    signature = pay(challenge(client, body), payer.key)
+    parsed = services.payments.parse_payment({"PAYMENT-SIGNATURE": signature})
+    assert parsed is not None
+    cancel(chain, payer.key, parsed.nonce)
+    before = settler_nonce(chain, "pending")
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(send, client, body, signature)
+        wait_for(lambda: settler_nonce(chain, "pending") == before + 1)
+        chain.mine()
+        answer = future.result()
+    assert answer.status_code == 402, answer.get_data(as_text=True)
+    assert answer.get_json()["details"]["reason"] == flows.CANCELED
+    assert services.ledger.outbox_messages() == []
+    assert chain.usdc_balance(payer.address) == FUNDS
+
+
+# 5. A late repair sends twice -------------------------------------------------------------
+
+
+def test_a_repair_days_later_finds_the_message_instead_of_sending_again(
+    paid_settings: Callable[..., Settings], chain: DevChain, payer: Wallet
+) -> None:
+    with FakeSinch(plan_id=SINCH_PLAN, token=SINCH_TOKEN) as fake:
+        app = create_app(services=build_services(paid_settings(**sinch_overrides(fake.base_url))))
+        services = services_of(app)
+        client = app.test_client()
+        body = {"message": "Sent days ago", "to": US}
+        signature = pay(challenge(client, body), payer.key)
+        first = send(client, body, signature)
+        assert first.status_code == 200, first.get_data(as_text=True)
+        (row,) = services.ledger.list_payments()
+        two_days = 2 * 24 * 3600
+        fake.age(two_days)
+        created = float(row["created_at"]) - two_days
+        rewind(services, row["id"], state="dispatching", created_at=created, message_id=None)
+        assert flows.reconcile(services) == {row["id"]: "dispatched"}
+        assert len(fake.batches) == 1
+        lookups = [r for r in fake.requests if r.method == "GET"]
+        assert lookups and "start_date" in lookups[-1].query
+    assert send(client, body, signature).get_json()["message_id"] == first.get_json()["message_id"]
+
+
+def test_a_dispatch_that_cannot_be_looked_up_is_never_sent_blindly(
+    paid_settings: Callable[..., Settings], chain: DevChain, payer: Wallet
+) -> None:
+    with FakeSinch(plan_id=SINCH_PLAN, token=SINCH_TOKEN) as fake:
+        settings = paid_settings(**sinch_overrides(fake.base_url))
+        app = create_app(services=build_services(settings))
+        services = services_of(app)
+        body = {"message": "Unknown fate", "to": US}
+        signature = pay(challenge(app.test_client(), body), payer.key)
+        assert send(app.test_client(), body, signature).status_code == 200
+    (row,) = services.ledger.list_payments()
+    rewind(services, row["id"], state="dispatch_unknown", message_id=None)
+    services = build_services(settings.replace(sinch_base_url="http://127.0.0.1:9"))  # gone
+    assert flows.reconcile(services) == {row["id"]: "dispatch_unknown"}
+    assert services.ledger.payment(row["id"])["state"] == "dispatch_unknown"  # type: ignore[index]
+    assert len(fake.batches) == 1
+
+
+# 8. Authorizations that outlive the challenge --------------------------------------------
+
+
+def test_an_authorization_valid_for_days_is_refused(
+    paid_settings: Callable[..., Settings], chain: DevChain, payer: Wallet
+) -> None:
+    app = create_app(services=build_services(paid_settings()))
+    client = app.test_client()
+    body = {"message": "Valid for days", "to": US}
+    required = decode_payment_required_header(challenge(client, body))
+    req = required.accepts[0]
+    payload = signed(req, payer.key, max_timeout_seconds=3 * 24 * 3600)  # type: ignore[arg-type]
+    answer = send(client, body, header(payload))
+    assert answer.status_code == 402, answer.get_data(as_text=True)
+    assert answer.get_json()["details"]["reason"] == VALIDITY_TOO_LONG
+    assert chain.usdc_balance(payer.address) == FUNDS
+    fine = signed(req, payer.key)  # type: ignore[arg-type]
+    assert send(client, body, header(fine)).status_code == 200
+
+
+# 9. Payloads the ledger cannot read back -------------------------------------------------
+
+
+def test_a_payload_with_floats_is_reconciled_from_the_header_as_received(
+    paid_settings: Callable[..., Settings], chain: DevChain, payer: Wallet
+) -> None:
+    app = create_app(services=build_services(paid_settings()))
+    services = services_of(app)
+    client = app.test_client()
+    body = {"message": "Floats inside", "to": US}
+    required = decode_payment_required_header(challenge(client, body))
+    payload = client_for(payer.key).create_payment_payload(required)
+    odd = payload.model_copy(update={"extensions": {"x-client": {"score": 0.1, "ratio": 1e-7}}})
+    signature = header(odd)
+    first = send(client, body, signature)
+    assert first.status_code == 200, first.get_data(as_text=True)
+    (row,) = services.ledger.list_payments()
+    assert json.loads(base64.b64decode(row["header"]))["extensions"] == {
+        "x-client": {"score": 0.1, "ratio": 1e-7}
+    }
+    forget_dispatch(services)
+    rewind(services, row["id"], state="settled", message_id=None, body="Floats inside")
+    assert flows.reconcile(services) == {row["id"]: "dispatched"}
+    assert len(services.ledger.outbox_messages()) == 1
+
+
+# 10. settle_pending replays respect the lease ---------------------------------------------
+
+
+def test_concurrent_replays_of_a_lost_settlement_broadcast_once(
+    paid_settings: Callable[..., Settings], chain: DevChain, payer: Wallet, no_automine: None
+) -> None:
+    """A settlement whose answer was lost (settle_pending, no hash known) with the process
+    that sent it is replayed ten times at once on a new process: one replay settles, the
+    others answer 202; one transaction is sent."""
+    settings = paid_settings(settlement_timeout_seconds=2)
+    first = create_app(services=build_services(settings))
+    services = services_of(first)
+    client = first.test_client()
+    body = {"message": "Lost answer", "to": US}
+    signature = pay(challenge(client, body), payer.key)
+    before = settler_nonce(chain, "pending")
+    pending = send(client, body, signature)
+    assert pending.status_code == 202, pending.get_data(as_text=True)
+    (row,) = services.ledger.list_payments()
+    chain.drop_all_transactions()  # the broadcast was lost with its answer, a while ago
+    chain.mine()  # (and gas prices moved since)
+    rewind(services, row["id"], state="settle_pending", tx_hash=None)
+    time.sleep(NONCE_GAP_SECONDS + 0.5)
+    app = create_app(services=build_services(settings))  # the restarted process
+    with ThreadPoolExecutor(10) as pool:
+        replays = list(pool.map(lambda _: send(app.test_client(), body, signature), range(10)))
+    codes = sorted(r.status_code for r in replays)
+    assert set(codes) <= {202, 409}, [r.get_json() for r in replays]
+    assert settler_nonce(chain, "pending") == before + 1  # one new broadcast, not ten
+    chain.mine()
+    wait_for(lambda: send(app.test_client(), body, signature).status_code == 200)
+    assert len(services.ledger.outbox_messages()) == 1
+    assert chain.usdc_balance(payer.address) == FUNDS - PRICE
