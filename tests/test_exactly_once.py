@@ -22,7 +22,8 @@ from relay.devchain import DevChain
 from relay.ledger import Ledger
 from relay.services import build_services
 from relay.settings import Settings
-from tests.conftest import Wallet, new_wallet
+from tests.conftest import SINCH_PLAN, SINCH_TOKEN, Wallet, new_wallet, sinch_overrides
+from tests.fake_sinch import FakeSinch
 from tests.processes import RelayProcess
 from tests.x402_helpers import pay
 
@@ -121,6 +122,58 @@ def test_same_paid_request_twenty_times_at_once(
             assert int(answer.headers["Retry-After"]) >= 1
 
 
+def test_copies_of_one_quoted_payment_never_see_quote_already_used(
+    cluster: Cluster, chain: DevChain, payer: Wallet
+) -> None:
+    """Twenty copies of one payment for a quote, across processes: every copy gets the
+    answer or request_in_progress, never quote_already_used for its own payment."""
+    quote = requests.post(
+        cluster.relays[0].url + "/api/quote", json={"message": "Copies", "to": US}, timeout=30
+    ).json()
+    body = {"message": "Copies", "to": US, "quote_token": quote["quote_token"]}
+    signature = pay(challenge(cluster.url(0), body), payer.key)
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        answers = list(pool.map(lambda i: post(cluster.url(i), body, signature), range(20)))
+    codes = [(a.status_code, a.json().get("error")) for a in answers]
+    assert all(code in {(200, None), (409, "request_in_progress")} for code in codes), codes
+    final = post(cluster.url(1), body, signature)
+    assert final.status_code == 200, final.text
+    assert len(cluster.ledger.outbox_messages()) == 1
+    assert chain.usdc_balance(payer.address) == 10_000_000 - PRICE
+
+
+def test_refunds_from_two_processes_at_once_all_mine(
+    chain: DevChain, tmp_path: Path, pg_url: str
+) -> None:
+    """Sinch refuses everything; ten paid sends at once on two processes sharing
+    PostgreSQL: ten refunds mined (their nonces reserved through the database), every
+    payer whole."""
+    refunder = new_wallet(chain, 10 * PRICE)
+    chain.set_eth_balance(refunder.address, 10**18)
+    with FakeSinch(plan_id=SINCH_PLAN, token=SINCH_TOKEN) as fake:
+        fake.script(*[{"status": 400, "code": "syntax_invalid_parameter_format"}] * 10)
+        sinch = {k.upper(): str(v) for k, v in sinch_overrides(fake.base_url).items()}
+        env = relay_env(chain, pg_url, REFUND_PRIVATE_KEY=refunder.key, **sinch)
+        payers = [new_wallet(chain, 1_000_000) for _ in range(10)]
+        with Cluster(env, tmp_path, 2) as cluster:
+            bodies = [{"message": f"Refund me {i}", "to": US} for i in range(10)]
+            signatures = [
+                pay(challenge(cluster.url(i), b), p.key)
+                for i, (b, p) in enumerate(zip(bodies, payers, strict=True))
+            ]
+            with ThreadPoolExecutor(max_workers=10) as pool:
+                answers = list(
+                    pool.map(lambda i: post(cluster.url(i), bodies[i], signatures[i]), range(10))
+                )
+            assert [a.status_code for a in answers] == [502] * 10, [a.text for a in answers]
+            _wait_for(lambda: all(chain.usdc_balance(p.address) == 1_000_000 for p in payers))
+            refunds = cluster.ledger.list_refunds()
+    assert len(refunds) == 10
+    assert {r["state"] for r in refunds} == {"confirmed"}
+    assert len({r["nonce"] for r in refunds}) == 10
+    assert chain.usdc_balance(refunder.address) == 0
+
+
 def test_two_payers_one_quote(cluster: Cluster, chain: DevChain) -> None:
     quote = requests.post(
         cluster.relays[0].url + "/api/quote",
@@ -144,18 +197,23 @@ def test_two_payers_one_quote(cluster: Cluster, chain: DevChain) -> None:
     assert len(cluster.ledger.outbox_messages()) == 1
 
 
-def test_crash_while_settlement_pending_is_finished_by_reconcile(
+def test_crash_while_settling_is_finished_by_a_running_worker(
     chain: DevChain, payer: Wallet, tmp_path: Path
 ) -> None:
+    """A process dies right after broadcasting a settlement. Its hash is in the ledger
+    already, and the reconciler of another process that was running all along finishes the
+    payment once the lease runs out, with no replay; a replay then gets the stored 200."""
     env = relay_env(
         chain,
         f"sqlite:///{tmp_path / 'relay.db'}",
         SETTLEMENT_TIMEOUT_SECONDS="60",
-        RECONCILE_AFTER_SECONDS="1",
+        RECONCILE_AFTER_SECONDS="2",
+        WORKER_INTERVAL_SECONDS="1",
     )
     body = {"message": "Survives a crash", "to": US}
     ledger = Ledger.from_url(env["DATABASE_URL"])
     first = RelayProcess(env, tmp_path / "first.log").start()
+    second = RelayProcess(env, tmp_path / "second.log").start()
     try:
         signature = pay(challenge(first.url + "/api/send", body), payer.key)
         nonce_before = settler_nonce(chain)
@@ -170,20 +228,20 @@ def test_crash_while_settlement_pending_is_finished_by_reconcile(
         )
         first.kill()
         thread.join(10)
-    finally:
-        first.stop()
+        (row,) = ledger.list_payments()
+        assert row["tx_hash"] is not None  # stored before the broadcast
         chain.mine()
         chain.set_automine(True)
-    assert ledger.outbox_messages() == []
-    (row,) = ledger.list_payments()
-    assert row["state"] == "settling"
-    time.sleep(1.2)
-    with RelayProcess(env, tmp_path / "second.log") as second:
         _wait_for(lambda: len(ledger.outbox_messages()) == 1)
+        _wait_for(lambda: ledger.list_payments()[0]["state"] == "dispatched")
         replay = post(second.url + "/api/send", body, signature)
         assert replay.status_code == 200, replay.text
-    assert len(ledger.outbox_messages()) == 1
+    finally:
+        first.stop()
+        second.stop()
+        chain.set_automine(True)
     assert ledger.outbox_messages()[0]["message_id"] == replay.json()["message_id"]
+    assert replay.json()["transaction"] == row["tx_hash"]
     assert chain.usdc_balance(payer.address) == 10_000_000 - PRICE
     assert settler_nonce(chain) == nonce_before + 1
     ledger.engine.dispose()
