@@ -157,8 +157,8 @@ outbox = Table(
     Column("created_at", Float, nullable=False),
 )
 
-#: Every transaction nonce handed out and not yet seen by the chain, one row each, so a
-#: reservation that was never broadcast is found by its own age.
+#: Every transaction nonce handed out and not yet mined, one row each, so a reservation
+#: that was never broadcast is found by its own age.
 nonce_reservations = Table(
     "nonce_reservations",
     metadata,
@@ -471,26 +471,28 @@ class Ledger:
             return [dict(row._mapping) for row in conn.execute(query)]
 
     # Transaction nonces -----------------------------------------------------------
-    def reserve_nonce(self, address: str, pending: int, now: float) -> int:
+    def reserve_nonce(self, address: str, pending: int, latest: int, now: float) -> int:
         """Reserve the next transaction nonce of ``address``, shared by every process.
 
         ``pending`` is the chain's count of the account's transactions including its
-        mempool. Reservations below it were seen by the chain and are forgotten; one at it
-        that is older than NONCE_GAP_SECONDS was never broadcast (a crash in between) and
-        is handed out again, judged by its own age, however busy the account is.
+        mempool, ``latest`` the mined count. A reservation is kept until its nonce is mined,
+        so a process that read the chain a moment late never hands out a nonce already in
+        the mempool. One at ``pending`` (not even in the mempool) that is older than
+        NONCE_GAP_SECONDS was never broadcast, or was dropped: it is handed out again,
+        judged by its own age, however busy the account is.
         """
         for _ in range(NONCE_ATTEMPTS):
-            nonce = self._try_reserve(address, pending, now)
+            nonce = self._try_reserve(address, pending, latest, now)
             if nonce is not None:
                 return nonce
         raise RuntimeError("no transaction nonce could be reserved")
 
-    def _try_reserve(self, address: str, pending: int, now: float) -> int | None:
+    def _try_reserve(self, address: str, pending: int, latest: int, now: float) -> int | None:
         table = nonce_reservations
         mine = table.c.address == address
         stale = now - NONCE_GAP_SECONDS
         with self.engine.begin() as conn:
-            conn.execute(delete(table).where(mine, table.c.nonce < pending))
+            conn.execute(delete(table).where(mine, table.c.nonce < latest))
             query = select(table.c.nonce, table.c.reserved_at).where(mine).order_by(table.c.nonce)
             rows = conn.execute(query).all()
             if rows and rows[-1].nonce > pending + MAX_NONCE_AHEAD:  # the chain was reset

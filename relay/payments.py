@@ -217,7 +217,7 @@ def build_facilitator(
 class NonceStore(Protocol):
     """Hands out an account's transaction nonces across processes."""
 
-    def reserve_nonce(self, address: str, pending: int, now: float) -> int: ...
+    def reserve_nonce(self, address: str, pending: int, latest: int, now: float) -> int: ...
 
 
 #: Called with a settlement's transaction hash after signing, before broadcast.
@@ -308,7 +308,8 @@ class SharedNonceSigner(FacilitatorWeb3Signer):
     def _reserve_nonce(self) -> int:
         address = self._account.address
         pending = self._w3.eth.get_transaction_count(address, "pending")
-        return self._nonces.reserve_nonce(address, pending, time.time())
+        latest = self._w3.eth.get_transaction_count(address, "latest")
+        return self._nonces.reserve_nonce(address, pending, latest, time.time())
 
 
 def settler_signer(settings: Settings, nonces: NonceStore | None = None) -> FacilitatorWeb3Signer:
@@ -777,7 +778,8 @@ class Refunder:
             raise _chain_unavailable() from exc
         try:
             pending = self._w3.eth.get_transaction_count(sender, "pending")
-            nonce = self._nonces.reserve_nonce(sender, pending, time.time())
+            latest = self._w3.eth.get_transaction_count(sender, "latest")
+            nonce = self._nonces.reserve_nonce(sender, pending, latest, time.time())
             params: TxParams = {"from": sender, "nonce": Nonce(nonce), "gas": gas * 5 // 4}
             tx = call.build_transaction(params)
         except Exception as exc:

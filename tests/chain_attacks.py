@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +17,7 @@ from relay.devchain import CHAIN_ID, USDC_ADDRESS, USDC_EIP712_NAME, USDC_EIP712
 TRANSFER_WITH_AUTHORIZATION = (
     "transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,bytes)"
 )
-_TYPES = {
+TRANSFER_TYPES = {
     "TransferWithAuthorization": [
         {"name": "from", "type": "address"},
         {"name": "to", "type": "address"},
@@ -26,13 +27,13 @@ _TYPES = {
         {"name": "nonce", "type": "bytes32"},
     ]
 }
-_CANCEL_TYPES = {
+CANCEL_TYPES = {
     "CancelAuthorization": [
         {"name": "authorizer", "type": "address"},
         {"name": "nonce", "type": "bytes32"},
     ]
 }
-_DOMAIN = {
+DOMAIN = {
     "name": USDC_EIP712_NAME,
     "version": USDC_EIP712_VERSION,
     "chainId": CHAIN_ID,
@@ -81,7 +82,7 @@ def authorize(
         "validBefore": int(time.time()) + valid_for,
         "nonce": raw or secrets.token_bytes(32),
     }
-    signed = Account.sign_typed_data(key, _DOMAIN, _TYPES, message)
+    signed = Account.sign_typed_data(key, DOMAIN, TRANSFER_TYPES, message)
     return Authorization(
         payer,
         message["to"],
@@ -110,9 +111,7 @@ def cancel(chain: DevChain, key: str, nonce: str) -> str:
     be mined ahead of anything else waiting."""
     payer = Account.from_key(key).address
     raw = bytes.fromhex(nonce[2:])
-    signed = Account.sign_typed_data(
-        key, _DOMAIN, _CANCEL_TYPES, {"authorizer": payer, "nonce": raw}
-    )
+    signed = Account.sign_typed_data(key, DOMAIN, CANCEL_TYPES, {"authorizer": payer, "nonce": raw})
     function = chain.token.get_function_by_signature("cancelAuthorization(address,bytes32,bytes)")
     sender = chain.accounts[5].address
     chain.set_eth_balance(sender, 10**18)
@@ -120,3 +119,12 @@ def cancel(chain: DevChain, key: str, nonce: str) -> str:
         {"from": sender, "gas": 200_000, "gasPrice": chain.w3.eth.gas_price * 10}
     )
     return str(tx.to_0x_hex())
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 30) -> None:
+    """Poll until ``condition()`` holds; AssertionError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)

@@ -27,7 +27,7 @@ from relay.ledger import NONCE_GAP_SECONDS, messages, outbox, payments
 from relay.payments import NOT_PAID, VALIDITY_TOO_LONG
 from relay.services import Services, build_services
 from relay.settings import Settings
-from tests.chain_attacks import Authorization, authorize, batch, cancel
+from tests.chain_attacks import Authorization, authorize, batch, cancel, wait_for
 from tests.conftest import SINCH_PLAN, SINCH_TOKEN, Wallet, sinch_overrides
 from tests.fake_sinch import FakeSinch
 from tests.x402_helpers import client_for, header, pay, pay_payload, signed
@@ -54,14 +54,6 @@ def send(client: FlaskClient, body: dict[str, Any], signature: str) -> Any:
 
 def settler_nonce(chain: DevChain, block: str = "latest") -> int:
     return int(chain.w3.eth.get_transaction_count(chain.accounts[0].address, block))  # type: ignore[arg-type]
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
 
 
 @pytest.fixture

@@ -56,25 +56,9 @@ from relay.devchain import (
     load_abi,
     load_artifact,
 )
+from tests.chain_attacks import CANCEL_TYPES, DOMAIN, TRANSFER_TYPES
 
-TRANSFER_TYPES = {
-    "TransferWithAuthorization": [
-        {"name": "from", "type": "address"},
-        {"name": "to", "type": "address"},
-        {"name": "value", "type": "uint256"},
-        {"name": "validAfter", "type": "uint256"},
-        {"name": "validBefore", "type": "uint256"},
-        {"name": "nonce", "type": "bytes32"},
-    ]
-}
 RECEIVE_TYPES = {"ReceiveWithAuthorization": TRANSFER_TYPES["TransferWithAuthorization"]}
-CANCEL_TYPES = {
-    "CancelAuthorization": [
-        {"name": "authorizer", "type": "address"},
-        {"name": "nonce", "type": "bytes32"},
-    ]
-}
-DOMAIN = {"name": "USDC", "version": "2", "chainId": CHAIN_ID, "verifyingContract": USDC_ADDRESS}
 TWA_BYTES = "transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,bytes)"
 TWA_VRS = (
     "transferWithAuthorization(address,address,uint256,uint256,uint256,"

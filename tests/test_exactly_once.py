@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,6 +21,7 @@ from relay.devchain import DevChain
 from relay.ledger import Ledger
 from relay.services import build_services
 from relay.settings import Settings
+from tests.chain_attacks import wait_for
 from tests.conftest import SINCH_PLAN, SINCH_TOKEN, Wallet, new_wallet, sinch_overrides
 from tests.fake_sinch import FakeSinch
 from tests.processes import RelayProcess
@@ -166,7 +166,7 @@ def test_refunds_from_two_processes_at_once_all_mine(
                     pool.map(lambda i: post(cluster.url(i), bodies[i], signatures[i]), range(10))
                 )
             assert [a.status_code for a in answers] == [502] * 10, [a.text for a in answers]
-            _wait_for(lambda: all(chain.usdc_balance(p.address) == 1_000_000 for p in payers))
+            wait_for(lambda: all(chain.usdc_balance(p.address) == 1_000_000 for p in payers))
             refunds = cluster.ledger.list_refunds()
     assert len(refunds) == 10
     assert {r["state"] for r in refunds} == {"confirmed"}
@@ -220,7 +220,7 @@ def test_crash_while_settling_is_finished_by_a_running_worker(
         chain.set_automine(False)
         thread = threading.Thread(target=_swallow, args=(first.url + "/api/send", body, signature))
         thread.start()
-        _wait_for(
+        wait_for(
             lambda: (
                 chain.w3.eth.get_transaction_count(chain.accounts[0].address, "pending")
                 > nonce_before
@@ -232,8 +232,8 @@ def test_crash_while_settling_is_finished_by_a_running_worker(
         assert row["tx_hash"] is not None  # stored before the broadcast
         chain.mine()
         chain.set_automine(True)
-        _wait_for(lambda: len(ledger.outbox_messages()) == 1)
-        _wait_for(lambda: ledger.list_payments()[0]["state"] == "dispatched")
+        wait_for(lambda: len(ledger.outbox_messages()) == 1)
+        wait_for(lambda: ledger.list_payments()[0]["state"] == "dispatched")
         replay = post(second.url + "/api/send", body, signature)
         assert replay.status_code == 200, replay.text
     finally:
@@ -250,14 +250,6 @@ def test_crash_while_settling_is_finished_by_a_running_worker(
 def _swallow(url: str, body: dict[str, Any], signature: str) -> None:
     with contextlib.suppress(requests.RequestException):
         post(url, body, signature)
-
-
-def _wait_for(condition: Callable[[], bool], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.1)
 
 
 def test_settlement_timeout_answers_202_then_200(

@@ -61,40 +61,47 @@ def test_open_existing_refuses_a_database_without_schema(tmp_path: Path) -> None
 
 def test_nonces_are_unique_under_concurrency(ledger: Ledger) -> None:
     with ThreadPoolExecutor(12) as pool:
-        nonces = list(pool.map(lambda _: ledger.reserve_nonce("0xabc", 7, 100.0), range(40)))
+        nonces = list(pool.map(lambda _: ledger.reserve_nonce("0xabc", 7, 7, 100.0), range(40)))
     assert sorted(nonces) == list(range(7, 47))
 
 
 def test_nonce_follows_the_chain_when_it_is_ahead(ledger: Ledger) -> None:
-    assert ledger.reserve_nonce("0xabc", 3, 100.0) == 3
-    assert ledger.reserve_nonce("0xabc", 10, 100.0) == 10
-    assert ledger.reserve_nonce("0xabc", 10, 100.0) == 11
+    assert ledger.reserve_nonce("0xabc", 3, 3, 100.0) == 3
+    assert ledger.reserve_nonce("0xabc", 10, 10, 100.0) == 10
+    assert ledger.reserve_nonce("0xabc", 10, 10, 100.0) == 11
+
+
+def test_a_late_reading_of_the_chain_never_reuses_a_nonce_in_the_mempool(ledger: Ledger) -> None:
+    assert ledger.reserve_nonce("0xabc", 5, 5, 100.0) == 5  # broadcast: pending is 6 now
+    assert ledger.reserve_nonce("0xabc", 6, 5, 100.1) == 6
+    assert ledger.reserve_nonce("0xabc", 5, 5, 100.2) == 7  # read the chain before 5 arrived
 
 
 def test_a_reservation_never_broadcast_is_reused_under_steady_traffic(ledger: Ledger) -> None:
     """Nonce 5 is reserved and never broadcast (a crash); later reservations, one a
     second, queue behind it on the chain. Nonce 5 is handed out again once its own
     reservation is older than NONCE_GAP_SECONDS, however recent the others are."""
-    assert ledger.reserve_nonce("0xabc", 5, 100.0) == 5
-    handed = [ledger.reserve_nonce("0xabc", 5, 100.0 + t) for t in range(1, 8)]
+    assert ledger.reserve_nonce("0xabc", 5, 5, 100.0) == 5
+    handed = [ledger.reserve_nonce("0xabc", 5, 5, 100.0 + t) for t in range(1, 8)]
     assert handed[: int(NONCE_GAP_SECONDS)] == list(range(6, 6 + int(NONCE_GAP_SECONDS)))
     assert 5 in handed[int(NONCE_GAP_SECONDS) :]
-    # once the chain has it, the queue behind it moves on
-    assert ledger.reserve_nonce("0xabc", 12, 120.0) == 12
+    # once the chain has mined it, the queue behind it moves on
+    assert ledger.reserve_nonce("0xabc", 12, 12, 120.0) == 12
 
 
 def test_a_transaction_dropped_from_the_mempool_frees_its_nonce(ledger: Ledger) -> None:
     for expected in (5, 6, 7):
-        assert ledger.reserve_nonce("0xabc", 5, 100.0) == expected
-    assert ledger.reserve_nonce("0xabc", 8, 101.0) == 8  # 5-7 seen by the chain
-    # 8 was dropped; the chain is back at 8 and 9 waits behind it
-    assert ledger.reserve_nonce("0xabc", 8, 101.0 + NONCE_GAP_SECONDS + 1) == 8
+        assert ledger.reserve_nonce("0xabc", 5, 5, 100.0) == expected
+    assert ledger.reserve_nonce("0xabc", 8, 8, 101.0) == 8  # 5-7 mined
+    # 8 was dropped from the mempool: the chain is back at 8 and 9 waits behind it
+    assert ledger.reserve_nonce("0xabc", 8, 8, 101.5) == 9
+    assert ledger.reserve_nonce("0xabc", 8, 8, 101.0 + NONCE_GAP_SECONDS + 1) == 8
 
 
 def test_nonce_reset_chain_starts_over(ledger: Ledger) -> None:
     for _ in range(3):
-        ledger.reserve_nonce("0xabc", 400, 100.0)
-    assert ledger.reserve_nonce("0xabc", 0, 100.0) == 0
+        ledger.reserve_nonce("0xabc", 400, 400, 100.0)
+    assert ledger.reserve_nonce("0xabc", 0, 0, 100.0) == 0
 
 
 def test_one_holder_of_a_fleet_lease_at_a_time(ledger: Ledger) -> None:
@@ -159,7 +166,7 @@ def test_a_database_of_the_previous_release_is_upgraded(url: str, tmp_path: Path
     assert kept is not None and kept["payment_key"] == row["payment_key"]
     assert kept["header"] is None and kept["log_index"] is None
     assert book.take(row["id"], 1.0, 30.0)
-    assert book.reserve_nonce("0xabc", 3, 1.0) == 3
+    assert book.reserve_nonce("0xabc", 3, 3, 1.0) == 3
     book.engine.dispose()
 
 
