@@ -144,6 +144,7 @@ def dev_settings(chain: DevChain, database_url: str) -> Settings:
         sms_provider="outbox",
         database_url=database_url,
         quote_rate_limit="600/minute",
+        worker_interval_seconds=2.0,
     )
 
 

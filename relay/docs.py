@@ -16,6 +16,7 @@ import simplejson
 from flask import Blueprint, Response, current_app
 
 from relay.errors import RelayError, all_error_classes
+from relay.flows import FINAL_STATES, REFUND_STATES, UNFINISHED
 from relay.inputs import MAX_MESSAGE_CHARS, MAX_TO_CHARS, MAX_TOKEN_CHARS
 from relay.settings import Settings
 
@@ -326,7 +327,7 @@ def _send_schemas() -> dict[str, Any]:
         "properties": {
             "transaction": TX_HASH,
             "amount_atomic": ATOMIC,
-            "state": {"enum": ["sending", "pending", "confirmed", "failed"]},
+            "state": {"enum": list(REFUND_STATES)},
         },
     }
     status = _obj(
@@ -352,7 +353,7 @@ def _send_schemas() -> dict[str, Any]:
                     "price_usd": USD,
                     "network": {"type": ["string", "null"]},
                     "transaction": TX_HASH,
-                    "state": {"type": ["string", "null"]},
+                    "state": {"enum": [*UNFINISHED, *FINAL_STATES, None]},
                 }
             ),
             "refund": refund,

@@ -170,6 +170,9 @@ ANSWERED_STATES = (*FINAL_STATES, "dispatch_failed")
 SETTLING = ("settling", "settle_pending", "settle_unknown")
 UNFINISHED = (*SETTLING, "settled", "dispatching", "dispatch_unknown", "dispatch_failed")
 EXPIRY_MARGIN_SECONDS = 60
+#: Every state a refund record can be in: signed (recorded, not yet broadcast), pending,
+#: confirmed, reverted or replaced (a new one is signed), failed (could not be signed).
+REFUND_STATES = ("signed", "pending", "confirmed", "reverted", "replaced", "failed")
 CANCELED = "authorization_canceled"
 CREDITED_ELSEWHERE = "transfer_already_credited"
 

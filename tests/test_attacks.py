@@ -28,7 +28,7 @@ from relay.payments import NOT_PAID, VALIDITY_TOO_LONG
 from relay.services import Services, build_services
 from relay.settings import Settings
 from tests.chain_attacks import Authorization, authorize, batch, cancel, wait_for
-from tests.conftest import SINCH_PLAN, SINCH_TOKEN, Wallet, sinch_overrides
+from tests.conftest import SINCH_PLAN, SINCH_TOKEN, Wallet, new_wallet, sinch_overrides
 from tests.fake_sinch import FakeSinch
 from tests.x402_helpers import client_for, header, pay, pay_payload, signed
 
@@ -350,3 +350,68 @@ def test_concurrent_replays_of_a_lost_settlement_broadcast_once(
     wait_for(lambda: send(app.test_client(), body, signature).status_code == 200)
     assert len(services.ledger.outbox_messages()) == 1
     assert chain.usdc_balance(payer.address) == FUNDS - PRICE
+
+
+# 3. A refund key equal to the settler key shares its nonce reservations --------------------
+
+
+def test_refunds_from_the_settler_key_share_its_nonces(
+    paid_settings: Callable[..., Settings], chain: DevChain
+) -> None:
+    """Sinch refuses everything; six paid sends at once with REFUND_PRIVATE_KEY equal to
+    SETTLER_PRIVATE_KEY: settlements and refunds take turns on one account's nonces, and
+    all of them are mined."""
+    settler = chain.accounts[0]
+    chain.mint(settler.address, 6 * PRICE)
+    with FakeSinch(plan_id=SINCH_PLAN, token=SINCH_TOKEN) as fake:
+        fake.script(*[{"status": 400, "code": "syntax_invalid_parameter_format"}] * 6)
+        settings = paid_settings(
+            refund_private_key=settler.private_key, **sinch_overrides(fake.base_url)
+        )
+        app = create_app(services=build_services(settings))
+        payers = [new_wallet(chain, 1_000_000) for _ in range(6)]
+        bodies = [{"message": f"Same key {i}", "to": US} for i in range(6)]
+        signatures = [
+            pay(challenge(app.test_client(), body), p.key)
+            for body, p in zip(bodies, payers, strict=True)
+        ]
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(
+                pool.map(lambda i: send(app.test_client(), bodies[i], signatures[i]), range(6))
+            )
+    assert [a.status_code for a in answers] == [502] * 6
+    assert [a.get_json()["refund"]["state"] for a in answers] == ["confirmed"] * 6
+    assert all(chain.usdc_balance(p.address) == 1_000_000 for p in payers)
+    assert chain.usdc_balance(settings.pay_to_address) == 6 * PRICE
+
+
+# 6. A settler nonce reserved and never broadcast ------------------------------------------
+
+
+def test_a_nonce_reserved_by_a_crashed_process_is_filled_under_steady_traffic(
+    paid_settings: Callable[..., Settings], chain: DevChain
+) -> None:
+    """A process reserved the settler's next nonce and died before broadcasting. Paid
+    sends keep arriving, one every half second; the later transactions queue behind the
+    gap until a settlement re-uses the abandoned nonce, and every send is paid and sent."""
+    app = create_app(services=build_services(paid_settings(settlement_timeout_seconds=10)))
+    services = services_of(app)
+    settler = chain.accounts[0].address
+    pending = chain.w3.eth.get_transaction_count(settler, "pending")
+    latest = chain.w3.eth.get_transaction_count(settler, "latest")
+    assert services.ledger.reserve_nonce(settler, pending, latest, time.time()) == pending
+    payers = [new_wallet(chain, 1_000_000) for _ in range(14)]
+    bodies = [{"message": f"Steady {i}", "to": US} for i in range(len(payers))]
+    signatures = [
+        pay(challenge(app.test_client(), body), p.key)
+        for body, p in zip(bodies, payers, strict=True)
+    ]
+    with ThreadPoolExecutor(len(payers)) as pool:
+        futures = []
+        for body, signature in zip(bodies, signatures, strict=True):
+            futures.append(pool.submit(send, app.test_client(), body, signature))
+            time.sleep(0.5)
+        answers = [f.result() for f in futures]
+    assert [a.status_code for a in answers] == [200] * len(payers), [a.get_json() for a in answers]
+    assert all(chain.usdc_balance(p.address) == 1_000_000 - PRICE for p in payers)
+    assert chain.w3.eth.get_transaction_count(settler, "latest") == latest + len(payers)

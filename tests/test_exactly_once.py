@@ -6,6 +6,10 @@ Runs `relay serve` processes against a real local chain, on SQLite and on Postgr
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -15,16 +19,17 @@ from typing import Any
 import pytest
 import requests
 from flask.testing import FlaskClient
+from sqlalchemy import update
 
 from relay.app import create_app
 from relay.devchain import DevChain
-from relay.ledger import Ledger
+from relay.ledger import Ledger, messages, outbox, payments
 from relay.services import build_services
-from relay.settings import Settings
+from relay.settings import Settings, load_settings
 from tests.chain_attacks import wait_for
 from tests.conftest import SINCH_PLAN, SINCH_TOKEN, Wallet, new_wallet, sinch_overrides
 from tests.fake_sinch import FakeSinch
-from tests.processes import RelayProcess
+from tests.processes import REPO, RelayProcess
 from tests.x402_helpers import pay
 
 US = "+13012576365"
@@ -279,3 +284,49 @@ def test_settlement_timeout_answers_202_then_200(
     ledger = app.extensions["relay"].ledger
     assert len(ledger.outbox_messages()) == 1
     assert chain.usdc_balance(payer.address) == 10_000_000 - PRICE
+
+
+def test_the_procfile_worker_finishes_a_payment_a_crash_left(
+    chain: DevChain, payer: Wallet, tmp_path: Path
+) -> None:
+    """The Procfile's `worker` line, run as written: a payment left settled but not
+    dispatched (the process died in between) is dispatched without any request."""
+    env = relay_env(chain, f"sqlite:///{tmp_path / 'relay.db'}", WORKER_INTERVAL_SECONDS="1")
+    settings = load_settings(env, env_file=None)
+    app = create_app(services=build_services(settings))
+    client = app.test_client()
+    body = {"message": "Worker finishes me", "to": US}
+    head = client.post("/api/send", json=body).headers["PAYMENT-REQUIRED"]
+    paid = {"PAYMENT-SIGNATURE": pay(head, payer.key)}
+    first = client.post("/api/send", json=body, headers=paid)
+    assert first.status_code == 200, first.get_data(as_text=True)
+    ledger = app.extensions["relay"].ledger
+    with ledger.begin() as conn:
+        conn.execute(messages.delete())
+        conn.execute(outbox.delete())
+        conn.execute(
+            update(payments).values(
+                state="settled", body=body["message"], response_status=None, lease_until=None
+            )
+        )
+    command = next(
+        line.split(":", 1)[1].strip()
+        for line in (REPO / "Procfile").read_text().splitlines()
+        if line.startswith("worker:")
+    )
+    path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+    worker = subprocess.Popen(
+        command, shell=True, cwd=tmp_path, env={**env, "PATH": path}, start_new_session=True
+    )
+    try:
+        wait_for(lambda: len(ledger.outbox_messages()) == 1)
+        wait_for(lambda: ledger.list_payments()[0]["state"] == "dispatched")
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait(10)
+    replay = client.post("/api/send", json=body, headers=paid)
+    assert replay.status_code == 200, replay.get_data(as_text=True)
+    (sms,) = ledger.outbox_messages()
+    assert replay.get_json()["message_id"] == sms["message_id"]
+    assert chain.usdc_balance(payer.address) == 10_000_000 - PRICE
+    assert sms["body"].startswith("Worker finishes me")

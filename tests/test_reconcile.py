@@ -17,9 +17,11 @@ from x402.http import decode_payment_required_header
 from relay import flows
 from relay.app import create_app
 from relay.devchain import DevChain
+from relay.devstack import DevStack
 from relay.ledger import messages, outbox, payments, refunds
 from relay.services import Services, build_services
 from relay.settings import Settings
+from tests.chain_attacks import wait_for
 from tests.conftest import SINCH_PLAN, SINCH_TOKEN, Wallet, new_wallet, sinch_overrides
 from tests.fake_sinch import FakeSinch
 from tests.x402_helpers import pay
@@ -220,3 +222,16 @@ def test_a_dropped_pending_settlement_fails_once_expired(
     assert final.get_json()["details"]["reason"] == "expired"
     assert chain.usdc_balance(payer.address) == 10_000_000
     assert services.ledger.outbox_messages() == []
+
+
+def test_relay_dev_runs_the_reconciler() -> None:
+    """`relay dev` finishes a payment a crash left behind without any request."""
+    with DevStack.start(port=0, say=lambda _: None) as stack:
+        stack.demo(lambda _: None)
+        services = stack.services
+        with services.ledger.begin() as conn:
+            conn.execute(delete(outbox))
+            conn.execute(delete(messages))
+        payment_id = rewind(services, "settled", message_id=None, body="Reconcile me")
+        wait_for(lambda: len(services.ledger.outbox_messages()) == 1)
+        wait_for(lambda: services.ledger.payment(payment_id)["state"] == "dispatched")  # type: ignore[index]
