@@ -9,10 +9,11 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from relay import flows
-from relay.errors import NotFound, RateLimited, Unauthorized
+from relay.errors import NotFound, Unauthorized
 from relay.inputs import parse_json_object, parse_message_request
 from relay.payments import PAYMENT_HEADERS
 from relay.pricing import token_prices
+from relay.ratelimit import rate_key
 from relay.services import Services
 
 api = Blueprint("relay", __name__)
@@ -29,20 +30,23 @@ def client_address() -> str:
     return request.remote_addr or "unknown"
 
 
+def client_key() -> str:
+    """Whom limits count against: the caller's IPv4 address, or its IPv6 /64 (one host
+    commonly holds a whole /64)."""
+    return rate_key(client_address())
+
+
 @api.post("/api/quote")
 def post_quote() -> Response:
     """Moderate and price a message; answer a signed quote (SPEC §3)."""
     svc = services()
-    limit_quotes(svc)
-    req = parse_message_request(parse_json_object(request.get_data()), allow_token=False)
+    flows.limit_model_calls(svc, client_key())
+    req = parse_message_request(
+        parse_json_object(request.get_data()),
+        allow_token=False,
+        max_message_chars=svc.settings.max_message_chars,
+    )
     return jsonify(quote_body(svc, flows.quote(svc, req)))
-
-
-def limit_quotes(svc: Services) -> None:
-    """Each quote may cost an LLM call: QUOTE_RATE_LIMIT per client address."""
-    wait = svc.quote_limiter.hit("quote", client_address())
-    if wait is not None:
-        raise RateLimited(retry_after=wait, details={"limit": svc.settings.quote_rate_limit})
 
 
 def quote_body(svc: Services, q: flows.Quote) -> dict[str, Any]:
@@ -189,13 +193,16 @@ def post_send() -> Response:
     require_password(svc)
     raw = request.get_data()
     paying = any(name in request.headers for name in PAYMENT_HEADERS)
-    if not paying:
-        limit_quotes(svc)
     if not raw.strip() and not paying:
+        flows.limit_model_calls(svc, client_key())  # unpaid traffic shares the quote limit
         outcome = flows.probe(svc, resource_url(svc))
     else:
-        req = parse_message_request(parse_json_object(raw), allow_token=True)
-        outcome = flows.send(svc, req, dict(request.headers), resource_url(svc))
+        req = parse_message_request(
+            parse_json_object(raw),
+            allow_token=True,
+            max_message_chars=svc.settings.max_message_chars,
+        )
+        outcome = flows.send(svc, req, dict(request.headers), resource_url(svc), client_key())
     response = jsonify(outcome.body)
     response.status_code = outcome.status
     response.headers.update(outcome.headers)
@@ -221,5 +228,5 @@ def sinch_webhook(secret: str) -> Response:
     if not expected or not hmac.compare_digest(secret.encode(), expected.encode()):
         raise NotFound()
     raw = request.get_data()
-    flows.sinch_callback(svc, parse_json_object(raw), raw, dict(request.headers))
-    return jsonify({"ok": True})
+    applied = flows.sinch_callback(svc, parse_json_object(raw), raw, dict(request.headers))
+    return jsonify({"ok": True} if applied else {"ok": True, "duplicate": True})

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import simplejson
-from flask import Flask, Response
+from flask import Flask, Response, request
 from flask.json.provider import JSONProvider
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
@@ -19,6 +21,8 @@ from relay.errors import (
     PayloadTooLarge,
     RelayError,
 )
+from relay.ledger import FORWARDED_NOTICE
+from relay.logs import hide_in_logs
 from relay.services import Services, build_services
 from relay.settings import Settings, load_settings
 
@@ -47,9 +51,10 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     """Build the relay app; settings default to the environment, services to the settings."""
     if services is None:
         services = build_services(settings or load_settings())
+    hide_in_logs(services.settings.secrets())
     app = Flask(__name__)
     app.json = DecimalJSONProvider(app)
-    app.config["MAX_CONTENT_LENGTH"] = services.settings.max_body_bytes
+    app.config["MAX_CONTENT_LENGTH"] = services.settings.body_limit
     app.extensions["relay"] = services
     hops = services.settings.trusted_proxy_hops
     if hops:
@@ -60,7 +65,76 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.register_blueprint(api)
     app.register_blueprint(docs)
     _register_error_handlers(app)
+    app.after_request(_cors(services.settings.cors_origin_list))
+    if not hops:
+        app.before_request(_warn_about_proxies(services))
+        _warn_if_proxied_before(services)
     return app
+
+
+#: What a browser agent needs: the x402 headers it sends, and those it must read.
+CORS_ALLOW_HEADERS = "Content-Type, PAYMENT-SIGNATURE, X-PAYMENT, X-Pay-Password"
+CORS_EXPOSE_HEADERS = "PAYMENT-REQUIRED, PAYMENT-RESPONSE, X-PAYMENT-RESPONSE, Retry-After"
+CORS_MAX_AGE_SECONDS = 600
+
+
+def _cors(origins: tuple[str, ...]) -> Callable[[Response], Response]:
+    """CORS for browser agents (CORS_ORIGINS): preflights answered, x402 headers allowed
+    and exposed. No cookies are used, so no credentials are ever allowed."""
+
+    def add_headers(response: Response) -> Response:
+        origin = request.headers.get("Origin")
+        if not origin or not origins:
+            return response
+        if "*" in origins:
+            response.headers["Access-Control-Allow-Origin"] = "*"
+        elif origin.rstrip("/") in origins:
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.vary.add("Origin")
+        else:
+            return response
+        response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSE_HEADERS
+        if request.method == "OPTIONS":
+            response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+            response.headers["Access-Control-Allow-Headers"] = CORS_ALLOW_HEADERS
+            response.headers["Access-Control-Max-Age"] = str(CORS_MAX_AGE_SECONDS)
+        return response
+
+    return add_headers
+
+
+def _warn_about_proxies(services: Services) -> Callable[[], None]:
+    """With TRUSTED_PROXY_HOPS=0 every client behind a proxy shares the proxy's address
+    (one rate limit for all): say so once per process, and note it for `relay doctor`."""
+    warned = threading.Event()
+
+    def check() -> None:
+        if warned.is_set() or "X-Forwarded-For" not in request.headers:
+            return
+        warned.set()
+        log.warning(
+            "requests arrive with X-Forwarded-For but TRUSTED_PROXY_HOPS=0: every client "
+            "behind the proxy shares one address and one rate limit"
+        )
+        try:
+            services.ledger.note(FORWARDED_NOTICE, services.clock())
+        except Exception:  # a note for the operator must never fail a request
+            log.warning("could not record the proxy notice")
+
+    return check
+
+
+def _warn_if_proxied_before(services: Services) -> None:
+    """The start-up log repeats the warning when a proxy was seen before."""
+    try:
+        seen = services.ledger.noted(FORWARDED_NOTICE)
+    except Exception:
+        return
+    if seen is not None:
+        log.warning(
+            "earlier requests arrived with X-Forwarded-For but TRUSTED_PROXY_HOPS=0: set it "
+            "to the number of proxies in front, or every client shares one rate limit"
+        )
 
 
 def error_response(error: RelayError) -> Response:

@@ -58,10 +58,12 @@ def serve(args: argparse.Namespace) -> int:
 
 def worker(_args: argparse.Namespace) -> int:
     """Finish stalled payments and pending refunds continuously (the Procfile's worker)."""
+    from relay.logs import hide_in_logs
     from relay.services import build_services
     from relay.worker import Worker
 
     settings = load_settings()
+    hide_in_logs(settings.secrets())
     signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         services = None

@@ -17,7 +17,7 @@ from flask import Blueprint, Response, current_app
 
 from relay.errors import RelayError, all_error_classes
 from relay.flows import FINAL_STATES, REFUND_STATES, UNFINISHED
-from relay.inputs import MAX_MESSAGE_CHARS, MAX_TO_CHARS, MAX_TOKEN_CHARS
+from relay.inputs import MAX_TO_CHARS, MAX_TOKEN_CHARS
 from relay.settings import Settings
 
 docs = Blueprint("docs", __name__)
@@ -183,11 +183,11 @@ TX_HASH: dict[str, Any] = {"type": ["string", "null"], "description": "Transacti
 TIMESTAMP: dict[str, Any] = {"type": "number", "description": "Unix time in seconds."}
 
 
-def _request_schemas() -> dict[str, Any]:
+def _request_schemas(settings: Settings) -> dict[str, Any]:
     message = {
         "type": "string",
         "minLength": 1,
-        "maxLength": MAX_MESSAGE_CHARS,
+        "maxLength": settings.max_message_chars,
         "description": "The SMS text. Priced as submitted; the opt-out line is added at dispatch.",
     }
     to = {
@@ -522,9 +522,9 @@ def _misc_schemas() -> dict[str, Any]:
     return {"Pricing": pricing, "Health": health}
 
 
-def _schemas() -> dict[str, Any]:
+def _schemas(settings: Settings) -> dict[str, Any]:
     return {
-        **_request_schemas(),
+        **_request_schemas(settings),
         **_quote_schemas(),
         **_send_schemas(),
         **_x402_schemas(),
@@ -741,8 +741,15 @@ def _webhook_operation() -> dict[str, Any]:
         },
         "responses": {
             "200": {
-                "description": "Applied.",
-                "content": {"application/json": {"schema": _obj({"ok": {"const": True}}, ["ok"])}},
+                "description": "Applied; or, with `duplicate`, a replay of a signed call "
+                "already applied, acknowledged and not applied again.",
+                "content": {
+                    "application/json": {
+                        "schema": _obj(
+                            {"ok": {"const": True}, "duplicate": {"const": True}}, ["ok"]
+                        )
+                    }
+                },
             },
             **_error_responses(WEBHOOK_CODES),
         },
@@ -847,7 +854,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
             **_plain_operations(),
         },
         "components": {
-            "schemas": _schemas(),
+            "schemas": _schemas(settings),
             "headers": _headers(),
             "parameters": _parameters(),
             "securitySchemes": {

@@ -41,7 +41,7 @@ from web3.exceptions import BadFunctionCallOutput, ContractLogicError
 from x402.http import FacilitatorConfig, HTTPFacilitatorClientSync
 
 from relay.devchain import load_abi
-from relay.ledger import SCHEMA_VERSION, Ledger, missing_sqlite_file
+from relay.ledger import FORWARDED_NOTICE, SCHEMA_VERSION, Ledger, missing_sqlite_file
 from relay.moderation import GEMINI_API_VERSION, GEMINI_DEFAULT_BASE_URL
 from relay.settings import Settings, read_settings
 
@@ -95,7 +95,7 @@ def run_checks(
     reading the environment (``read_settings``); by default those of ``settings``."""
     found = settings.problems() if problems is None else list(problems)
     checks = [_configuration(found), *_run_probes(settings, PROBES, timeout)]
-    secrets = _secrets(settings)
+    secrets = settings.secrets()
     return [_scrubbed(check, secrets) for check in checks]
 
 
@@ -465,6 +465,31 @@ def check_sinch(settings: Settings) -> tuple[Status, str]:
 
 
 #: The checks after configuration, in report order; each runs in its own thread.
+# --- 10. proxies ---------------------------------------------------------------------------
+
+
+def check_proxies(settings: Settings) -> tuple[Status, str]:
+    """Clients are told apart: behind a proxy, TRUSTED_PROXY_HOPS must count it."""
+    if settings.trusted_proxy_hops:
+        return "PASS", f"TRUSTED_PROXY_HOPS={settings.trusted_proxy_hops}"
+    try:
+        ledger = Ledger.open_existing(settings.database_url)
+    except Exception:
+        return "SKIP", "database unavailable"
+    try:
+        seen = ledger.noted(FORWARDED_NOTICE)
+    finally:
+        ledger.engine.dispose()
+    if seen is None:
+        return "PASS", "no request arrived through a proxy (TRUSTED_PROXY_HOPS=0)"
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(seen))
+    return "FAIL", (
+        f"requests arrived with X-Forwarded-For ({when}) but TRUSTED_PROXY_HOPS=0: every "
+        "client behind the proxy shares one address and one rate limit; set "
+        "TRUSTED_PROXY_HOPS to the number of proxies in front"
+    )
+
+
 PROBES: tuple[tuple[str, Probe], ...] = (
     ("database", check_database),
     ("rpc", check_rpc),
@@ -474,6 +499,7 @@ PROBES: tuple[tuple[str, Probe], ...] = (
     ("refund wallet", check_refund_wallet),
     ("gemini", check_gemini),
     ("sinch", check_sinch),
+    ("proxies", check_proxies),
 )
 
 
@@ -577,40 +603,6 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
 
 
 # --- keeping secrets out --------------------------------------------------------------------
-
-
-def _secrets(settings: Settings) -> list[str]:
-    """Every configured secret, and URL parts that commonly carry keys."""
-    values: list[str | None] = [*settings.secrets()]
-    values.append(_url_password(settings.database_url))
-    for url in (
-        settings.rpc_url,
-        settings.facilitator_url,
-        settings.gemini_base_url,
-        settings.sinch_base_url,
-    ):
-        values += _url_secrets(url or "")
-    found = {v for value in values if value for v in (value, value.removeprefix("0x"))}
-    return sorted((v for v in found if len(v) >= 6), key=len, reverse=True)
-
-
-def _url_password(url: str) -> str | None:
-    try:
-        return urlsplit(url).password
-    except ValueError:
-        return url
-
-
-def _url_secrets(url: str) -> list[str]:
-    """The password, long path segments and query values of an API URL (where keys go)."""
-    try:
-        parts = urlsplit(url)
-        pieces = [parts.password or ""]
-    except ValueError:
-        return [url]
-    pieces += [p for p in parts.path.split("/") if len(p) >= 16]
-    pieces += [v for item in parts.query.split("&") for v in item.split("=")[1:] if len(v) >= 8]
-    return pieces
 
 
 def _scrubbed(check: Check, secrets: Sequence[str]) -> Check:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import secrets
@@ -20,6 +21,7 @@ from relay.errors import (
     PaymentSettlementFailed,
     PaymentVerifyFailed,
     QuoteAlreadyUsed,
+    RateLimited,
     RecipientOptedOut,
     Rejected,
     RelayError,
@@ -52,6 +54,7 @@ from relay.quote_tokens import QuoteClaims, message_sha256
 from relay.segments import SegmentInfo, count_segments, smart_encode, validate_text
 from relay.services import Services
 from relay.sinch import (
+    SIGNATURE_TOLERANCE_SECONDS,
     DeliveryReport,
     InboundMessage,
     SmsDispatchError,
@@ -212,18 +215,33 @@ def order_for(services: Services, req: MessageRequest) -> Order:
     return Order(to, text, claims.segments, claims.price_atomic, claims.quote_id)
 
 
+def limit_model_calls(services: Services, client: str) -> None:
+    """QUOTE_RATE_LIMIT per client: every request that may call the model (a quote, a
+    one-shot send, paid or not) and every unpaid send counts, in the shared storage."""
+    wait = services.quote_limiter.hit("quote", client)
+    if wait is not None:
+        raise RateLimited(retry_after=wait, details={"limit": services.settings.quote_rate_limit})
+
+
 def send(
-    services: Services, req: MessageRequest, headers: Mapping[str, str], resource_url: str
+    services: Services,
+    req: MessageRequest,
+    headers: Mapping[str, str],
+    resource_url: str,
+    client: str,
 ) -> Outcome:
     """Challenge, or verify → claim → settle → dispatch (SPEC §2, §9, §11).
 
-    A payment seen before gets its stored answer first, even once its quote has expired.
+    A payment seen before gets its stored answer first, even once its quote has expired;
+    anything else that is unpaid or may call the model counts against the client's limit.
     """
     payments = services.payments
     parsed = payments.parse_payment(headers)
     stored = None if parsed is None else replay(services, parsed)
     if stored is not None:
         return stored
+    if parsed is None or req.quote_token is None:
+        limit_model_calls(services, client)
     order = order_for(services, req)
     requirements = payments.requirements(order.amount_atomic)
     if parsed is None:
@@ -824,13 +842,21 @@ def message_status(services: Services, message_id: str) -> dict[str, Any] | None
 
 def sinch_callback(
     services: Services, payload: dict[str, Any], raw: bytes, headers: Mapping[str, str]
-) -> None:
-    """Apply a Sinch delivery report or inbound text."""
+) -> bool:
+    """Apply a Sinch delivery report or inbound text; False for a replay of a signed call
+    already applied (acknowledged, not applied twice)."""
     signing = services.settings.sinch_signing_secret
-    if signing and not verify_signature(signing, raw, headers, services.clock()):
-        raise Unauthorized("The callback signature is not valid.")
-    event = parse_callback(payload)
     now = services.clock()
+    if signing:
+        if not verify_signature(signing, raw, headers, now):
+            raise Unauthorized("The callback signature is not valid.")
+        signature = {k.lower(): v for k, v in headers.items()}["x-sinch-webhook-signature"]
+        digest = hashlib.sha256(signature.encode()).hexdigest()
+        forget = now - 2 * SIGNATURE_TOLERANCE_SECONDS
+        if not services.ledger.first_sight(digest, now, forget):
+            log.info("sinch callback replayed; ignored")
+            return False
+    event = parse_callback(payload)
     if isinstance(event, DeliveryReport):
         services.ledger.update_message_status(
             event.batch_id, event.status, now, event.provider_status
@@ -840,6 +866,7 @@ def sinch_callback(
         if action is not None:
             services.ledger.set_opt_out(event.sender, action == "stop", now)
             log.info("opt-%s from %s", "out" if action == "stop" else "in", mask(event.sender))
+    return True
 
 
 # Reconciliation ----------------------------------------------------------------------

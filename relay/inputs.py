@@ -9,12 +9,14 @@ from typing import Any, NoReturn
 
 from relay.errors import InvalidInput
 
-MAX_MESSAGE_CHARS = 5000
 MAX_TO_CHARS = 64
 MAX_TOKEN_CHARS = 2048
 MAX_JSON_DEPTH = 32
-_JSON_STRING = re.compile(rb'"(?:\\.|[^"\\])*"')
-_BRACKETS = re.compile(rb"[\[\]{}]")
+#: The bytes that matter to nesting: quotes, backslashes and brackets.
+_SIGNIFICANT = re.compile(rb'["\\\[\]{}]')
+_QUOTE, _BACKSLASH = ord('"'), ord("\\")
+_OPEN = frozenset(b"[{")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -53,11 +55,31 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
 
 
 def _nesting_depth(raw: bytes) -> int:
-    """The deepest bracket nesting outside strings; checked before the C parser recurses."""
+    """The deepest bracket nesting outside strings, in one linear pass that stops as soon as
+    it passes MAX_JSON_DEPTH; checked before the C parser recurses."""
     depth = deepest = 0
-    for bracket in _BRACKETS.findall(_JSON_STRING.sub(b"", raw)):
-        depth += 1 if bracket in (b"[", b"{") else -1
-        deepest = max(deepest, depth)
+    in_string = False
+    escaped_at = -1  # the position a backslash inside a string escapes
+    for match in _SIGNIFICANT.finditer(raw):
+        position = match.start()
+        if position == escaped_at:
+            continue
+        byte = raw[position]
+        if in_string:
+            if byte == _BACKSLASH:
+                escaped_at = position + 1
+            elif byte == _QUOTE:
+                in_string = False
+        elif byte == _QUOTE:
+            in_string = True
+        elif byte in _OPEN:
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > MAX_JSON_DEPTH:
+                    return deepest
+        elif byte != _BACKSLASH:
+            depth -= 1
     return deepest
 
 
@@ -71,11 +93,22 @@ def _string(data: dict[str, Any], name: str, limit: int, *, required: bool) -> s
         _fail(f"'{name}' must be a string.", field=name, reason="wrong_type")
     if len(value) > limit:
         _fail(f"'{name}' is longer than {limit} characters.", field=name, reason="too_long")
+    surrogate = _LONE_SURROGATE.search(value)
+    if surrogate is not None:
+        _fail(
+            f"'{name}' contains an unpaired surrogate (U+{ord(surrogate.group()):04X}).",
+            field=name,
+            reason="lone_surrogate",
+            position=surrogate.start(),
+        )
     return value
 
 
-def parse_message_request(data: dict[str, Any], *, allow_token: bool) -> MessageRequest:
-    """Validate the fields of a quote (allow_token=False) or send request."""
+def parse_message_request(
+    data: dict[str, Any], *, allow_token: bool, max_message_chars: int
+) -> MessageRequest:
+    """Validate the fields of a quote (allow_token=False) or send request; ``message`` may
+    be as long as the longest message MAX_SEGMENTS allows (Settings.max_message_chars)."""
     allowed = {"message", "to", "smart_encoding"} | ({"quote_token"} if allow_token else set())
     unknown = sorted(set(data) - allowed)
     if unknown:
@@ -86,7 +119,7 @@ def parse_message_request(data: dict[str, Any], *, allow_token: bool) -> Message
             "'smart_encoding' must be true or false.", field="smart_encoding", reason="wrong_type"
         )
     return MessageRequest(
-        message=_string(data, "message", MAX_MESSAGE_CHARS, required=True) or "",
+        message=_string(data, "message", max_message_chars, required=True) or "",
         to=_string(data, "to", MAX_TO_CHARS, required=True) or "",
         quote_token=_string(data, "quote_token", MAX_TOKEN_CHARS, required=False),
         smart_encoding=smart,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -167,6 +169,26 @@ nonce_reservations = Table(
     Column("reserved_at", Float, nullable=False),
 )
 
+#: Signed webhook calls seen recently: a captured call replayed inside its time window is
+#: recognised by every process.
+webhook_calls = Table(
+    "webhook_calls",
+    metadata,
+    Column("digest", String(64), primary_key=True),
+    Column("seen_at", Float, nullable=False, index=True),
+)
+
+#: Things a process noticed for the operator (shown by `relay doctor`), by name.
+notices = Table(
+    "notices",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("noted_at", Float, nullable=False),
+)
+
+#: Requests arrived with X-Forwarded-For while TRUSTED_PROXY_HOPS was 0.
+FORWARDED_NOTICE = "forwarded_without_trusted_hops"
+
 #: Fleet-wide leases (e.g. which process runs the reconciler now).
 leases = Table(
     "leases",
@@ -196,6 +218,8 @@ def make_engine(url: str) -> Engine:
         "json_serializer": _dump_json,
         "json_deserializer": _load_json,
     }
+    # Errors never carry bound parameters (message texts, phone numbers) into logs.
+    json_options["hide_parameters"] = True
     if not url.startswith("sqlite"):
         return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, **json_options)
     engine = create_engine(
@@ -516,6 +540,35 @@ class Ledger:
             return None
         return nonce
 
+    # Notices for the operator --------------------------------------------------------
+    def note(self, name: str, now: float) -> None:
+        """Remember that ``name`` was noticed (the latest time wins)."""
+        with self.engine.begin() as conn:
+            if conn.execute(
+                update(notices).where(notices.c.name == name).values(noted_at=now)
+            ).rowcount:
+                return
+        with contextlib.suppress(IntegrityError), self.engine.begin() as conn:
+            conn.execute(insert(notices).values(name=name, noted_at=now))
+
+    def noted(self, name: str) -> float | None:
+        """When ``name`` was last noticed, if ever."""
+        row = self._first(select(notices.c.noted_at).where(notices.c.name == name))
+        return None if row is None else float(row["noted_at"])
+
+    # Webhook replays ---------------------------------------------------------------
+    def first_sight(self, digest: str, now: float, forget_before: float) -> bool:
+        """Record a signed call; False if it was seen already (a replay). Calls seen before
+        ``forget_before`` are forgotten (their signatures have expired)."""
+        with self.engine.begin() as conn:
+            conn.execute(delete(webhook_calls).where(webhook_calls.c.seen_at < forget_before))
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(webhook_calls).values(digest=digest, seen_at=now))
+        except IntegrityError:
+            return False
+        return True
+
     # Fleet leases ------------------------------------------------------------------
     def acquire_lease(self, name: str, holder: str, now: float, seconds: float) -> bool:
         """Take or renew the lease ``name`` for ``holder``; False while another holds it."""
@@ -663,3 +716,15 @@ class LedgerVerdictCache:
     def put(self, key: str, verdict: Verdict) -> None:
         """Remember a verdict."""
         self._ledger.put_verdict(key, verdict.to_dict(), self._clock())
+
+    def claim(self, key: str, holder: str, seconds: float) -> bool:
+        """The fleet-wide right to moderate KEY now (a lease in the database)."""
+        return self._ledger.acquire_lease(_lease_name(key), holder, self._clock(), seconds)
+
+    def release(self, key: str, holder: str) -> None:
+        """Give the right to moderate KEY up."""
+        self._ledger.release_lease(_lease_name(key), holder)
+
+
+def _lease_name(key: str) -> str:
+    return "moderation:" + hashlib.sha256(key.encode()).hexdigest()[:48]

@@ -1,8 +1,12 @@
-"""Access logs without secrets: the Sinch callback path carries SINCH_CALLBACK_SECRET."""
+"""Logs without secrets: the Sinch callback path carries SINCH_CALLBACK_SECRET in access
+logs, and any record may quote a URL with a key or an exception naming one."""
 
 from __future__ import annotations
 
+import logging
 import re
+import threading
+from collections.abc import Iterable
 from typing import Any
 
 from gunicorn.glogging import Logger
@@ -25,3 +29,39 @@ class MaskedAccessLogger(Logger):  # type: ignore[misc]
             if isinstance(atoms.get(key), str):
                 atoms[key] = mask_path(atoms[key])
         return atoms
+
+
+class _ScrubbedRecord(logging.LogRecord):
+    """A log record whose message and traceback show every hidden value as ***."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.exc_info and _hidden:
+            self.exc_text = scrub(logging.Formatter().formatException(self.exc_info))
+
+    def getMessage(self) -> str:
+        """The formatted message, scrubbed."""
+        return scrub(super().getMessage())
+
+
+_hidden: tuple[str, ...] = ()
+_hidden_lock = threading.Lock()
+
+
+def hide_in_logs(values: Iterable[str]) -> None:
+    """From now on every log record of this process, from any library, shows these values
+    (keys, tokens, credentials in URLs) as ***."""
+    global _hidden
+    with _hidden_lock:
+        merged = set(_hidden) | {value for value in values if len(value) >= 6}
+        _hidden = tuple(sorted(merged, key=len, reverse=True))
+        if logging.getLogRecordFactory() is not _ScrubbedRecord:
+            logging.setLogRecordFactory(_ScrubbedRecord)
+
+
+def scrub(text: str) -> str:
+    """``text`` with every hidden value replaced by ***."""
+    for value in _hidden:
+        if value in text:
+            text = text.replace(value, "***")
+    return text

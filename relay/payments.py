@@ -364,6 +364,7 @@ class Payments:
         self._ready = False
         self._w3: Web3 | None = None
         self._pinged_at = float("-inf")
+        self._ping_failed = False
         self._block: tuple[float, int] | None = None
 
     # ------------------------------------------------------------------ the 402 challenge
@@ -618,16 +619,23 @@ class Payments:
     def ping(self) -> None:
         """Raise unless payments can be taken now: the chain (local) or facilitator answers.
 
-        Cached for a few seconds so health checks never hammer the RPC.
+        The answer, ready or not, is cached for a few seconds so health checks never hammer
+        the RPC, nor wait for its time-out on every call while it is down.
         """
         now = time.monotonic()
         if now - self._pinged_at < PING_CACHE_SECONDS:
+            if self._ping_failed:  # a dead RPC costs one timeout per PING_CACHE_SECONDS
+                raise _chain_unavailable()
             return
-        if self._is_remote():
-            self._ensure_ready()
-        elif not self._chain_up():
-            raise _chain_unavailable()
-        self._pinged_at = now
+        ready = False
+        try:
+            if self._is_remote():
+                self._ensure_ready()
+            elif not self._chain_up():
+                raise _chain_unavailable()
+            ready = True
+        finally:
+            self._pinged_at, self._ping_failed = time.monotonic(), not ready
 
     def close(self) -> None:
         """Release the facilitator's HTTP connections (remote mode)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import time
 
@@ -40,3 +41,17 @@ def lockout_rule(max_failures: int, lockout_seconds: int) -> str:
     """The limits notation for N failures per lock-out window."""
     parse(f"{max_failures}/{lockout_seconds} seconds")
     return f"{max_failures}/{lockout_seconds} seconds"
+
+
+def rate_key(address: str) -> str:
+    """The key a client's limits count under: an IPv4 address as it is, an IPv6 address
+    as its /64 network (anything else, e.g. "unknown", as it is)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network(f"{ip}/64", strict=False))
+    return str(ip)

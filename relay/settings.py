@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 from eth_account import Account
@@ -49,7 +50,8 @@ class Settings:
     max_segments: int = 10
     x402_network: str = "eip155:84532"
     usdc_address: str = ""
-    rpc_url: str = ""
+    # May carry an API key or a password: out of repr() (Settings.secrets() has its parts).
+    rpc_url: str = field(default="", repr=False)
     facilitator: Literal["local", "remote"] = "remote"
     facilitator_url: str = DEFAULT_FACILITATOR_URL
     settler_private_key: str | None = _secret()
@@ -74,10 +76,11 @@ class Settings:
     sinch_callback_secret: str | None = _secret()
     sinch_signing_secret: str | None = _secret()
     opt_out_line: str = "Reply STOP to opt out"
-    database_url: str = "sqlite:///relay.db"
+    database_url: str = field(default="sqlite:///relay.db", repr=False)
     quote_rate_limit: str = "30/minute"
     rate_limit_storage_url: str = "memory://"
     public_base_url: str | None = None
+    cors_origins: str = "*"
     trusted_proxy_hops: int = 0
     pay_password_max_failures: int = 5
     pay_password_lockout_seconds: int = 300
@@ -94,6 +97,25 @@ class Settings:
     def chain_id(self) -> int:
         """The EVM chain id of the configured CAIP-2 network."""
         return int(self.x402_network.split(":", 1)[1])
+
+    @property
+    def max_message_chars(self) -> int:
+        """A bound on `message` derived from MAX_SEGMENTS: no text longer than 160
+        characters a segment can fit (a character is at least one septet), so anything
+        longer is refused before it is counted; the segment count is the real limit
+        (422 message_too_long)."""
+        return 160 * self.max_segments
+
+    @property
+    def body_limit(self) -> int:
+        """The largest request body: MAX_BODY_BYTES, or more when the longest message,
+        written as JSON \\u escapes (6 bytes a character), needs it."""
+        return max(self.max_body_bytes, 6 * self.max_message_chars + 4096)
+
+    @property
+    def cors_origin_list(self) -> tuple[str, ...]:
+        """The browser origins allowed to call the API ("*" is any; empty is none)."""
+        return tuple(o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip())
 
     @property
     def v1_network(self) -> str:
@@ -115,9 +137,20 @@ class Settings:
         return self.sinch_base_url or f"https://{self.sinch_region}.sms.api.sinch.com"
 
     def secrets(self) -> list[str]:
-        """The values of every secret field (those kept out of repr), for scrubbing output."""
-        fields = (f.name for f in dataclasses.fields(self) if not f.repr)
-        return [value for name in fields if isinstance(value := getattr(self, name), str) and value]
+        """Every secret value, for scrubbing output and logs: the secret fields (those kept
+        out of repr), and the parts of service URLs where credentials go (password, long
+        path segments, query values); longest first, with and without a 0x prefix."""
+        values: list[str] = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, str) or not value:
+                continue
+            if f.name in _URL_FIELDS:  # a database URL's path is a file or database name
+                values += _url_secrets(value, paths=f.name != "database_url")
+            elif not f.repr:
+                values.append(value)
+        found = {v for value in values for v in (value, value.removeprefix("0x"))}
+        return sorted((v for v in found if len(v) >= 6), key=len, reverse=True)
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with some fields changed (tests and the dev stack use it)."""
@@ -126,6 +159,26 @@ class Settings:
     def problems(self) -> list[str]:
         """Every inconsistency between the fields, as human-readable lines."""
         return [p for check in _CHECKS for p in check(self)]
+
+
+#: Settings that are URLs of services, which may carry credentials.
+_URL_FIELDS = frozenset(
+    {"rpc_url", "database_url", "facilitator_url", "gemini_base_url", "sinch_base_url"}
+)
+
+
+def _url_secrets(url: str, *, paths: bool = True) -> list[str]:
+    """The password, long path segments (``paths``) and query values of a URL (where keys
+    go)."""
+    try:
+        parts = urlsplit(url)
+        pieces = [parts.password or ""]
+    except ValueError:
+        return [url]
+    if paths:
+        pieces += [p for p in parts.path.split("/") if len(p) >= 16]
+    pieces += [v for item in parts.query.split("&") for v in item.split("=")[1:] if len(v) >= 8]
+    return [piece for piece in pieces if piece]
 
 
 def _check_core(s: Settings) -> list[str]:
@@ -263,6 +316,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "QUOTE_RATE_LIMIT": _text,
     "RATE_LIMIT_STORAGE_URL": _text,
     "PUBLIC_BASE_URL": _text,
+    "CORS_ORIGINS": _text,
     "TRUSTED_PROXY_HOPS": _int,
     "PAY_PASSWORD_MAX_FAILURES": _int,
     "PAY_PASSWORD_LOCKOUT_SECONDS": _int,

@@ -236,7 +236,8 @@ def test_quote_and_its_errors_match_the_document(
     assert "smart_encoding" in ok.get_json()
     assert quote({"message": "hi"}).status_code == 400
     assert quote({"message": "Login at http://10.0.0.1/", "to": US}).status_code == 422
-    assert quote({"message": "x" * 2000, "to": US}).status_code == 422
+    assert quote({"message": "x" * 1600, "to": US}).status_code == 422
+    assert quote({"message": "x" * 1601, "to": US}).status_code == 400
     assert quote({"message": "hi", "to": "+19009001234"}).status_code == 422
 
 

@@ -15,8 +15,10 @@ import pytest
 from eth_account import Account
 
 from relay import doctor
+from relay.app import create_app
 from relay.devchain import DevChain, load_artifact
 from relay.ledger import SCHEMA_VERSION, Ledger
+from relay.services import build_services
 from relay.settings import Settings
 from tests.conftest import new_wallet
 from tests.fake_facilitator import FakeFacilitator
@@ -33,6 +35,7 @@ NAMES = [
     "refund wallet",
     "gemini",
     "sinch",
+    "proxies",
 ]
 PAY_PASSWORD = "pay-password-do-not-print"
 CALLBACK_SECRET = "callback-secret-do-not-print"
@@ -132,7 +135,7 @@ def test_all_green_configuration_passes_every_check(
     assert "an account without code" in rows["payTo"][1]
     assert "local; settler" in rows["facilitator"][1]
     assert "5 USDC" in rows["refund wallet"][1]
-    assert text.splitlines()[-1] == "all 9 checks passed (0 skipped)"
+    assert text.splitlines()[-1] == "all 10 checks passed (0 skipped)"
     # One tiny Gemini call with the key; one authorised Sinch listing, nothing sent.
     assert gemini.request_count == gemini_calls + 1
     assert gemini.requests[-1].headers["x-goog-api-key"] == FAKE_API_KEY
@@ -168,7 +171,7 @@ def test_development_modes_are_skipped_not_failed(
     assert rows["gemini"][0] == rows["sinch"][0] == rows["refund wallet"][0] == "SKIP"
     assert failed(rows) == []
     assert gemini.request_count == calls
-    assert text.splitlines()[-1] == "all 6 checks passed (3 skipped)"
+    assert text.splitlines()[-1] == "all 7 checks passed (3 skipped)"
 
 
 def test_render_is_a_plain_table() -> None:
@@ -401,3 +404,20 @@ def test_a_secret_in_a_detail_is_masked(
     monkeypatch.setattr(doctor, "PROBES", (("leaks", leaks),))
     (_, leak) = doctor.run_checks(settings)
     assert leak.detail == "token *** and key ***"
+
+
+def test_requests_through_an_untrusted_proxy_fail_the_proxies_check(
+    green: Callable[..., Settings],
+) -> None:
+    settings = green()
+    _, _, rows = run(settings)
+    assert rows["proxies"][0] == "PASS"
+    app = create_app(services=build_services(settings))
+    client = app.test_client()
+    assert client.get("/health", headers={"X-Forwarded-For": "203.0.113.7"}).status_code == 200
+    status, _text, rows = run(settings)
+    assert status == 1
+    assert rows["proxies"][0] == "FAIL"
+    assert "TRUSTED_PROXY_HOPS" in rows["proxies"][1]
+    trusted = settings.replace(trusted_proxy_hops=1)
+    assert run(trusted)[2]["proxies"] == ("PASS", "TRUSTED_PROXY_HOPS=1")

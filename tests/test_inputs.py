@@ -1,7 +1,14 @@
+import json
+import time
+
 import pytest
 
 from relay.errors import InvalidInput
-from relay.inputs import MessageRequest, parse_json_object, parse_message_request
+from relay.inputs import MAX_JSON_DEPTH, MessageRequest, parse_json_object, parse_message_request
+from relay.settings import Settings
+
+CHARS = Settings().max_message_chars  # ten segments by default: 1600
+KIB_64 = 64 * 1024
 
 
 @pytest.mark.parametrize(
@@ -33,32 +40,83 @@ def test_bad_bodies(raw: bytes, reason: str | None) -> None:
         ({"message": 5, "to": "+13012576365"}, "message", "wrong_type"),
         ({"message": "hi", "to": ["+1"]}, "to", "wrong_type"),
         ({"message": "hi", "to": "1" * 65}, "to", "too_long"),
-        ({"message": "x" * 5001, "to": "+13012576365"}, "message", "too_long"),
+        ({"message": "x" * (CHARS + 1), "to": "+13012576365"}, "message", "too_long"),
+        ({"message": "bad \ud800 half", "to": "+13012576365"}, "message", "lone_surrogate"),
+        ({"message": "hi", "to": "+1\udfff"}, "to", "lone_surrogate"),
+        ({"message": "hi", "to": "+1", "quote_token": "t\ud83d"}, "quote_token", "lone_surrogate"),
         ({"message": "hi", "to": "+1", "smart_encoding": "yes"}, "smart_encoding", "wrong_type"),
     ],
 )
 def test_bad_fields(data: dict[str, object], field: str, reason: str) -> None:
     with pytest.raises(InvalidInput) as info:
-        parse_message_request(data, allow_token=True)
-    assert info.value.details == {"field": field, "reason": reason}
+        parse_message_request(data, allow_token=True, max_message_chars=CHARS)
+    details = dict(info.value.details)
+    details.pop("position", None)
+    assert details == {"field": field, "reason": reason}
 
 
 def test_unknown_fields_are_named() -> None:
     with pytest.raises(InvalidInput) as info:
-        parse_message_request({"message": "hi", "to": "+1", "extra": 1, "b": 2}, allow_token=True)
+        parse_message_request(
+            {"message": "hi", "to": "+1", "extra": 1, "b": 2},
+            allow_token=True,
+            max_message_chars=CHARS,
+        )
     assert info.value.details["fields"] == ["b", "extra"]
 
 
 def test_quote_token_not_accepted_on_quote() -> None:
     with pytest.raises(InvalidInput):
-        parse_message_request({"message": "hi", "to": "+1", "quote_token": "t"}, allow_token=False)
+        parse_message_request(
+            {"message": "hi", "to": "+1", "quote_token": "t"},
+            allow_token=False,
+            max_message_chars=CHARS,
+        )
 
 
 def test_good_request() -> None:
     data = {"message": "hi", "to": "+1", "quote_token": "t", "smart_encoding": True}
-    assert parse_message_request(data, allow_token=True) == MessageRequest("hi", "+1", "t", True)
+    assert parse_message_request(data, allow_token=True, max_message_chars=CHARS) == MessageRequest(
+        "hi", "+1", "t", True
+    )
 
 
 def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
     raw = b'{"message": "' + b"[{" * 100 + b'\\"]", "to": "+1"}'
     assert parse_json_object(raw)["to"] == "+1"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"a": "' + b'\\"' * (KIB_64 // 2),  # an unterminated string of escaped quotes
+        b'{"a": "' + b"\\\\" * (KIB_64 // 2) + b'"}',  # escaped backslashes
+        b'{"a": ' + b'"\\"' * (KIB_64 // 3),  # quote, backslash, quote...
+        b'{"a": "' + b"[{" * (KIB_64 // 2) + b'"}',  # brackets inside a string
+        b"[" * KIB_64,  # brackets
+        b"[]" * (KIB_64 // 2),
+    ],
+)
+def test_worst_case_bodies_are_scanned_in_one_pass(raw: bytes) -> None:
+    """64 KiB of the inputs that made the old backtracking pre-scan quadratic (16 s of CPU
+    for the first) are rejected or parsed at once: a guard against a frozen worker, far
+    above the milliseconds the scan takes (bench/json_scan.py measures it)."""
+    started = time.process_time()
+    try:
+        parse_json_object(raw)
+    except InvalidInput as error:
+        assert error.details["reason"] in ("not_json", "too_deep", "not_an_object")
+    assert time.process_time() - started < 2.0
+
+
+def test_depth_counts_brackets_outside_strings_only() -> None:
+    text = "[" * 100 + '\\" [[[ \\\\'
+    assert parse_json_object(json.dumps({"a": text}).encode()) == {"a": text}
+    nested: object = []
+    for _ in range(MAX_JSON_DEPTH - 2):
+        nested = [nested]
+    assert parse_json_object(json.dumps({"a": nested}).encode()) == {"a": nested}
+    deeper = json.dumps({"a": [nested, [[[[]]]]]}).encode()
+    with pytest.raises(InvalidInput) as info:
+        parse_json_object(deeper)
+    assert info.value.details["reason"] == "too_deep"
