@@ -8,6 +8,7 @@ import logging
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from decimal import Decimal, InvalidOperation
@@ -20,6 +21,7 @@ from relay.ledger import SchemaMissing
 from relay.settings import SettingsError, load_client_settings, load_settings
 
 Command = Callable[[argparse.Namespace], int]
+WORKER_RESTART_SECONDS = 5.0
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -30,7 +32,7 @@ def serve(args: argparse.Namespace) -> int:
     from relay.app import create_app
 
     settings = load_settings()
-    worker = subprocess.Popen([sys.executable, "-m", "relay.cli", "worker"])
+    worker = WorkerProcess()
 
     class _Server(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
@@ -45,15 +47,46 @@ def serve(args: argparse.Namespace) -> int:
         def load(self) -> Any:
             return create_app(settings)
 
+    worker.start()
     try:
         _Server().run()
     finally:
-        worker.terminate()
-        try:
-            worker.wait(10)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        worker.stop()
     return 0
+
+
+class WorkerProcess:
+    """`relay worker` beside `relay serve`, started again whenever it exits."""
+
+    def __init__(self) -> None:
+        self._process: subprocess.Popen[bytes] | None = None
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="relay-worker-watch")
+        self._thread.daemon = True
+
+    def start(self) -> None:
+        """Start the worker and the watch that restarts it."""
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stopping.is_set():
+            self._process = subprocess.Popen([sys.executable, "-m", "relay.cli", "worker"])
+            code = self._process.wait()
+            if not self._stopping.is_set():
+                logging.getLogger(__name__).warning("worker exited (%s); restarting", code)
+                self._stopping.wait(WORKER_RESTART_SECONDS)
+
+    def stop(self) -> None:
+        """Stop the worker (and do not restart it)."""
+        self._stopping.set()
+        process = self._process
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 def worker(_args: argparse.Namespace) -> int:
@@ -67,10 +100,11 @@ def worker(_args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         services = None
-        while services is None:  # beside a server creating the schema at start-up
+        while services is None:  # beside a server creating the schema, or a database away
             try:
                 services = build_services(settings, migrate=False)
-            except SchemaMissing:
+            except Exception as exc:
+                say(f"worker waiting for its database: {type(exc).__name__}")
                 time.sleep(settings.worker_interval_seconds)
         Worker(services).run()
     except (KeyboardInterrupt, SystemExit):

@@ -173,6 +173,11 @@ ANSWERED_STATES = (*FINAL_STATES, "dispatch_failed")
 SETTLING = ("settling", "settle_pending", "settle_unknown")
 UNFINISHED = (*SETTLING, "settled", "dispatching", "dispatch_unknown", "dispatch_failed")
 EXPIRY_MARGIN_SECONDS = 60
+#: Blocks below the chain's height (read before verify) where a payment's log search starts.
+CLAIM_BLOCK_MARGIN = 100
+#: After an unconfirmed hand-over to Sinch, how long its batch list may lag before a
+#: missing batch is taken as never created and the SMS is sent.
+DISPATCH_QUIET_SECONDS = 60
 #: Every state a refund record can be in: signed (recorded, not yet broadcast), pending,
 #: confirmed, reverted or replaced (a new one is signed), failed (could not be signed).
 REFUND_STATES = ("signed", "pending", "confirmed", "reverted", "replaced", "failed")
@@ -253,6 +258,10 @@ def send(
                 return resume(services, holder, parsed)
             raise QuoteAlreadyUsed(details={"message_id": holder.get("message_id")})
     payments.match(parsed, requirements, services.clock())
+    # Read before verify, less a margin: a settlement (even one the payer sends itself as
+    # soon as it has signed) can never be older, so its logs are searched from here.
+    height = payments.block_number()
+    claim_block = None if height is None else max(0, height - CLAIM_BLOCK_MARGIN)
     try:
         payer = payments.verify(parsed, requirements)
     except PaymentVerifyFailed:
@@ -261,7 +270,7 @@ def send(
         if stored is not None:
             return stored
         raise
-    row = claim(services, order, parsed, requirements, payer)
+    row = claim(services, order, parsed, requirements, payer, claim_block)
     return advance(services, row, parsed, requirements, first=True)
 
 
@@ -315,7 +324,8 @@ def resume(services: Services, row: dict[str, Any], parsed: ParsedPayment) -> Ou
     """Report a payment already in the ledger, or continue it when nobody else is."""
     if row["response_status"] is not None and row["state"] in ANSWERED_STATES:
         return stored_answer(row)
-    if not services.ledger.take(row["id"], services.clock(), lease_seconds(services)):
+    holder = services.ledger.take(row["id"], services.clock(), lease_seconds(services))
+    if holder is None:
         if row["state"] in ("settle_pending", "settle_unknown"):
             raise settlement_pending(row["tx_hash"])
         raise RequestInProgress(
@@ -323,7 +333,7 @@ def resume(services: Services, row: dict[str, Any], parsed: ParsedPayment) -> Ou
         )
     current = services.ledger.payment(row["id"]) or row
     requirements = PaymentRequirements.model_validate(current["requirements"])
-    return advance(services, current, parsed, requirements)
+    return advance(services, {**current, "lease_holder": holder}, parsed, requirements)
 
 
 def stored_answer(row: dict[str, Any]) -> Outcome:
@@ -332,8 +342,19 @@ def stored_answer(row: dict[str, Any]) -> Outcome:
 
 
 def lease_seconds(services: Services) -> float:
-    """How long one holder may act on a payment before others may take it over."""
+    """How long one holder may act on a payment before others may take it over: longer
+    than any one step (Settings checks RECONCILE_AFTER_SECONDS against the settlement wait
+    and Sinch's retries), and renewed before each."""
     return services.settings.reconcile_after_seconds
+
+
+def hold(services: Services, row: dict[str, Any]) -> None:
+    """Renew our lease before a step with an outside effect; RequestInProgress (and no
+    effect) if another worker has taken the payment over."""
+    now = services.clock()
+    if not services.ledger.renew(row["id"], row["lease_holder"], now, lease_seconds(services)):
+        log.warning("payment %s was taken over; this worker stops", row["id"])
+        raise RequestInProgress(retry_after=IN_PROGRESS_RETRY_SECONDS)
 
 
 def claim(
@@ -342,10 +363,11 @@ def claim(
     parsed: ParsedPayment,
     requirements: PaymentRequirements,
     payer: str,
+    claim_block: int | None,
 ) -> dict[str, Any]:
     """Claim quote, authorization and identifier in one insert, leased to this request."""
     now = services.clock()
-    row = {
+    row: dict[str, Any] = {
         "id": secrets.token_hex(12),
         "payment_key": parsed.payment_key,
         "payment_identifier": parsed.payment_identifier,
@@ -364,8 +386,16 @@ def claim(
         "payload": parsed.as_dict(),
         "header": parsed.header,
         "requirements": requirements.model_dump(mode="json", by_alias=True),
-        "claim_block": services.payments.block_number(),
+        "claim_block": claim_block,
+        "tx_hash": None,
+        "log_index": None,
+        "message_id": None,
+        "error": None,
+        "response_status": None,
+        "response_body": None,
+        "response_headers": None,
         "lease_until": now + lease_seconds(services),
+        "lease_holder": secrets.token_hex(8),
         "created_at": now,
         "updated_at": now,
     }
@@ -405,7 +435,7 @@ def advance(
     try:
         return drive(services, row, parsed, requirements, first=first)
     finally:
-        services.ledger.release(row["id"])
+        services.ledger.release(row["id"], row["lease_holder"])
 
 
 def drive(
@@ -416,6 +446,7 @@ def drive(
     *,
     first: bool,
 ) -> Outcome:
+    """One payment from its current state as far as it can go now (we hold its lease)."""
     state = row["state"]
     if state in ("dispatching", "dispatch_unknown"):
         return redispatch(services, row, parsed, requirements)
@@ -424,10 +455,13 @@ def drive(
     if state not in (*SETTLING, "settled"):
         return stored_answer(row)
     settlement = settle(services, row, parsed, requirements, first=first)
-    now = services.clock()
-    if not services.ledger.transition(row["id"], ("settled",), "dispatching", now):
+    hold(services, row)
+    moved = services.ledger.transition(
+        row["id"], ("settled",), "dispatching", services.clock(), holder=row["lease_holder"]
+    )
+    if not moved:
         raise RequestInProgress(retry_after=IN_PROGRESS_RETRY_SECONDS)
-    return dispatch(services, row["id"], parsed, settlement)
+    return dispatch(services, row, parsed, settlement)
 
 
 def settle(
@@ -456,7 +490,7 @@ def settle(
     except PaymentSettlementFailed as failed:
         raise settlement_failed(services, payment_id, failed) from None
     try:
-        ledger.transition(
+        recorded = ledger.transition(
             payment_id,
             (*SETTLING, "settled"),
             "settled",
@@ -470,6 +504,8 @@ def settle(
             details={"reason": CREDITED_ELSEWHERE, "transaction": settlement.transaction}
         )
         raise settlement_failed(services, payment_id, taken) from None
+    if not recorded:  # another worker moved it on (e.g. a forced repair)
+        raise RequestInProgress(retry_after=IN_PROGRESS_RETRY_SECONDS)
     return settlement
 
 
@@ -482,60 +518,74 @@ def attempt(
     first: bool,
 ) -> Settlement:
     """Settle; after an earlier attempt, ask the chain first and never settle blindly again."""
-    payments, payment_id = services.payments, row["id"]
     if first:
-        try:
-            return broadcast(services, payment_id, parsed, req)
-        except PaymentSettlementFailed as failed:
-            found = chain_verdict(services, row, parsed, req, failed)
-            if found is None:
-                raise
-            return found
-    tx = row["tx_hash"]
-    failure: PaymentSettlementFailed | None = None
+        return broadcast(services, row, parsed, req)
+    current = {**(services.ledger.payment(row["id"]) or row), "lease_holder": row["lease_holder"]}
+    tx = current["tx_hash"]
+    reverted: PaymentSettlementFailed | None = None
     if tx:
         try:
-            settlement = payments.confirm(parsed, req, tx)
-        except PaymentSettlementFailed as failed:  # ours reverted: did another tx use it?
-            settlement, failure = None, failed
-        if settlement is not None:
-            return settlement
-    found = chain_verdict(services, row, parsed, req, failure)
+            found = services.payments.confirm(parsed, req, tx)
+        except PaymentSettlementFailed as failed:
+            if failed.details.get("reason") == NOT_PAID:
+                raise
+            # Ours moved nothing of this payment (reverted, or some other call): as if
+            # nothing had been sent, once the chain says the authorization is unused.
+            found, tx = None, None
+            if services.payments.reverted(failed.details.get("transaction") or ""):
+                reverted = failed
+        if found is not None:
+            return found
+    found = chain_verdict(services, current, parsed, req)
     if found is not None:
         return found
+    if reverted is not None:
+        raise reverted
+    if current["state"] == "settle_unknown":  # a node said "used" before: never expire it
+        raise settlement_pending(current["tx_hash"])
     if services.clock() > parsed.valid_before + EXPIRY_MARGIN_SECONDS:
         raise PaymentSettlementFailed(details={"reason": "expired", "transaction": tx})
     if tx:
         raise settlement_pending(tx)
-    return broadcast(services, payment_id, parsed, req)
+    return broadcast(services, current, parsed, req)
 
 
 def broadcast(
-    services: Services, payment_id: str, parsed: ParsedPayment, req: PaymentRequirements
+    services: Services, row: dict[str, Any], parsed: ParsedPayment, req: PaymentRequirements
 ) -> Settlement:
-    """Settle through the facilitator, storing the transaction hash before it is sent."""
+    """Settle through the facilitator, storing the transaction hash before it is sent; a
+    failure is checked against the chain (the authorization may have been used anyway)."""
+    payment_id, holder = row["id"], row["lease_holder"]
 
-    def record(tx_hash: str) -> None:
-        services.ledger.transition(
-            payment_id, SETTLING, "settling", services.clock(), tx_hash=tx_hash
-        )
+    def record(tx_hash: str, to: str) -> None:
+        if to.lower() == req.asset.lower():  # not, e.g., a smart wallet's deployment
+            services.ledger.transition(
+                payment_id,
+                ("settling", "settle_pending"),
+                "settling",
+                services.clock(),
+                tx_hash=tx_hash,
+            )
 
-    with recording_broadcasts(record):
-        return services.payments.settle(parsed, req)
+    hold(services, row)
+    try:
+        with recording_broadcasts(record):
+            return services.payments.settle(parsed, req)
+    except PaymentSettlementFailed:
+        found = chain_verdict(services, {**row, "lease_holder": holder}, parsed, req)
+        if found is None:
+            raise
+        return found
 
 
 def chain_verdict(
-    services: Services,
-    row: dict[str, Any],
-    parsed: ParsedPayment,
-    req: PaymentRequirements,
-    failure: PaymentSettlementFailed | None,
+    services: Services, row: dict[str, Any], parsed: ParsedPayment, req: PaymentRequirements
 ) -> Settlement | None:
     """What the chain did with the authorization, searched from the payment's claim block.
 
     Used: the Settlement if its own Transfer paid us (else a certain failure). Canceled by
     the payer: a certain failure. Used with no log found: settle_unknown, kept for review and
-    never freed. Unused: ``failure`` if the attempt failed, else None.
+    never freed. Unused: None.
     """
     fate = services.payments.fate(parsed, row["claim_block"])
     if fate.state == "used" and fate.transaction is not None:
@@ -547,10 +597,14 @@ def chain_verdict(
         raise PaymentSettlementFailed(details={"reason": CANCELED, "transaction": None})
     if fate.state == "unknown":
         services.ledger.transition(row["id"], SETTLING, "settle_unknown", services.clock())
-        raise settlement_pending(row["tx_hash"])
-    if failure is not None:
-        raise failure
+        current = services.ledger.payment(row["id"]) or row
+        raise settlement_pending(current["tx_hash"])
     return None
+
+
+#: Facilitator reasons that say the authorization was (or may have been) used: never
+#: certain failures, whatever their prefix; the chain decides.
+_MAYBE_USED = ("nonce_already_used", "transfer_event")
 
 
 def settlement_failed(
@@ -560,14 +614,14 @@ def settlement_failed(
     reason = str(failed.details.get("reason") or "")
     tx = failed.details.get("transaction")
     certain = (
-        reason.startswith("invalid_")
+        (reason.startswith("invalid_") and not any(m in reason for m in _MAYBE_USED))
         or reason in ("expired", CANCELED, CREDITED_ELSEWHERE, NOT_PAID)
         or (tx is not None and services.payments.reverted(tx))
     )
     if not certain:
         known = {"tx_hash": tx} if tx else {}
         services.ledger.transition(
-            payment_id, SETTLING, "settle_pending", services.clock(), **known
+            payment_id, ("settling", "settle_pending"), "settle_pending", services.clock(), **known
         )
         return settlement_pending(tx)
     settle_failed(services, payment_id, failed)
@@ -575,32 +629,53 @@ def settlement_failed(
 
 
 def dispatch(
-    services: Services, payment_id: str, parsed: ParsedPayment, settlement: Settlement
+    services: Services, row: dict[str, Any], parsed: ParsedPayment, settlement: Settlement
 ) -> Outcome:
     """Hand the paid SMS to the provider; answer 200, or 502 with the refund."""
-    row = services.ledger.payment(payment_id) or {}
-    body_text = compose_body(row["body"], services.settings.opt_out_line)
+    current = {**(services.ledger.payment(row["id"]) or row), "lease_holder": row["lease_holder"]}
+    body_text = compose_body(current["body"], services.settings.opt_out_line)
     payment_header = dict([services.payments.response_header(settlement, parsed.version)])
+    hold(services, current)
     try:
-        sent = services.sms.send(row["destination"], body_text, payment_id)
+        sent = services.sms.send(current["destination"], body_text, current["id"])
     except SmsDispatchError as exc:
-        return dispatch_failed(services, row, settlement, exc, payment_header)
-    return dispatched(services, row, sent.message_id, sent.provider, settlement)
+        return dispatch_failed(services, current, settlement, exc, payment_header)
+    return dispatched(services, current, sent.message_id, sent.provider, settlement)
 
 
 def redispatch(
     services: Services, row: dict[str, Any], parsed: ParsedPayment, req: PaymentRequirements
 ) -> Outcome:
     """After a crash or an unconfirmed hand-over: find the message the provider may hold
-    (searching from the payment's creation) and send only when it certainly holds none.
-    A provider that cannot be asked leaves the payment as it is, never sent twice."""
+    (searching from the payment's creation) and send only when it certainly holds none,
+    and only once its batch list has had DISPATCH_QUIET_SECONDS to catch up. A provider
+    that cannot be asked leaves the payment as it is, never sent twice."""
     settlement = services.payments.settlement_of(parsed, req, row["tx_hash"], row["log_index"])
-    sent = services.sms.lookup(row["id"], since=float(row["created_at"]))
+    try:
+        sent = services.sms.lookup(row["id"], since=float(row["created_at"]))
+    except SmsDispatchError as exc:
+        raise not_confirmed(settlement) from exc
     if sent is not None:
         return dispatched(services, row, sent.message_id, sent.provider, settlement)
+    if services.clock() - float(row["updated_at"]) < DISPATCH_QUIET_SECONDS:
+        raise not_confirmed(settlement)
+    hold(services, row)
+    sending = ("dispatching", "dispatch_unknown")
     now = services.clock()
-    services.ledger.transition(row["id"], ("dispatch_unknown",), "dispatching", now)
-    return dispatch(services, row["id"], parsed, settlement)
+    if not services.ledger.transition(
+        row["id"], sending, "dispatching", now, holder=row["lease_holder"]
+    ):
+        raise RequestInProgress(retry_after=IN_PROGRESS_RETRY_SECONDS)
+    return dispatch(services, row, parsed, settlement)
+
+
+def not_confirmed(settlement: Settlement) -> SinchSendFailedAfterPayment:
+    """502: the provider could not confirm the message yet; it will be reconciled."""
+    return SinchSendFailedAfterPayment(
+        "The SMS provider could not confirm the message; it will be reconciled.",
+        details={"transaction": settlement.transaction, "status": "unknown"},
+        extra={"transaction": settlement.transaction, "refund": None},
+    )
 
 
 def dispatched(
@@ -655,16 +730,13 @@ def dispatch_failed(
     ledger, payment_id = services.ledger, row["id"]
     log.warning("dispatch failed after payment %s: %s", payment_id, exc.message)
     if exc.maybe_sent:
-        error = SinchSendFailedAfterPayment(
-            "The SMS provider could not confirm the message; it will be reconciled.",
-            details={"transaction": settlement.transaction, "status": "unknown"},
-            extra={"transaction": settlement.transaction, "refund": None},
-        )
+        error = not_confirmed(settlement)
         ledger.transition(payment_id, ("dispatching",), "dispatch_unknown", services.clock())
         return Outcome(error.status, error.body(), payment_header)
-    ledger.transition(
+    if not ledger.transition(
         payment_id, ("dispatching",), "dispatch_failed", services.clock(), error=exc.message[:200]
-    )
+    ):
+        raise RequestInProgress(retry_after=IN_PROGRESS_RETRY_SECONDS)
     ledger.record_message(message_row(row, payment_id, "none", "failed", services.clock()))
     error = SinchSendFailedAfterPayment(
         details={"transaction": settlement.transaction, "provider_status": exc.status},
@@ -706,26 +778,35 @@ def refund_payment(services: Services, row: dict[str, Any]) -> dict[str, Any] | 
 
     The signed transaction is recorded before it is broadcast, so a retry after a crash or
     a lost answer re-sends that same transaction; a new one is signed only when the chain
-    shows the old one can never be mined (reverted, or its nonce taken by another): a
-    payment is refunded at most once.
+    shows the old one can never be mined (reverted, or its nonce long taken by another),
+    and the swap is a compare-and-set, so two workers never both sign one: a payment is
+    refunded at most once.
     """
     if services.refunder is None:
         return None
-    found = services.ledger.refund(row["id"])
-    record: dict[str, Any] = found or {"state": "failed"}
+    payment_id = row["id"]
+    record = services.ledger.refund(payment_id)
     for _ in range(2):
-        if found is None or record["state"] in ("reverted", "replaced", "failed"):
-            record = found = new_refund(services, row)
+        if record is None or record["state"] in ("reverted", "replaced", "failed"):
+            record = new_refund(services, row, record)
         if record["state"] in ("confirmed", "failed"):
             break
+        hold(services, row)
         signed = SignedRefund(record["tx_hash"], record["raw_tx"], record["nonce"])
-        record["state"] = services.refunder.send(signed)
-        record["updated_at"] = services.clock()
-        services.ledger.record_refund(record)
+        state = services.refunder.send(signed)
+        services.ledger.update_refund(
+            payment_id,
+            record["tx_hash"],
+            record["state"],
+            state=state,
+            updated_at=services.clock(),
+        )
+        record = services.ledger.refund(payment_id) or record
         if record["state"] != "replaced":
             break
+    assert record is not None
     if record["state"] == "confirmed":
-        services.ledger.update_message_status(row["id"], "refunded", record["updated_at"])
+        services.ledger.update_message_status(payment_id, "refunded", record["updated_at"])
     return {
         "transaction": record["tx_hash"],
         "amount_atomic": str(row["amount_atomic"]),
@@ -733,26 +814,44 @@ def refund_payment(services: Services, row: dict[str, Any]) -> dict[str, Any] | 
     }
 
 
-def new_refund(services: Services, row: dict[str, Any]) -> dict[str, Any]:
-    """Sign a refund and record it (state "signed") before anything is broadcast."""
+def new_refund(
+    services: Services, row: dict[str, Any], replacing: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Sign a refund and record it (state "signed", or "failed" when it cannot be signed)
+    before anything is broadcast, in place of ``replacing`` if given; the record that won
+    (ours, or another worker's that got there first)."""
     assert services.refunder is not None
     now = services.clock()
-    record: dict[str, Any] = {
-        "payment_id": row["id"],
-        "amount_atomic": row["amount_atomic"],
-        "created_at": now,
-        "updated_at": now,
-        "error": None,
-    }
+    hold(services, row)
     try:
         signed = services.refunder.sign(row["payer"], row["amount_atomic"])
+        fields: dict[str, Any] = {
+            "tx_hash": signed.tx_hash,
+            "raw_tx": signed.raw,
+            "nonce": signed.nonce,
+            "state": "signed",
+            "error": None,
+        }
     except RelayError as exc:
-        record.update(tx_hash=None, raw_tx=None, nonce=None, state="failed", error=exc.code)
-        services.ledger.record_refund(record)
-        return record
-    record.update(tx_hash=signed.tx_hash, raw_tx=signed.raw, nonce=signed.nonce, state="signed")
-    services.ledger.record_refund(record)
-    return record
+        fields = {"tx_hash": None, "raw_tx": None, "nonce": None, "state": "failed"}
+        fields["error"] = exc.code
+    if replacing is None:
+        services.ledger.create_refund(
+            {
+                "payment_id": row["id"],
+                "amount_atomic": row["amount_atomic"],
+                "created_at": now,
+                "updated_at": now,
+                **fields,
+            }
+        )
+    else:
+        services.ledger.update_refund(
+            row["id"], replacing["tx_hash"], replacing["state"], updated_at=now, **fields
+        )
+    found = services.ledger.refund(row["id"])
+    assert found is not None
+    return found
 
 
 def finish(
@@ -877,18 +976,22 @@ def reconcile(
     *,
     force: bool = False,
     progress: Callable[[str, str], None] | None = None,
+    still_elected: Callable[[], bool] | None = None,
 ) -> dict[str, str]:
     """Finish every unfinished payment nobody holds, from the chain's truth: settle,
-    dispatch or refund (SPEC §11). ``force`` ignores leases (only with nothing else running).
+    dispatch or refund (SPEC §11). ``force`` ignores leases (only with nothing else running);
+    ``still_elected`` is asked before each payment (the worker renews its own lease).
     """
     results: dict[str, str] = {}
     now = services.clock()
     for row in services.ledger.unfinished_payments(UNFINISHED):
-        lease = row["lease_until"]
-        if row["state"] == "dispatch_failed" and (services.refunder is None):
+        if row["state"] == "dispatch_failed" and services.refunder is None:
             continue  # nothing to do without a refund key
+        lease = row["lease_until"]
         if not force and lease is not None and lease > now:
             continue
+        if still_elected is not None and not still_elected():
+            break
         try:
             results[row["id"]] = repair(services, row, force=force)
         except Exception:  # one broken payment must not stop the others being finished
@@ -902,9 +1005,10 @@ def reconcile(
 def repair(services: Services, row: dict[str, Any], *, force: bool = False) -> str:
     """Take over one payment and drive it as far as it goes now; the state it reached."""
     ledger = services.ledger
-    if not ledger.take(row["id"], services.clock(), lease_seconds(services), force=force):
+    holder = ledger.take(row["id"], services.clock(), lease_seconds(services), force=force)
+    if holder is None:
         return "busy"
-    current = ledger.payment(row["id"]) or row
+    current = {**(ledger.payment(row["id"]) or row), "lease_holder": holder}
     try:
         parsed = services.payments.stored(stored_header(current), current["version"])
         requirements = PaymentRequirements.model_validate(current["requirements"])
@@ -914,7 +1018,7 @@ def repair(services: Services, row: dict[str, Any], *, force: bool = False) -> s
     except SmsDispatchError as exc:
         log.info("payment %s not finished yet: %s", row["id"], exc.message)
     finally:
-        ledger.release(row["id"])
+        ledger.release(row["id"], holder)
     return str((ledger.payment(row["id"]) or {}).get("state"))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -42,9 +43,10 @@ from relay.moderation import Verdict
 
 SCHEMA_VERSION = 2
 UPGRADE_ATTEMPTS = 5
-#: A reserved transaction nonce the chain has not seen after this long was never broadcast
-#: (a crash between reservation and broadcast): the next reservation re-uses it.
-NONCE_GAP_SECONDS = 5.0
+#: A reserved transaction nonce the chain has not seen this long after its reservation (or
+#: its broadcast) was never sent, or was dropped: the next reservation re-uses it. Hosts
+#: keep their clocks in sync (NTP) well within this.
+NONCE_GAP_SECONDS = 15.0
 MAX_NONCE_AHEAD = 256
 NONCE_ATTEMPTS = 100
 
@@ -99,8 +101,9 @@ payments = Table(
     Column("tx_hash", String(66)),
     # The index of the Transfer log that paid: one (transaction, log) pays one payment.
     Column("log_index", Integer),
-    # Who may act on the payment: a request or repair holds it until lease_until.
+    # Who may act on the payment: lease_holder (a request or a repair) until lease_until.
     Column("lease_until", Float),
+    Column("lease_holder", String(32)),
     Column("message_id", String(64)),
     Column("error", String(200)),
     Column("response_status", Integer),
@@ -159,6 +162,16 @@ outbox = Table(
     Column("created_at", Float, nullable=False),
 )
 
+#: The next transaction nonce per account (a high-water mark: never lower than any nonce
+#: handed out, so a process that read the chain a moment late cannot go back).
+settler_nonces = Table(
+    "settler_nonces",
+    metadata,
+    Column("address", String(42), primary_key=True),
+    Column("next_nonce", BigInteger, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
 #: Every transaction nonce handed out and not yet mined, one row each, so a reservation
 #: that was never broadcast is found by its own age.
 nonce_reservations = Table(
@@ -205,6 +218,7 @@ _ADDED_COLUMNS: dict[int, list[tuple[Table, str]]] = {
         (payments, "claim_block"),
         (payments, "log_index"),
         (payments, "lease_until"),
+        (payments, "lease_holder"),
         (refunds, "nonce"),
     ],
 }
@@ -437,9 +451,12 @@ class Ledger:
         from_states: tuple[str, ...],
         to_state: str,
         now: float,
+        *,
+        holder: str | None = None,
         **fields: Any,
     ) -> bool:
-        """Move a payment between states; False if another worker moved it first.
+        """Move a payment between states; False if another worker moved it first, or (with
+        ``holder``) if our lease on it was lost.
 
         Raises Conflict("transfer") when the settling (transaction, log) already paid for
         another payment.
@@ -449,6 +466,8 @@ class Ledger:
             .where(payments.c.id == payment_id, payments.c.state.in_(from_states))
             .values(state=to_state, updated_at=now, **fields)
         )
+        if holder is not None:
+            query = query.where(payments.c.lease_holder == holder)
         try:
             with self.engine.begin() as conn:
                 return conn.execute(query).rowcount == 1
@@ -463,24 +482,40 @@ class Ledger:
             )
             raise Conflict("transfer", existing) from None
 
-    def take(self, payment_id: str, now: float, seconds: float, *, force: bool = False) -> bool:
-        """Lease a payment for ``seconds``; False while someone else's lease runs.
-
-        ``force`` takes it whatever the lease (only with no other process running).
-        """
+    def take(
+        self, payment_id: str, now: float, seconds: float, *, force: bool = False
+    ) -> str | None:
+        """Lease a payment for ``seconds``: the holder's token, or None while someone else's
+        lease runs. ``force`` takes it whatever the lease (only with no other process)."""
+        holder = secrets.token_hex(8)
         query = update(payments).where(payments.c.id == payment_id)
         if not force:
             free = payments.c.lease_until.is_(None) | (payments.c.lease_until <= now)
             query = query.where(free)
+        values = {"lease_until": now + seconds, "lease_holder": holder}
         with self.engine.begin() as conn:
-            return conn.execute(query.values(lease_until=now + seconds)).rowcount == 1
+            return holder if conn.execute(query.values(**values)).rowcount == 1 else None
 
-    def release(self, payment_id: str) -> None:
-        """End the lease on a payment: the next retry or repair may act at once."""
+    def renew(self, payment_id: str, holder: str, now: float, seconds: float) -> bool:
+        """Extend our lease before a step that takes time; False if it was lost."""
+        query = (
+            update(payments)
+            .where(payments.c.id == payment_id, payments.c.lease_holder == holder)
+            .values(lease_until=now + seconds)
+        )
         with self.engine.begin() as conn:
-            conn.execute(
-                update(payments).where(payments.c.id == payment_id).values(lease_until=None)
-            )
+            return conn.execute(query).rowcount == 1
+
+    def release(self, payment_id: str, holder: str) -> None:
+        """End our lease on a payment (not someone else's): the next retry or repair may
+        act at once."""
+        query = (
+            update(payments)
+            .where(payments.c.id == payment_id, payments.c.lease_holder == holder)
+            .values(lease_until=None, lease_holder=None)
+        )
+        with self.engine.begin() as conn:
+            conn.execute(query)
 
     def unfinished_payments(self, states: tuple[str, ...]) -> list[dict[str, Any]]:
         """Payments still in one of these states, oldest first."""
@@ -512,33 +547,51 @@ class Ledger:
         raise RuntimeError("no transaction nonce could be reserved")
 
     def _try_reserve(self, address: str, pending: int, latest: int, now: float) -> int | None:
-        table = nonce_reservations
+        table, marks = nonce_reservations, settler_nonces
         mine = table.c.address == address
         stale = now - NONCE_GAP_SECONDS
-        with self.engine.begin() as conn:
-            conn.execute(delete(table).where(mine, table.c.nonce < latest))
-            query = select(table.c.nonce, table.c.reserved_at).where(mine).order_by(table.c.nonce)
-            rows = conn.execute(query).all()
-            if rows and rows[-1].nonce > pending + MAX_NONCE_AHEAD:  # the chain was reset
-                conn.execute(delete(table).where(mine))
-                rows = []
-            lowest = rows[0] if rows else None
-            if lowest is not None and lowest.nonce == pending and lowest.reserved_at < stale:
-                retake = (
-                    update(table)
-                    .where(mine, table.c.nonce == pending)
-                    .where(table.c.reserved_at == lowest.reserved_at)
-                    .values(reserved_at=now)
-                )
-                return pending if conn.execute(retake).rowcount == 1 else None
-            gap = lowest is None or (lowest.nonce > pending and lowest.reserved_at < stale)
-            nonce = pending if gap else max(rows[-1].nonce + 1, pending)
         try:
             with self.engine.begin() as conn:
+                conn.execute(delete(table).where(mine, table.c.nonce < latest))
+                query = select(table.c.nonce, table.c.reserved_at).where(mine)
+                rows = conn.execute(query.order_by(table.c.nonce)).all()
+                mark = conn.execute(
+                    select(marks.c.next_nonce).where(marks.c.address == address)
+                ).scalar()
+                high = pending if mark is None else int(mark)
+                if high > pending + MAX_NONCE_AHEAD:  # the chain was reset
+                    conn.execute(delete(table).where(mine))
+                    rows, high = [], pending
+                lowest = rows[0] if rows else None
+                if lowest is not None and lowest.nonce == pending and lowest.reserved_at < stale:
+                    retake = (
+                        update(table)
+                        .where(mine, table.c.nonce == pending)
+                        .where(table.c.reserved_at == lowest.reserved_at)
+                        .values(reserved_at=now)
+                    )
+                    return pending if conn.execute(retake).rowcount == 1 else None
+                gap = lowest is not None and lowest.nonce > pending and lowest.reserved_at < stale
+                nonce = pending if gap else max(high, pending)
                 conn.execute(insert(table).values(address=address, nonce=nonce, reserved_at=now))
+                self._raise_mark(conn, address, mark, max(high, nonce + 1), now)
         except IntegrityError:
             return None
         return nonce
+
+    @staticmethod
+    def _raise_mark(conn: Connection, address: str, mark: Any, next_nonce: int, now: float) -> None:
+        marks = settler_nonces
+        if mark is None:
+            conn.execute(
+                insert(marks).values(address=address, next_nonce=next_nonce, updated_at=now)
+            )
+        else:
+            conn.execute(
+                update(marks)
+                .where(marks.c.address == address)
+                .values(next_nonce=next_nonce, updated_at=now)
+            )
 
     # Notices for the operator --------------------------------------------------------
     def note(self, name: str, now: float) -> None:
@@ -568,6 +621,16 @@ class Ledger:
         except IntegrityError:
             return False
         return True
+
+    def touch_nonce(self, address: str, nonce: int, now: float) -> None:
+        """A reserved nonce is being broadcast now: its age starts again."""
+        table = nonce_reservations
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(table)
+                .where(table.c.address == address, table.c.nonce == nonce)
+                .values(reserved_at=now)
+            )
 
     # Fleet leases ------------------------------------------------------------------
     def acquire_lease(self, name: str, holder: str, now: float, seconds: float) -> bool:
@@ -650,11 +713,32 @@ class Ledger:
             return [dict(row._mapping) for row in conn.execute(query)]
 
     # Refunds -----------------------------------------------------------------------
-    def record_refund(self, row: dict[str, Any]) -> None:
-        """Insert or replace the refund of a payment."""
+    def create_refund(self, row: dict[str, Any]) -> bool:
+        """Record a payment's refund; False if it already has one (another worker's)."""
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(refunds).values(**row))
+        except IntegrityError:
+            return False
+        return True
+
+    def update_refund(
+        self, payment_id: str, expected_tx: str | None, expected_state: str, **fields: Any
+    ) -> bool:
+        """Change a refund that still has this transaction and state; False if another
+        worker changed it first."""
+        tx = refunds.c.tx_hash
+        query = (
+            update(refunds)
+            .where(
+                refunds.c.payment_id == payment_id,
+                refunds.c.state == expected_state,
+                tx.is_(None) if expected_tx is None else tx == expected_tx,
+            )
+            .values(**fields)
+        )
         with self.engine.begin() as conn:
-            conn.execute(refunds.delete().where(refunds.c.payment_id == row["payment_id"]))
-            conn.execute(insert(refunds).values(**row))
+            return conn.execute(query).rowcount == 1
 
     def refund(self, payment_id: str) -> dict[str, Any] | None:
         """The refund of a payment, if any."""

@@ -219,22 +219,32 @@ class NonceStore(Protocol):
 
     def reserve_nonce(self, address: str, pending: int, latest: int, now: float) -> int: ...
 
+    def touch_nonce(self, address: str, nonce: int, now: float) -> None: ...
 
-#: Called with a settlement's transaction hash after signing, before broadcast.
-_on_broadcast: ContextVar[Callable[[str], None] | None] = ContextVar(
+
+#: Called with a settlement transaction's hash and target after signing, before broadcast.
+_on_broadcast: ContextVar[Callable[[str, str], None] | None] = ContextVar(
     "relay_on_broadcast", default=None
 )
 
 
 @contextmanager
-def recording_broadcasts(record: Callable[[str], None]) -> Iterator[None]:
-    """Within the block, every settlement transaction is passed to ``record`` (which stores
-    it) before it is broadcast, so a crash or a lost answer never loses its hash."""
+def recording_broadcasts(record: Callable[[str, str], None]) -> Iterator[None]:
+    """Within the block, every settlement transaction is passed to ``record(hash, to)``
+    (which stores it) before it is broadcast, so a crash or a lost answer never loses its
+    hash."""
     token = _on_broadcast.set(record)
+    seen = _receipts.set({})
     try:
         yield
     finally:
         _on_broadcast.reset(token)
+        _receipts.reset(seen)
+
+
+#: Receipts the signer waited for within recording_broadcasts, by transaction hash, so the
+#: settlement is checked without asking the chain for the same receipt again.
+_receipts: ContextVar[dict[str, Any] | None] = ContextVar("relay_receipts", default=None)
 
 
 class SharedNonceSigner(FacilitatorWeb3Signer):
@@ -257,6 +267,9 @@ class SharedNonceSigner(FacilitatorWeb3Signer):
             timeout=self._confirmation_timeout_seconds,
             poll_latency=RECEIPT_POLL_SECONDS,
         )
+        seen = _receipts.get()
+        if seen is not None:
+            seen[tx.lower()] = receipt
         return TransactionReceipt(
             status=TX_STATUS_SUCCESS if receipt["status"] == 1 else 0,
             block_number=receipt["blockNumber"],
@@ -301,7 +314,9 @@ class SharedNonceSigner(FacilitatorWeb3Signer):
         tx_hash = str(signed.hash.to_0x_hex())
         record = _on_broadcast.get()
         if record is not None:
-            record(tx_hash)
+            record(tx_hash, str(tx.get("to") or ""))
+        # The reservation's age counts from here: it is broadcast now, not abandoned.
+        self._nonces.touch_nonce(self._account.address, int(tx["nonce"]), time.time())
         self._w3.eth.send_raw_transaction(signed.raw_transaction)
         return tx_hash
 
@@ -515,7 +530,8 @@ class Payments:
         not mined (pending or dropped). Raises PaymentSettlementFailed when it reverted,
         ``NOT_PAID`` when it used the authorization without paying, and ChainUnavailable.
         """
-        receipt = self._receipt(transaction)
+        seen = _receipts.get() or {}
+        receipt = seen.get(transaction.lower()) or self._receipt(transaction)
         if receipt is None:
             return None
         if receipt["status"] != 1:
@@ -722,6 +738,9 @@ class Payments:
 
 
 RefundState = Literal["confirmed", "reverted", "pending", "replaced"]
+#: Blocks a refund's nonce must have been passed by before its transaction counts as
+#: replaced (and a new refund may be signed).
+REPLACED_DEPTH = 3
 
 
 class Refunder:
@@ -802,6 +821,8 @@ class Refunder:
 
         Sending the same signed transaction twice is harmless: it can be mined only once.
         """
+        if refund.nonce is not None:
+            self._nonces.touch_nonce(self._account.address, refund.nonce, time.time())
         try:
             self._w3.eth.send_raw_transaction(HexStr(refund.raw))
         except Exception as exc:  # already known, or the node is away: the receipt decides
@@ -816,9 +837,11 @@ class Refunder:
         return "confirmed" if receipt["status"] == 1 else "reverted"
 
     def _unconfirmed(self, refund: SignedRefund) -> RefundState:
-        """Pending, unless the account's mined nonce passed it with no receipt of ours."""
+        """Pending, unless the account's nonce was passed REPLACED_DEPTH blocks ago (any
+        node has its receipts by then) and still no receipt of ours exists."""
         try:
-            mined = self._w3.eth.get_transaction_count(self._account.address, "latest")
+            settled = max(0, int(self._w3.eth.block_number) - REPLACED_DEPTH)
+            mined = self._w3.eth.get_transaction_count(self._account.address, settled)
             if refund.nonce is None or mined <= refund.nonce:
                 return "pending"
             receipt = self._w3.eth.get_transaction_receipt(HexStr(refund.tx_hash))

@@ -209,7 +209,25 @@ def _check_payments(s: Settings) -> list[str]:
         out.append("FACILITATOR_URL must be an http(s) URL")
     if s.refund_private_key is not None and not _is_key(s.refund_private_key):
         out.append("REFUND_PRIVATE_KEY must be a 32-byte hex key")
+    floor = min_lease_seconds(s)
+    if s.reconcile_after_seconds < floor:
+        out.append(
+            f"RECONCILE_AFTER_SECONDS must be at least {floor:g} (longer than the longest "
+            "step: twice SETTLEMENT_TIMEOUT_SECONDS, and Sinch with its retries)"
+        )
     return out
+
+
+#: The longest Sinch hand-over, with its retries and look-ups (SinchSender's defaults).
+SINCH_LONGEST_SECONDS = 120.0
+
+
+def min_lease_seconds(s: Settings) -> float:
+    """The shortest lease a worker may hold on a payment: a step never outlasts it."""
+    longest = 2 * s.settlement_timeout_seconds + 5
+    if s.sms_provider == "sinch":
+        longest = max(longest, SINCH_LONGEST_SECONDS)
+    return longest
 
 
 def _check_providers(s: Settings) -> list[str]:

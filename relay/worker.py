@@ -35,14 +35,18 @@ class Worker:
     def run_once(self) -> dict[str, str] | None:
         """One pass if this loop holds the lease: payment id → state reached; None if
         another loop holds it."""
-        services = self.services
-        seconds = self.interval * LEASE_INTERVALS
-        if not services.ledger.acquire_lease(LEASE_NAME, self.holder, services.clock(), seconds):
+        if not self._elected():
             return None
-        results = flows.reconcile(services)
+        results = flows.reconcile(self.services, still_elected=self._elected)
         if results:
             log.info("reconciled %s", results)
         return results
+
+    def _elected(self) -> bool:
+        """Take or renew the fleet lease (before each payment, so a long pass keeps it)."""
+        services = self.services
+        seconds = self.interval * LEASE_INTERVALS
+        return services.ledger.acquire_lease(LEASE_NAME, self.holder, services.clock(), seconds)
 
     def run(self) -> None:
         """Pass after pass until stop(); a failing pass is logged and retried next time."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -15,7 +17,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import create_engine, text
 
 from relay.app import create_app
-from relay.devchain import DevChain
+from relay.devchain import DevChain, dev_accounts
 from relay.services import build_services
 from relay.settings import Settings
 
@@ -79,6 +81,7 @@ class Wallet:
 def new_wallet(chain: DevChain, usdc_atomic: int = 0) -> Wallet:
     """A fresh account, optionally funded with test USDC."""
     account = Account.create()
+    KNOWN_SECRETS.add(account.key.hex().removeprefix("0x"))
     if usdc_atomic:
         chain.mint(account.address, usdc_atomic)
     return Wallet(account.address, account.key.hex())
@@ -139,3 +142,60 @@ def pg_url() -> Iterator[str]:
     with admin.begin() as conn:
         conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
     admin.dispose()
+
+
+# No secret or personal data in any log line --------------------------------------------------
+
+#: Values no log record of any library may ever contain: every key a test wallet holds
+#: (added by new_wallet) and the anvil accounts' keys.
+KNOWN_SECRETS: set[str] = {account.private_key.removeprefix("0x") for account in dev_accounts()}
+#: A phone number written out whole (masked ones read like +1301*****65).
+FULL_PHONE = re.compile(r"\+\d{9,15}\b")
+#: user:password@ in a URL.
+URL_CREDENTIALS = re.compile(r"://[^/\s:@]+:(?!\*\*\*@)[^/\s@]+@")
+
+
+class LogGuard(logging.Handler):
+    """Sees every record, at every level, and remembers the ones that leak."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.leaks: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+            if record.exc_text:  # what a formatter prints, as relay.logs scrubbed it
+                text += record.exc_text
+            elif record.exc_info:
+                text += logging.Formatter().formatException(record.exc_info)
+        except Exception:  # a record that cannot be formatted leaks nothing
+            return
+        lowered = text.lower()
+        if (
+            FULL_PHONE.search(text)
+            or URL_CREDENTIALS.search(text)
+            or any(secret in lowered for secret in KNOWN_SECRETS)
+        ):
+            self.leaks.append(f"{record.name} {record.levelname}: {text[:300]}")
+
+
+LOG_GUARD = LogGuard()
+
+
+@pytest.fixture(autouse=True)
+def no_leaks_in_logs() -> Iterator[None]:
+    """Every test runs with every logger at DEBUG into the guard; a leak fails the test."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.DEBUG)
+    root.addHandler(LOG_GUARD)
+    LOG_GUARD.leaks.clear()
+    try:
+        yield
+    finally:
+        root.removeHandler(LOG_GUARD)
+        root.setLevel(level)
+    assert not LOG_GUARD.leaks, "log lines leak secrets or personal data:\n" + "\n".join(
+        LOG_GUARD.leaks[:10]
+    )

@@ -72,9 +72,9 @@ class RelayProcess:
             if self._proc.poll() is not None:
                 raise RuntimeError(f"relay exited: {self.log()}")
             try:
-                if requests.get(self.url + "/health", timeout=1).status_code == 200:
+                if requests.get(self.url + "/health", timeout=2).status_code == 200:
                     return
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or busy starting
                 time.sleep(0.1)
         raise RuntimeError(f"relay did not become healthy: {self.log()}")
 

@@ -19,11 +19,12 @@ from flask.testing import FlaskClient
 from sqlalchemy import update
 from x402.http import decode_payment_required_header
 
+import relay.ledger
 import relay.payments
 from relay import flows
 from relay.app import create_app
 from relay.devchain import DevChain
-from relay.ledger import NONCE_GAP_SECONDS, messages, outbox, payments
+from relay.ledger import messages, outbox, payments
 from relay.payments import NOT_PAID, VALIDITY_TOO_LONG
 from relay.services import Services, build_services
 from relay.settings import Settings
@@ -72,7 +73,7 @@ def rewind(services: Services, payment_id: str, **values: Any) -> None:
         conn.execute(
             update(payments)
             .where(payments.c.id == payment_id)
-            .values(lease_until=None, response_status=None, **values)
+            .values(lease_until=None, lease_holder=None, response_status=None, **values)
         )
 
 
@@ -321,7 +322,11 @@ def test_a_payload_with_floats_is_reconciled_from_the_header_as_received(
 
 
 def test_concurrent_replays_of_a_lost_settlement_broadcast_once(
-    paid_settings: Callable[..., Settings], chain: DevChain, payer: Wallet, no_automine: None
+    paid_settings: Callable[..., Settings],
+    chain: DevChain,
+    payer: Wallet,
+    no_automine: None,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A settlement whose answer was lost (settle_pending, no hash known) with the process
     that sent it is replayed ten times at once on a new process: one replay settles, the
@@ -339,7 +344,8 @@ def test_concurrent_replays_of_a_lost_settlement_broadcast_once(
     chain.drop_all_transactions()  # the broadcast was lost with its answer, a while ago
     chain.mine()  # (and gas prices moved since)
     rewind(services, row["id"], state="settle_pending", tx_hash=None)
-    time.sleep(NONCE_GAP_SECONDS + 0.5)
+    monkeypatch.setattr(relay.ledger, "NONCE_GAP_SECONDS", 2.0)  # the drop was long ago
+    time.sleep(2.5)
     app = create_app(services=build_services(settings))  # the restarted process
     with ThreadPoolExecutor(10) as pool:
         replays = list(pool.map(lambda _: send(app.test_client(), body, signature), range(10)))
@@ -389,11 +395,13 @@ def test_refunds_from_the_settler_key_share_its_nonces(
 
 
 def test_a_nonce_reserved_by_a_crashed_process_is_filled_under_steady_traffic(
-    paid_settings: Callable[..., Settings], chain: DevChain
+    paid_settings: Callable[..., Settings], chain: DevChain, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A process reserved the settler's next nonce and died before broadcasting. Paid
     sends keep arriving, one every half second; the later transactions queue behind the
-    gap until a settlement re-uses the abandoned nonce, and every send is paid and sent."""
+    gap until a settlement re-uses the abandoned nonce, and every send is paid and sent.
+    (NONCE_GAP_SECONDS is shortened so that the test takes seconds, not a minute.)"""
+    monkeypatch.setattr(relay.ledger, "NONCE_GAP_SECONDS", 3.0)
     app = create_app(services=build_services(paid_settings(settlement_timeout_seconds=10)))
     services = services_of(app)
     settler = chain.accounts[0].address

@@ -211,8 +211,8 @@ def test_crash_while_settling_is_finished_by_a_running_worker(
     env = relay_env(
         chain,
         f"sqlite:///{tmp_path / 'relay.db'}",
-        SETTLEMENT_TIMEOUT_SECONDS="60",
-        RECONCILE_AFTER_SECONDS="2",
+        SETTLEMENT_TIMEOUT_SECONDS="1",
+        RECONCILE_AFTER_SECONDS="7",
         WORKER_INTERVAL_SECONDS="1",
     )
     body = {"message": "Survives a crash", "to": US}
@@ -306,7 +306,11 @@ def test_the_procfile_worker_finishes_a_payment_a_crash_left(
         conn.execute(outbox.delete())
         conn.execute(
             update(payments).values(
-                state="settled", body=body["message"], response_status=None, lease_until=None
+                state="settled",
+                body=body["message"],
+                response_status=None,
+                lease_until=None,
+                lease_holder=None,
             )
         )
     command = next(

@@ -81,12 +81,13 @@ def test_a_reservation_never_broadcast_is_reused_under_steady_traffic(ledger: Le
     """Nonce 5 is reserved and never broadcast (a crash); later reservations, one a
     second, queue behind it on the chain. Nonce 5 is handed out again once its own
     reservation is older than NONCE_GAP_SECONDS, however recent the others are."""
+    gap = int(NONCE_GAP_SECONDS)
     assert ledger.reserve_nonce("0xabc", 5, 5, 100.0) == 5
-    handed = [ledger.reserve_nonce("0xabc", 5, 5, 100.0 + t) for t in range(1, 8)]
-    assert handed[: int(NONCE_GAP_SECONDS)] == list(range(6, 6 + int(NONCE_GAP_SECONDS)))
-    assert 5 in handed[int(NONCE_GAP_SECONDS) :]
+    handed = [ledger.reserve_nonce("0xabc", 5, 5, 100.0 + t) for t in range(1, gap + 3)]
+    assert handed[: gap - 1] == list(range(6, 5 + gap))
+    assert 5 in handed[gap - 1 :]
     # once the chain has mined it, the queue behind it moves on
-    assert ledger.reserve_nonce("0xabc", 12, 12, 120.0) == 12
+    assert ledger.reserve_nonce("0xabc", 20, 20, 200.0) == 20
 
 
 def test_a_transaction_dropped_from_the_mempool_frees_its_nonce(ledger: Ledger) -> None:
@@ -114,14 +115,22 @@ def test_one_holder_of_a_fleet_lease_at_a_time(ledger: Ledger) -> None:
     assert ledger.acquire_lease("reconciler", "a", 151.0, 30.0)
 
 
-def test_payment_leases(ledger: Ledger) -> None:
-    row = payment(lease_until=130.0)
+def test_payment_leases_belong_to_their_holder(ledger: Ledger) -> None:
+    row = payment(lease_until=130.0, lease_holder="request")
     ledger.claim_payment(row)
-    assert not ledger.take(row["id"], 120.0, 30.0)
-    assert ledger.take(row["id"], 120.0, 30.0, force=True)
-    assert not ledger.take(row["id"], 149.0, 30.0)
-    ledger.release(row["id"])
-    assert ledger.take(row["id"], 149.0, 30.0)
+    assert ledger.take(row["id"], 120.0, 30.0) is None
+    forced = ledger.take(row["id"], 120.0, 30.0, force=True)
+    assert forced is not None
+    ledger.release(row["id"], "request")  # the old holder cannot end the new lease
+    assert ledger.take(row["id"], 149.0, 30.0) is None
+    assert not ledger.renew(row["id"], "request", 149.0, 30.0)
+    assert ledger.renew(row["id"], forced, 149.0, 30.0)
+    assert ledger.take(row["id"], 170.0, 30.0) is None  # renewed until 179
+    assert not ledger.transition(row["id"], ("settling",), "settled", 171.0, holder="request")
+    ledger.release(row["id"], forced)
+    taken = ledger.take(row["id"], 171.0, 30.0)
+    assert taken is not None and taken != forced
+    assert ledger.transition(row["id"], ("settling",), "settled", 172.0, holder=taken)
 
 
 def test_one_transfer_log_pays_for_one_payment(ledger: Ledger) -> None:
@@ -155,7 +164,7 @@ def test_a_database_of_the_previous_release_is_upgraded(url: str, tmp_path: Path
     previous = old.Ledger.from_url(url)
     assert previous.upgrade() == 1
     row = payment()
-    del row["header"], row["claim_block"], row["lease_until"]
+    del row["header"], row["claim_block"], row["lease_until"], row["lease_holder"]
     previous.claim_payment(row)
     previous.engine.dispose()
 
@@ -165,7 +174,7 @@ def test_a_database_of_the_previous_release_is_upgraded(url: str, tmp_path: Path
     kept = book.payment(row["id"])
     assert kept is not None and kept["payment_key"] == row["payment_key"]
     assert kept["header"] is None and kept["log_index"] is None
-    assert book.take(row["id"], 1.0, 30.0)
+    assert book.take(row["id"], 1.0, 30.0) is not None
     assert book.reserve_nonce("0xabc", 3, 3, 1.0) == 3
     book.engine.dispose()
 
@@ -192,6 +201,7 @@ def payment(**changes: Any) -> dict[str, Any]:
         "requirements": {},
         "claim_block": 1,
         "lease_until": None,
+        "lease_holder": None,
         "created_at": 1.0,
         "updated_at": 1.0,
     }

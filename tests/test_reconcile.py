@@ -48,7 +48,13 @@ def paid_send(app: Flask, key: str) -> tuple[dict[str, Any], str]:
 def rewind(services: Services, state: str, **fields: Any) -> str:
     """Put the only payment back into ``state`` as a crash there would leave it."""
     (row,) = services.ledger.list_payments()
-    values = {"state": state, "lease_until": None, "response_status": None, **fields}
+    values = {
+        "state": state,
+        "lease_until": None,
+        "lease_holder": None,
+        "response_status": None,
+        **fields,
+    }
     with services.ledger.begin() as conn:
         conn.execute(update(payments).where(payments.c.id == row["id"]).values(**values))
     return str(row["id"])
