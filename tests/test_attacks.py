@@ -265,11 +265,41 @@ def test_a_dispatch_that_cannot_be_looked_up_is_never_sent_blindly(
         signature = pay(challenge(app.test_client(), body), payer.key)
         assert send(app.test_client(), body, signature).status_code == 200
     (row,) = services.ledger.list_payments()
-    rewind(services, row["id"], state="dispatch_unknown", message_id=None)
-    services = build_services(settings.replace(sinch_base_url="http://127.0.0.1:9"))  # gone
-    assert flows.reconcile(services) == {row["id"]: "dispatch_unknown"}
+    rewind(services, row["id"], state="dispatch_unknown", message_id=None, updated_at=0.0)
+    gone = create_app(
+        services=build_services(settings.replace(sinch_base_url="http://127.0.0.1:9"))
+    )
+    assert flows.reconcile(services_of(gone)) == {row["id"]: "dispatch_unknown"}
+    replay = send(gone.test_client(), body, signature)  # a replay meanwhile: a clean 502
+    assert replay.status_code == 502, replay.get_data(as_text=True)
+    assert replay.get_json()["details"]["status"] == "unknown"
     assert services.ledger.payment(row["id"])["state"] == "dispatch_unknown"  # type: ignore[index]
     assert len(fake.batches) == 1
+
+
+def test_an_unconfirmed_dispatch_is_not_sent_again_before_sinch_caught_up(
+    paid_settings: Callable[..., Settings], chain: DevChain, payer: Wallet
+) -> None:
+    """The hand-over to Sinch went unconfirmed a moment ago and its batch list does not show
+    the message (it may lag): a repair within DISPATCH_QUIET_SECONDS waits; after it, the
+    SMS goes out once."""
+    with FakeSinch(plan_id=SINCH_PLAN, token=SINCH_TOKEN) as fake:
+        app = create_app(services=build_services(paid_settings(**sinch_overrides(fake.base_url))))
+        services = services_of(app)
+        body = {"message": "Unconfirmed hand-over", "to": US}
+        signature = pay(challenge(app.test_client(), body), payer.key)
+        assert send(app.test_client(), body, signature).status_code == 200
+        (row,) = services.ledger.list_payments()
+        fake.reset()  # the list shows nothing
+        forget_dispatch(services)
+        now = time.time()
+        rewind(services, row["id"], state="dispatch_unknown", message_id=None, updated_at=now)
+        services.clock = lambda: now + 1
+        assert flows.reconcile(services) == {row["id"]: "dispatch_unknown"}
+        assert fake.batches == []  # not yet
+        services.clock = lambda: now + flows.DISPATCH_QUIET_SECONDS + 1
+        assert flows.reconcile(services) == {row["id"]: "dispatched"}
+        assert len(fake.batches) == 1
 
 
 # 8. Authorizations that outlive the challenge --------------------------------------------
