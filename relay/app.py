@@ -72,8 +72,11 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     return app
 
 
-#: What a browser agent needs: the x402 headers it sends, and those it must read.
-CORS_ALLOW_HEADERS = "Content-Type, PAYMENT-SIGNATURE, X-PAYMENT, X-Pay-Password"
+#: What a browser agent needs: the x402 headers it sends (the stock @x402/fetch client also
+#: sends Access-Control-Expose-Headers on its paid retry), and those it must read.
+CORS_ALLOW_HEADERS = (
+    "Content-Type, PAYMENT-SIGNATURE, X-PAYMENT, X-Pay-Password, Access-Control-Expose-Headers"
+)
 CORS_EXPOSE_HEADERS = "PAYMENT-REQUIRED, PAYMENT-RESPONSE, X-PAYMENT-RESPONSE, Retry-After"
 CORS_MAX_AGE_SECONDS = 600
 

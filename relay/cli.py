@@ -6,9 +6,7 @@ import argparse
 import json
 import logging
 import signal
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from decimal import Decimal, InvalidOperation
@@ -21,18 +19,16 @@ from relay.ledger import SchemaMissing
 from relay.settings import SettingsError, load_client_settings, load_settings
 
 Command = Callable[[argparse.Namespace], int]
-WORKER_RESTART_SECONDS = 5.0
 
 
 def serve(args: argparse.Namespace) -> int:
-    """Serve the app with gunicorn (the same server as production), with a reconciler
-    (`relay worker`) beside it; the loops of several servers elect one to work at a time."""
+    """Serve the app with gunicorn (the same server as production), with the reconciler
+    running in its workers; the loops of every process elect one to work at a time."""
     from gunicorn.app.base import BaseApplication
 
     from relay.app import create_app
 
     settings = load_settings()
-    worker = WorkerProcess()
 
     class _Server(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
@@ -43,50 +39,21 @@ def serve(args: argparse.Namespace) -> int:
             self.cfg.set("timeout", 120)
             self.cfg.set("accesslog", "-")
             self.cfg.set("logger_class", "relay.logs.MaskedAccessLogger")
+            self.cfg.set("post_worker_init", _start_reconciler)
 
         def load(self) -> Any:
             return create_app(settings)
 
-    worker.start()
-    try:
-        _Server().run()
-    finally:
-        worker.stop()
+    _Server().run()
     return 0
 
 
-class WorkerProcess:
-    """`relay worker` beside `relay serve`, started again whenever it exits."""
+def _start_reconciler(worker: Any) -> None:
+    """gunicorn's post_worker_init hook: a reconciler thread in each web worker; the
+    database lease lets one of them (or a `relay worker`) work at a time."""
+    from relay.worker import Worker
 
-    def __init__(self) -> None:
-        self._process: subprocess.Popen[bytes] | None = None
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="relay-worker-watch")
-        self._thread.daemon = True
-
-    def start(self) -> None:
-        """Start the worker and the watch that restarts it."""
-        self._thread.start()
-
-    def _watch(self) -> None:
-        while not self._stopping.is_set():
-            self._process = subprocess.Popen([sys.executable, "-m", "relay.cli", "worker"])
-            code = self._process.wait()
-            if not self._stopping.is_set():
-                logging.getLogger(__name__).warning("worker exited (%s); restarting", code)
-                self._stopping.wait(WORKER_RESTART_SECONDS)
-
-    def stop(self) -> None:
-        """Stop the worker (and do not restart it)."""
-        self._stopping.set()
-        process = self._process
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    Worker(worker.wsgi.extensions["relay"]).start()
 
 
 def worker(_args: argparse.Namespace) -> int:
@@ -107,8 +74,12 @@ def worker(_args: argparse.Namespace) -> int:
                 say(f"worker waiting for its database: {type(exc).__name__}")
                 time.sleep(settings.worker_interval_seconds)
         Worker(services).run()
-    except (KeyboardInterrupt, SystemExit):
+    except KeyboardInterrupt:
         say("worker stopped")
+        return 128 + signal.SIGINT
+    except SystemExit as stopped:  # SIGTERM (see _exit_on_signal)
+        say("worker stopped")
+        return int(stopped.code or 0)
     return 0
 
 

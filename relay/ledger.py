@@ -289,14 +289,20 @@ class Ledger:
 
     @classmethod
     def open_existing(cls, url: str) -> Ledger:
-        """A ledger on a database that already has the relay schema; SchemaMissing if not."""
+        """A ledger on a database that already has this release's schema; SchemaMissing if
+        not (operator commands and the worker never create or migrate it)."""
         missing = missing_sqlite_file(url)
         if missing is not None:
             raise SchemaMissing(f"SQLite file {missing} does not exist (run `relay db upgrade`)")
         ledger = cls.from_url(url)
-        if ledger.schema_version() is None:
+        version = ledger.schema_version()
+        if version is None or version < SCHEMA_VERSION:
             ledger.engine.dispose()
-            raise SchemaMissing("the database has no relay schema (run `relay db upgrade`)")
+            found = "no relay schema" if version is None else f"schema version {version}"
+            raise SchemaMissing(
+                f"the database has {found}; this release needs {SCHEMA_VERSION} "
+                "(run `relay db upgrade`)"
+            )
         return ledger
 
     def schema_version(self) -> int | None:
