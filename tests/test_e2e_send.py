@@ -148,6 +148,22 @@ def moderation_calls(stack: Stack, text: str) -> int:
     return sum(text in request.user_text for request in stack.gemini.requests)
 
 
+def assert_node_payer_paid(
+    stack: Stack, result: dict[str, Any], payer: Wallet, before: Snapshot, text: str
+) -> None:
+    """A payer's result (``payer``, ``body``, decoded ``paymentResponse``, as the node
+    payers print it): settled by this payer, paid once at the fresh price, sent once."""
+    assert result["payer"] == payer.address
+    body = result["body"]
+    settled = result["paymentResponse"]
+    assert settled["success"] is True
+    assert settled["transaction"] == body["transaction"]
+    assert settled["network"] == NETWORK
+    assert Web3.to_checksum_address(settled["payer"]) == payer.address
+    assert_paid_and_sent(stack, payer, before, body, text, FRESH_PRICE)
+    assert moderation_calls(stack, text) == 1
+
+
 def assert_paid_and_sent(
     stack: Stack,
     payer: Wallet,
@@ -258,16 +274,11 @@ def test_stock_python_requests_adapter_pays_one_shot(stack: Stack) -> None:
             timeout=120,
         )
         assert response.status_code == 200, f"{response.text}\n{stack.relay.log()}"
-        body = response.json()
         settled = decode_header(response.headers["PAYMENT-RESPONSE"])
+        result = {"payer": payer.address, "body": response.json(), "paymentResponse": settled}
 
-    assert settled["success"] is True
-    assert settled["transaction"] == body["transaction"]
-    assert settled["network"] == NETWORK
-    assert Web3.to_checksum_address(settled["payer"]) == payer.address
     # One-shot: the price of a freshly moderated text, the same on the 402 and the paid retry.
-    assert_paid_and_sent(stack, payer, before, body, text, FRESH_PRICE)
-    assert moderation_calls(stack, text) == 1
+    assert_node_payer_paid(stack, result, payer, before, text)
 
 
 # Client 3: the stock npm @x402/fetch -------------------------------------------------------
@@ -304,12 +315,4 @@ def test_stock_npm_fetch_client_pays_one_shot(stack: Stack) -> None:
     result = run_node_payer(stack, payer, {"message": text, "to": "+1 301 257 6365"})
 
     assert result["status"] == 200, f"{result}\n{stack.relay.log()}"
-    assert result["payer"] == payer.address
-    body = result["body"]
-    settled = result["paymentResponse"]
-    assert settled["success"] is True
-    assert settled["transaction"] == body["transaction"]
-    assert settled["network"] == NETWORK
-    assert Web3.to_checksum_address(settled["payer"]) == payer.address
-    assert_paid_and_sent(stack, payer, before, body, text, FRESH_PRICE)
-    assert moderation_calls(stack, text) == 1
+    assert_node_payer_paid(stack, result, payer, before, text)

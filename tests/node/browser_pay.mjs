@@ -35,9 +35,10 @@
 // null), "payer", "origin", "cors"}. Exits 0 whatever the HTTP status, 1 if the client
 // threw, 2 on bad usage.
 
-import { wrapFetchWithPayment, x402Client, decodePaymentResponseHeader } from "@x402/fetch";
+import { wrapFetchWithPayment, x402Client } from "@x402/fetch";
 import { ExactEvmScheme } from "@x402/evm/exact/client";
 import { privateKeyToAccount } from "viem/accounts";
+import { describeResponse } from "./result.mjs";
 
 const NETWORK = "eip155:84532";
 
@@ -272,22 +273,7 @@ async function main() {
 
   try {
     const response = await fetchWithPayment(url, { method: "POST", headers, body: bodyJson });
-    const text = await response.text();
-    let body;
-    try {
-      body = JSON.parse(text);
-    } catch {
-      body = text;
-    }
-    const header = response.headers.get("PAYMENT-RESPONSE");
-    const result = {
-      status: response.status,
-      body,
-      paymentResponse: header ? decodePaymentResponseHeader(header) : null,
-      payer: account.address,
-      origin,
-      cors: log,
-    };
+    const result = { ...(await describeResponse(response, account.address)), origin, cors: log };
     process.stdout.write(`${JSON.stringify(result)}\n`);
   } catch (error) {
     const result = {

@@ -14,9 +14,10 @@
 // Exits 0 whatever the HTTP status (the caller asserts on it), 1 if the client threw, 2 on
 // bad usage.
 
-import { wrapFetchWithPayment, x402Client, decodePaymentResponseHeader } from "@x402/fetch";
+import { wrapFetchWithPayment, x402Client } from "@x402/fetch";
 import { ExactEvmScheme } from "@x402/evm/exact/client";
 import { privateKeyToAccount } from "viem/accounts";
+import { describeResponse } from "./result.mjs";
 
 const NETWORK = "eip155:84532";
 
@@ -41,20 +42,7 @@ async function main() {
   if (process.env.PAY_PASSWORD) headers["X-Pay-Password"] = process.env.PAY_PASSWORD;
 
   const response = await fetchWithPayment(url, { method: "POST", headers, body: bodyJson });
-  const text = await response.text();
-  let body;
-  try {
-    body = JSON.parse(text);
-  } catch {
-    body = text;
-  }
-  const header = response.headers.get("PAYMENT-RESPONSE");
-  const result = {
-    status: response.status,
-    body,
-    paymentResponse: header ? decodePaymentResponseHeader(header) : null,
-    payer: account.address,
-  };
+  const result = await describeResponse(response, account.address);
   process.stdout.write(`${JSON.stringify(result)}\n`);
 }
 
