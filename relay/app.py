@@ -87,13 +87,14 @@ def _cors(origins: tuple[str, ...]) -> Callable[[Response], Response]:
 
     def add_headers(response: Response) -> Response:
         origin = request.headers.get("Origin")
+        if origins and "*" not in origins:
+            response.vary.add("Origin")  # caches keep one answer per origin
         if not origin or not origins:
             return response
         if "*" in origins:
             response.headers["Access-Control-Allow-Origin"] = "*"
         elif origin.rstrip("/") in origins:
             response.headers["Access-Control-Allow-Origin"] = origin
-            response.vary.add("Origin")
         else:
             return response
         response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSE_HEADERS

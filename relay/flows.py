@@ -178,6 +178,8 @@ CLAIM_BLOCK_MARGIN = 100
 #: After an unconfirmed hand-over to Sinch, how long its batch list may lag before a
 #: missing batch is taken as never created and the SMS is sent.
 DISPATCH_QUIET_SECONDS = 60
+#: How often the reconciler searches the logs again for a settle_unknown payment.
+SETTLE_UNKNOWN_RETRY_SECONDS = 600
 #: Every state a refund record can be in: signed (recorded, not yet broadcast), pending,
 #: confirmed, reverted or replaced (a new one is signed), failed (could not be signed).
 REFUND_STATES = ("signed", "pending", "confirmed", "reverted", "replaced", "failed")
@@ -341,6 +343,29 @@ def stored_answer(row: dict[str, Any]) -> Outcome:
     return Outcome(row["response_status"], row["response_body"], row["response_headers"] or {})
 
 
+def legacy_answer(row: dict[str, Any]) -> Outcome:
+    """The answer of a finished payment stored before answers were kept with it."""
+    if row["state"] == "dispatched":
+        body = {
+            "sent": True,
+            "message_id": row["message_id"],
+            "status": "queued",
+            "to": row["destination"],
+            "segments": row["segments"],
+            "price_usd": from_atomic(row["amount_atomic"]),
+            "paid_by": row["payer"],
+            "transaction": row["tx_hash"],
+        }
+        return Outcome(200, body, {})
+    if row["state"] == "refunded":
+        error: RelayError = SinchSendFailedAfterPayment(
+            details={"transaction": row["tx_hash"]}, extra={"transaction": row["tx_hash"]}
+        )
+    else:
+        error = PaymentSettlementFailed(details={"reason": "settlement_failed"})
+    return Outcome(error.status, error.body(), error.response_headers())
+
+
 def lease_seconds(services: Services) -> float:
     """How long one holder may act on a payment before others may take it over: longer
     than any one step (Settings checks RECONCILE_AFTER_SECONDS against the settlement wait
@@ -453,7 +478,7 @@ def drive(
     if state == "dispatch_failed":
         return finish_refund(services, row, parsed, requirements)
     if state not in (*SETTLING, "settled"):
-        return stored_answer(row)
+        return stored_answer(row) if row["response_status"] is not None else legacy_answer(row)
     settlement = settle(services, row, parsed, requirements, first=first)
     hold(services, row)
     moved = services.ledger.transition(
@@ -635,9 +660,13 @@ def dispatch(
     current = {**(services.ledger.payment(row["id"]) or row), "lease_holder": row["lease_holder"]}
     body_text = compose_body(current["body"], services.settings.opt_out_line)
     payment_header = dict([services.payments.response_header(settlement, parsed.version)])
-    hold(services, current)
     try:
-        sent = services.sms.send(current["destination"], body_text, current["id"])
+        sent = services.sms.send(
+            current["destination"],
+            body_text,
+            current["id"],
+            keep_alive=lambda: hold(services, current),
+        )
     except SmsDispatchError as exc:
         return dispatch_failed(services, current, settlement, exc, payment_header)
     return dispatched(services, current, sent.message_id, sent.provider, settlement)
@@ -729,12 +758,20 @@ def dispatch_failed(
     """The provider refused after payment: record it, refund if we can, answer 502."""
     ledger, payment_id = services.ledger, row["id"]
     log.warning("dispatch failed after payment %s: %s", payment_id, exc.message)
+    holder = row["lease_holder"]
     if exc.maybe_sent:
         error = not_confirmed(settlement)
-        ledger.transition(payment_id, ("dispatching",), "dispatch_unknown", services.clock())
+        ledger.transition(
+            payment_id, ("dispatching",), "dispatch_unknown", services.clock(), holder=holder
+        )
         return Outcome(error.status, error.body(), payment_header)
     if not ledger.transition(
-        payment_id, ("dispatching",), "dispatch_failed", services.clock(), error=exc.message[:200]
+        payment_id,
+        ("dispatching",),
+        "dispatch_failed",
+        services.clock(),
+        holder=holder,
+        error=exc.message[:200],
     ):
         raise RequestInProgress(retry_after=IN_PROGRESS_RETRY_SECONDS)
     ledger.record_message(message_row(row, payment_id, "none", "failed", services.clock()))
@@ -955,6 +992,18 @@ def sinch_callback(
         if not services.ledger.first_sight(digest, now, forget):
             log.info("sinch callback replayed; ignored")
             return False
+        try:
+            apply_callback(services, payload, now)
+        except Exception:  # not applied: Sinch's retry of it must not count as a replay
+            services.ledger.forget_call(digest)
+            raise
+        return True
+    apply_callback(services, payload, now)
+    return True
+
+
+def apply_callback(services: Services, payload: dict[str, Any], now: float) -> None:
+    """A delivery report's status, or an inbound STOP/START."""
     event = parse_callback(payload)
     if isinstance(event, DeliveryReport):
         services.ledger.update_message_status(
@@ -965,7 +1014,6 @@ def sinch_callback(
         if action is not None:
             services.ledger.set_opt_out(event.sender, action == "stop", now)
             log.info("opt-%s from %s", "out" if action == "stop" else "in", mask(event.sender))
-    return True
 
 
 # Reconciliation ----------------------------------------------------------------------
@@ -990,6 +1038,12 @@ def reconcile(
         lease = row["lease_until"]
         if not force and lease is not None and lease > now:
             continue
+        if (
+            not force
+            and row["state"] == "settle_unknown"
+            and now - float(row["updated_at"]) < SETTLE_UNKNOWN_RETRY_SECONDS
+        ):
+            continue  # a full log search each time: now and then is enough
         if still_elected is not None and not still_elected():
             break
         try:

@@ -30,6 +30,7 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    func,
     insert,
     inspect,
     make_url,
@@ -578,7 +579,8 @@ class Ledger:
                     )
                     return pending if conn.execute(retake).rowcount == 1 else None
                 gap = lowest is not None and lowest.nonce > pending and lowest.reserved_at < stale
-                nonce = pending if gap else max(high, pending)
+                after = rows[-1].nonce + 1 if rows else pending
+                nonce = pending if gap else max(high, pending, after)
                 conn.execute(insert(table).values(address=address, nonce=nonce, reserved_at=now))
                 self._raise_mark(conn, address, mark, max(high, nonce + 1), now)
         except IntegrityError:
@@ -587,17 +589,23 @@ class Ledger:
 
     @staticmethod
     def _raise_mark(conn: Connection, address: str, mark: Any, next_nonce: int, now: float) -> None:
+        """Raise (never lower) the account's high-water mark, whatever others wrote since."""
         marks = settler_nonces
         if mark is None:
             conn.execute(
                 insert(marks).values(address=address, next_nonce=next_nonce, updated_at=now)
             )
-        else:
-            conn.execute(
-                update(marks)
-                .where(marks.c.address == address)
-                .values(next_nonce=next_nonce, updated_at=now)
-            )
+            return
+        higher = (
+            func.greatest(marks.c.next_nonce, next_nonce)
+            if conn.dialect.name == "postgresql"
+            else func.max(marks.c.next_nonce, next_nonce)
+        )
+        conn.execute(
+            update(marks)
+            .where(marks.c.address == address)
+            .values(next_nonce=higher, updated_at=now)
+        )
 
     # Notices for the operator --------------------------------------------------------
     def note(self, name: str, now: float) -> None:
@@ -616,6 +624,11 @@ class Ledger:
         return None if row is None else float(row["noted_at"])
 
     # Webhook replays ---------------------------------------------------------------
+    def forget_call(self, digest: str) -> None:
+        """Unrecord a call that could not be applied (its retry is not a replay)."""
+        with self.engine.begin() as conn:
+            conn.execute(delete(webhook_calls).where(webhook_calls.c.digest == digest))
+
     def first_sight(self, digest: str, now: float, forget_before: float) -> bool:
         """Record a signed call; False if it was seen already (a replay). Calls seen before
         ``forget_before`` are forgotten (their signatures have expired)."""
@@ -627,6 +640,17 @@ class Ledger:
         except IntegrityError:
             return False
         return True
+
+    def release_nonce(self, address: str, nonce: int) -> None:
+        """A reserved nonce that will never be broadcast: the next reservation takes it
+        at once (as if its age had run out)."""
+        table = nonce_reservations
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(table)
+                .where(table.c.address == address, table.c.nonce == nonce)
+                .values(reserved_at=0.0)
+            )
 
     def touch_nonce(self, address: str, nonce: int, now: float) -> None:
         """A reserved nonce is being broadcast now: its age starts again."""

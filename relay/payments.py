@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, NoReturn, Protocol, TypedDict, TypeVar
 
 import httpx
+import rlp
 from eth_account import Account
 from eth_typing import HexStr
 from pydantic import BaseModel
@@ -221,6 +222,8 @@ class NonceStore(Protocol):
 
     def touch_nonce(self, address: str, nonce: int, now: float) -> None: ...
 
+    def release_nonce(self, address: str, nonce: int) -> None: ...
+
 
 #: Called with a settlement transaction's hash and target after signing, before broadcast.
 _on_broadcast: ContextVar[Callable[[str, str], None] | None] = ContextVar(
@@ -287,30 +290,36 @@ class SharedNonceSigner(FacilitatorWeb3Signer):
     ) -> str:
         """The SDK's contract call, recording the hash before broadcast."""
         contract = self._w3.eth.contract(address=Web3.to_checksum_address(address), abi=abi)
-        tx = dict(
-            getattr(contract.functions, function_name)(*args).build_transaction(self._params())
-        )
-        if data_suffix:
-            data = tx["data"]
-            if isinstance(data, bytes | bytearray):
-                data = "0x" + bytes(data).hex()
-            tx["data"] = append_data_suffix(data, data_suffix)
-        return self._broadcast(tx)
+        call = getattr(contract.functions, function_name)(*args)
+
+        def build(params: dict[str, Any]) -> dict[str, Any]:
+            tx = dict(call.build_transaction(params))
+            if data_suffix:
+                data = tx["data"]
+                if isinstance(data, bytes | bytearray):
+                    data = "0x" + bytes(data).hex()
+                tx["data"] = append_data_suffix(data, data_suffix)
+            return tx
+
+        return self._broadcast(build)
 
     def send_transaction(self, to: str, data: bytes) -> str:
         """The SDK's raw call, recording the hash before broadcast."""
-        return self._broadcast({**self._params(), "to": Web3.to_checksum_address(to), "data": data})
+        target = Web3.to_checksum_address(to)
+        return self._broadcast(lambda params: {**params, "to": target, "data": data})
 
-    def _params(self) -> dict[str, Any]:
-        return {
-            "from": self._account.address,
-            "nonce": self._reserve_nonce(),
-            "gas": self._gas_limit,
-            "gasPrice": self._w3.eth.gas_price,
-        }
-
-    def _broadcast(self, tx: dict[str, Any]) -> str:
-        signed = self._account.sign_transaction(tx)
+    def _broadcast(self, build: Callable[[dict[str, Any]], dict[str, Any]]) -> str:
+        """Reserve a nonce last (after every other chain call), build and sign; a nonce
+        that is never broadcast is given back at once."""
+        sender = self._account.address
+        params = {"from": sender, "gas": self._gas_limit, "gasPrice": self._w3.eth.gas_price}
+        params["nonce"] = nonce = self._reserve_nonce()
+        try:
+            tx = build(params)
+            signed = self._account.sign_transaction(tx)
+        except BaseException:
+            self._nonces.release_nonce(sender, nonce)
+            raise
         tx_hash = str(signed.hash.to_0x_hex())
         record = _on_broadcast.get()
         if record is not None:
@@ -740,7 +749,7 @@ class Payments:
 RefundState = Literal["confirmed", "reverted", "pending", "replaced"]
 #: Blocks a refund's nonce must have been passed by before its transaction counts as
 #: replaced (and a new refund may be signed).
-REPLACED_DEPTH = 3
+REPLACED_DEPTH = 12
 
 
 class Refunder:
@@ -807,12 +816,16 @@ class Refunder:
             pending = self._w3.eth.get_transaction_count(sender, "pending")
             latest = self._w3.eth.get_transaction_count(sender, "latest")
             nonce = self._nonces.reserve_nonce(sender, pending, latest, time.time())
-            params: TxParams = {"from": sender, "nonce": Nonce(nonce), "gas": gas * 5 // 4}
-            tx = call.build_transaction(params)
         except Exception as exc:
             log.warning("refund not prepared: %s", type(exc).__name__)
             raise _chain_unavailable() from exc
-        signed = self._account.sign_transaction(tx)
+        try:
+            params: TxParams = {"from": sender, "nonce": Nonce(nonce), "gas": gas * 5 // 4}
+            signed = self._account.sign_transaction(call.build_transaction(params))
+        except Exception as exc:
+            self._nonces.release_nonce(sender, nonce)
+            log.warning("refund not prepared: %s", type(exc).__name__)
+            raise _chain_unavailable() from exc
         return SignedRefund(signed.hash.to_0x_hex(), signed.raw_transaction.to_0x_hex(), nonce)
 
     def send(self, refund: SignedRefund) -> RefundState:
@@ -839,11 +852,13 @@ class Refunder:
     def _unconfirmed(self, refund: SignedRefund) -> RefundState:
         """Pending, unless the account's nonce was passed REPLACED_DEPTH blocks ago (any
         node has its receipts by then) and still no receipt of ours exists."""
+        nonce = refund.nonce if refund.nonce is not None else raw_nonce(refund.raw)
         try:
             settled = max(0, int(self._w3.eth.block_number) - REPLACED_DEPTH)
             mined = self._w3.eth.get_transaction_count(self._account.address, settled)
-            if refund.nonce is None or mined <= refund.nonce:
+            if nonce is None or mined <= nonce:
                 return "pending"
+            self._w3.eth.get_transaction(HexStr(refund.tx_hash))  # the node knows it: not replaced
             receipt = self._w3.eth.get_transaction_receipt(HexStr(refund.tx_hash))
         except TransactionNotFound:
             log.warning("refund %s replaced: its nonce was used elsewhere", refund.tx_hash)
@@ -852,6 +867,18 @@ class Refunder:
             log.warning("refund %s unchecked: %s", refund.tx_hash, type(exc).__name__)
             return "pending"
         return "confirmed" if receipt["status"] == 1 else "reverted"
+
+
+def raw_nonce(raw: str) -> int | None:
+    """The nonce of a signed transaction (legacy or typed), None if it cannot be read: for
+    refunds recorded before their nonce was."""
+    try:
+        data = bytes.fromhex(raw.removeprefix("0x"))
+        fields = rlp.decode(data[1:] if data and data[0] < 0x7F else data)
+        value = fields[1] if data and data[0] < 0x7F else fields[0]
+        return int.from_bytes(value, "big")
+    except Exception:
+        return None
 
 
 @dataclass(frozen=True)

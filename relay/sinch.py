@@ -29,7 +29,7 @@ OptOutAction = Literal["stop", "start"]
 
 _LOOKUP_PAGE_SIZE = 100
 _LOOKUP_MARGIN_SECONDS = 300  # clock skew between us and Sinch
-_LOOKUP_MAX_PAGES = 10
+_LOOKUP_MAX_PAGES = 3  # one client_reference holds one batch; bounded time under a lease
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,13 @@ class SendResult:
 class SmsSender(Protocol):
     """Anything that can hand one SMS to a carrier network."""
 
-    def send(self, to: str, body: str, client_reference: str) -> SendResult: ...
+    def send(
+        self,
+        to: str,
+        body: str,
+        client_reference: str,
+        keep_alive: Callable[[], None] | None = None,
+    ) -> SendResult: ...
 
     def lookup(self, client_reference: str, since: float | None = None) -> SendResult | None: ...
 
@@ -121,31 +127,53 @@ class SinchSender:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def send(self, to: str, body: str, client_reference: str) -> SendResult:
-        """Create the batch; raise SmsDispatchError once retries are spent or pointless."""
+    def send(
+        self,
+        to: str,
+        body: str,
+        client_reference: str,
+        keep_alive: Callable[[], None] | None = None,
+    ) -> SendResult:
+        """Create the batch; raise SmsDispatchError once retries are spent or pointless.
+
+        ``keep_alive`` is called before each attempt and look-up (the caller renews its
+        lease there, or raises to stop).
+        """
         payload = self._payload(to, body, client_reference)
         attempt = 0
         while True:
             attempt += 1
+            if keep_alive is not None:
+                keep_alive()
             try:
                 return self._post(payload, to, client_reference)
             except SmsDispatchError as exc:
                 self._log_failure(exc, to, client_reference, attempt)
-                found = self._recover(exc, client_reference, attempt)
+                found = self._recover(exc, client_reference, attempt, keep_alive)
             if found is not None:
                 return found
 
     def _recover(
-        self, error: SmsDispatchError, client_reference: str, attempt: int
+        self,
+        error: SmsDispatchError,
+        client_reference: str,
+        attempt: int,
+        keep_alive: Callable[[], None] | None,
     ) -> SendResult | None:
-        """Wait, then find any batch the failed attempt created; re-raise when out of tries."""
+        """Wait, then either find the batch a maybe-sent attempt created or give up: Sinch's
+        list may lag behind its answer, so a batch missing from it is no proof that none
+        was created, and a maybe-sent message is never posted again here (the reconciler
+        looks once more, later, before any second hand-over or refund)."""
         last = attempt >= self._max_attempts
         if not error.retryable or (last and not error.maybe_sent):
             raise error
         self._sleep(self._delay(error, attempt))
-        found = self.lookup(client_reference) if error.maybe_sent else None
-        if found is None and last:
-            error.maybe_sent = False  # Sinch was asked and holds no such batch
+        if not error.maybe_sent:
+            return None
+        if keep_alive is not None:
+            keep_alive()
+        found = self.lookup(client_reference)
+        if found is None:
             raise error
         return found
 
@@ -472,7 +500,13 @@ class OutboxSender:
         self._ledger = ledger
         self._clock = clock
 
-    def send(self, to: str, body: str, client_reference: str) -> SendResult:
+    def send(
+        self,
+        to: str,
+        body: str,
+        client_reference: str,
+        keep_alive: Callable[[], None] | None = None,
+    ) -> SendResult:
         """Store the message once per client reference."""
         row = {
             "message_id": "outbox-" + secrets.token_hex(10),

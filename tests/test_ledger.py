@@ -12,8 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
-from relay.ledger import NONCE_GAP_SECONDS, SCHEMA_VERSION, Conflict, Ledger, SchemaMissing
+from relay.ledger import (
+    NONCE_GAP_SECONDS,
+    SCHEMA_VERSION,
+    Conflict,
+    Ledger,
+    SchemaMissing,
+    settler_nonces,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 #: The last release whose schema was version 1.
@@ -250,3 +258,24 @@ def test_opt_out_registry(ledger: Ledger) -> None:
     assert ledger.is_opted_out("+13012576365")
     ledger.set_opt_out("+13012576365", False, 2.0)
     assert not ledger.is_opted_out("+13012576365")
+
+
+def test_a_nonce_given_back_is_handed_out_next(ledger: Ledger) -> None:
+    assert ledger.reserve_nonce("0xabc", 5, 5, 100.0) == 5
+    assert ledger.reserve_nonce("0xabc", 5, 5, 100.1) == 6
+    ledger.release_nonce("0xabc", 5)  # building its transaction failed
+    assert ledger.reserve_nonce("0xabc", 5, 5, 100.2) == 5
+    assert ledger.reserve_nonce("0xabc", 5, 5, 100.3) == 7
+
+
+def test_the_high_water_mark_never_goes_down(ledger: Ledger) -> None:
+    for expected in range(10, 15):
+        assert ledger.reserve_nonce("0xabc", 10, 10, 100.0) == expected
+    # every reservation mined; a process that read the chain late still goes forward
+    assert ledger.reserve_nonce("0xabc", 12, 15, 101.0) == 15
+    with ledger.begin() as conn:
+        conn.execute(settler_nonces.update().values(next_nonce=3))  # a stale writer
+    assert ledger.reserve_nonce("0xabc", 15, 15, 102.0) == 16
+    with ledger.begin() as conn:
+        mark = conn.execute(select(settler_nonces.c.next_nonce)).scalar()
+    assert mark == 17

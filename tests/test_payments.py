@@ -38,6 +38,7 @@ from relay.payments import (
     Payments,
     Refunder,
     as_json,
+    raw_nonce,
 )
 from relay.settings import Settings
 from tests.fake_facilitator import FakeFacilitator
@@ -580,3 +581,22 @@ def test_refund_sends_the_usdc_back(
     assert chain.w3.eth.get_transaction_receipt(HexStr(signed.tx_hash))["status"] == 1
     with pytest.raises(InternalError):  # the refund wallet is empty now
         refunder.sign(payer, AMOUNT)
+
+
+def test_the_nonce_of_a_recorded_refund_is_read_from_its_raw_transaction() -> None:
+    """Refunds recorded before their nonce was (schema 1) still know it."""
+    account = Account.create()
+    legacy = {"to": account.address, "value": 1, "gas": 21000, "gasPrice": 1, "nonce": 7}
+    typed = {
+        "to": account.address,
+        "value": 1,
+        "gas": 21000,
+        "maxFeePerGas": 2,
+        "maxPriorityFeePerGas": 1,
+        "nonce": 300,
+        "type": 2,
+    }
+    for tx, nonce in ((legacy, 7), (typed, 300)):
+        raw = account.sign_transaction({**tx, "chainId": 84532}).raw_transaction.to_0x_hex()
+        assert raw_nonce(raw) == nonce
+    assert raw_nonce("0xnothex") is None

@@ -241,3 +241,23 @@ def test_relay_dev_runs_the_reconciler() -> None:
         payment_id = rewind(services, "settled", message_id=None, body="Reconcile me")
         wait_for(lambda: len(services.ledger.outbox_messages()) == 1)
         wait_for(lambda: services.ledger.payment(payment_id)["state"] == "dispatched")  # type: ignore[index]
+
+
+def test_a_payment_finished_before_answers_were_stored_gets_an_answer(
+    paid_settings: Callable[..., Settings], chain: DevChain, payer: Wallet
+) -> None:
+    """Rows of the previous release reached `dispatched` without a stored answer: a replay
+    is told what happened (200 with the message), never a 500."""
+    app = create_app(services=build_services(paid_settings()))
+    services = services_of(app)
+    first, signature = paid_send(app, payer.key)
+    with services.ledger.begin() as conn:
+        conn.execute(
+            update(payments).values(
+                response_status=None, response_body=None, lease_until=None, lease_holder=None
+            )
+        )
+    answer = replay(app, signature)
+    assert answer.status_code == 200, answer.get_data(as_text=True)
+    assert answer.get_json()["message_id"] == first["message_id"]
+    assert answer.get_json()["transaction"] == first["transaction"]

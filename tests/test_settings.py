@@ -97,3 +97,20 @@ def test_env_example_documents_every_variable() -> None:
         if "=" in line and not line.startswith("#")
     }
     assert documented == set(variable_names())
+
+
+def test_the_lease_outlasts_the_longest_step() -> None:
+    base = dict(
+        quote_secret="x" * 20,
+        pay_to_address="0x85F37873f97afa61263A27107f2e7b0B672d7CFF",
+        moderation_provider="rules",
+        sms_provider="outbox",
+    )
+    assert Settings(**base, reconcile_after_seconds=35.0).problems() == []
+    short = Settings(**base, reconcile_after_seconds=34.0).problems()
+    assert any("RECONCILE_AFTER_SECONDS must be at least 35" in p for p in short)
+    sinch = {**base, "sms_provider": "sinch", "sinch_service_plan_id": "p"}
+    sinch |= {"sinch_api_token": "t", "sinch_from": "+12065550100"}
+    assert any(
+        "at least 120" in p for p in Settings(**sinch, reconcile_after_seconds=100.0).problems()
+    )
