@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import functools
-import json
 import os
 import platform
 import re
@@ -28,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Any, NamedTuple, Self, cast
+from typing import Any, NamedTuple, Self
 
 import requests
 from eth_account import Account
@@ -38,8 +36,9 @@ from web3 import Web3
 from web3.contract import Contract
 from web3.types import RPCEndpoint, TxReceipt
 
+from relay.abi import load_abi, load_artifact
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CONTRACTS_ABI_DIR = REPO_ROOT / "contracts-abi"
 
 CHAIN_ID = 84532
 NETWORK = "eip155:84532"
@@ -74,36 +73,6 @@ class DevAccount(NamedTuple):
 
     address: ChecksumAddress
     private_key: str
-
-
-@functools.cache
-def load_artifact(name: str) -> dict[str, Any]:
-    """A compiled artefact from contracts-abi/, e.g. ``load_artifact("TestUSDC")``.
-
-    ``<name>.json`` holds ``abi`` and ``deployedBytecode`` (runtime code); ``USDC.abi.json``
-    is a bare ABI list, loaded with ``load_abi("USDC")``.
-    """
-    path = CONTRACTS_ABI_DIR / f"{name}.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DevChainError(f"{path} is missing: run `npm ci && npm run compile`") from None
-    if not isinstance(data, dict):
-        raise DevChainError(f"{path} is not a JSON object")
-    return cast(dict[str, Any], data)
-
-
-@functools.cache
-def load_abi(name: str) -> list[dict[str, Any]]:
-    """An ABI: ``load_abi("USDC")`` is the USDC subset the service calls (valid for real
-    USDC); ``load_abi("TestUSDC")`` / ``load_abi("Multicall3")`` are the full ABIs."""
-    path = CONTRACTS_ABI_DIR / f"{name}.abi.json"
-    if path.exists():
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(data, list):
-            raise DevChainError(f"{path} is not a JSON list")
-        return cast(list[dict[str, Any]], data)
-    return cast(list[dict[str, Any]], load_artifact(name)["abi"])
 
 
 def dev_accounts(count: int = 10, mnemonic: str = ANVIL_MNEMONIC) -> list[DevAccount]:

@@ -40,7 +40,7 @@ from web3 import Web3
 from web3.exceptions import BadFunctionCallOutput, ContractLogicError
 from x402.http import FacilitatorConfig, HTTPFacilitatorClientSync
 
-from relay.devchain import load_abi
+from relay.abi import load_abi
 from relay.ledger import FORWARDED_NOTICE, SCHEMA_VERSION, Ledger, missing_sqlite_file
 from relay.moderation import GEMINI_API_VERSION, GEMINI_DEFAULT_BASE_URL
 from relay.settings import Settings, read_settings

@@ -83,7 +83,7 @@ from x402.mechanisms.evm.data_suffix import append_data_suffix
 from x402.mechanisms.evm.exact import ExactEvmServerScheme, register_exact_evm_facilitator
 from x402.mechanisms.evm.types import TransactionReceipt
 
-from relay.devchain import load_abi
+from relay.abi import load_abi
 from relay.errors import (
     ChainUnavailable,
     InternalError,

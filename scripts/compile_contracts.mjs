@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 // Compiles contracts/*.sol with the npm `solc` package (solc-js, standard JSON) and writes the
-// artefacts the relay loads at runtime into contracts-abi/:
+// artefacts the relay loads at runtime into relay/abi/ (shipped inside the package):
 //
 //   TestUSDC.json    {contractName, abi, deployedBytecode, compiler, sourceSha256}
 //   Multicall3.json  same shape
@@ -18,7 +18,7 @@ import solc from 'solc'
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..')
 const contractsDir = join(root, 'contracts')
-const outDir = join(root, 'contracts-abi')
+const outDir = join(root, 'relay', 'abi')
 
 const CONTRACTS = [
   { file: 'TestUSDC.sol', name: 'TestUSDC' },

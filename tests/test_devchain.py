@@ -43,7 +43,6 @@ from x402.schemas import (
 
 from relay.devchain import (
     CHAIN_ID,
-    CONTRACTS_ABI_DIR,
     MULTICALL3_ADDRESS,
     NETWORK,
     REPO_ROOT,
@@ -122,11 +121,11 @@ def test_artifacts_match_sources() -> None:
         artifact = load_artifact(name)
         source = (REPO_ROOT / "contracts" / f"{name}.sol").read_bytes()
         assert artifact["sourceSha256"] == hashlib.sha256(source).hexdigest(), (
-            f"contracts-abi/{name}.json is stale: run `npm run compile`"
+            f"relay/abi/{name}.json is stale: run `npm run compile`"
         )
         assert artifact["deployedBytecode"].startswith("0x")
         assert artifact["compiler"]["version"].startswith("0.8.")
-    usdc = json.loads((CONTRACTS_ABI_DIR / "USDC.abi.json").read_text())
+    usdc = json.loads((REPO_ROOT / "relay" / "abi" / "USDC.abi.json").read_text())
     assert usdc == load_abi("USDC")
     names = {(entry["type"], entry["name"]) for entry in usdc}
     for fn in (

@@ -1,0 +1,108 @@
+"""The wheel is all an operator needs: installed in a fresh virtualenv outside the
+checkout, it ships the token ABI, so `relay doctor` checks the token and a refund is
+signed and mined on the local chain."""
+
+from __future__ import annotations
+
+import json
+import os
+import site
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+from relay.devchain import DevChain
+from tests.conftest import PAY_TO, new_wallet
+from tests.processes import REPO
+
+AMOUNT = 25_000
+
+
+def run(command: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        command, cwd=cwd, env={**os.environ, **env}, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_the_wheel_installed_elsewhere_checks_the_token_and_refunds(
+    chain: DevChain, tmp_path: Path
+) -> None:
+    dist = tmp_path / "dist"
+    built = run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "-w",
+            str(dist),
+            str(REPO),
+        ],
+        cwd=tmp_path,
+    )
+    assert built.returncode == 0, built.stderr[-2000:]
+    (wheel,) = dist.glob("relay-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        assert {"relay/abi/USDC.abi.json", "relay/abi/TestUSDC.json"} <= set(archive.namelist())
+
+    # A fresh virtualenv: the wheel installed into it, its dependencies borrowed from this
+    # environment's site-packages (as a plain path, so the checkout's editable install is
+    # not picked up).
+    venv = tmp_path / "venv"
+    made = run([sys.executable, "-m", "venv", str(venv)], cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    python = venv / "bin" / "python"
+    purelib = run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], cwd=tmp_path
+    )
+    (Path(purelib.stdout.strip()) / "borrowed.pth").write_text(site.getsitepackages()[0] + "\n")
+    installed = run(
+        [str(python), "-m", "pip", "install", "--no-deps", "--no-index", str(wheel)], cwd=tmp_path
+    )
+    assert installed.returncode == 0, installed.stderr[-2000:]
+
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    where = run([str(python), "-c", "import relay.abi; print(relay.abi.__file__)"], cwd=outside)
+    assert where.stdout.startswith(str(venv)), where.stdout + where.stderr
+
+    database = f"sqlite:///{outside / 'relay.db'}"
+    refunder = new_wallet(chain, AMOUNT)
+    chain.set_eth_balance(refunder.address, 10**18)
+    env = {
+        "QUOTE_SECRET": "wheel-test-secret-0123456789",
+        "PAY_TO_ADDRESS": PAY_TO,
+        "FACILITATOR": "local",
+        "RPC_URL": chain.rpc_url,
+        "SETTLER_PRIVATE_KEY": chain.accounts[0].private_key,
+        "REFUND_PRIVATE_KEY": refunder.key,
+        "MODERATION_PROVIDER": "rules",
+        "SMS_PROVIDER": "outbox",
+        "DATABASE_URL": database,
+    }
+    upgraded = run([str(venv / "bin" / "relay"), "db", "upgrade"], cwd=outside, **env)
+    assert upgraded.returncode == 0, upgraded.stdout + upgraded.stderr
+    doctor = run([str(venv / "bin" / "relay"), "doctor"], cwd=outside, **env)
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+    assert any(line.startswith("token") and "PASS" in line for line in doctor.stdout.splitlines())
+
+    payer = new_wallet(chain)
+    script = textwrap.dedent(
+        f"""
+        import json
+        from relay.ledger import Ledger
+        from relay.payments import Refunder
+        from relay.settings import load_settings
+        settings = load_settings()
+        refunder = Refunder.from_settings(settings, Ledger.open_existing(settings.database_url))
+        signed = refunder.sign({payer.address!r}, {AMOUNT})
+        print(json.dumps({{"state": refunder.send(signed), "tx": signed.tx_hash}}))
+        """
+    )
+    refund = run([str(python), "-c", script], cwd=outside, **env)
+    assert refund.returncode == 0, refund.stdout + refund.stderr
+    assert json.loads(refund.stdout.strip().splitlines()[-1])["state"] == "confirmed"
+    assert chain.usdc_balance(payer.address) == AMOUNT
