@@ -34,7 +34,7 @@ from eth_account import Account  # noqa: E402
 from eth_account.signers.local import LocalAccount  # noqa: E402
 from eth_typing import HexStr  # noqa: E402
 
-from relay.devchain import MINTER_ADDRESS, DevChain  # noqa: E402
+from relay.dev.chain import MINTER_ADDRESS, DevChain  # noqa: E402
 from tests.processes import RelayProcess  # noqa: E402
 from tests.x402_helpers import pay  # noqa: E402
 

@@ -85,7 +85,7 @@ def worker(_args: argparse.Namespace) -> int:
 
 def dev(args: argparse.Namespace) -> int:
     """The whole stack locally: chain, token, facilitator, rules moderation, outbox, a payer."""
-    from relay.devstack import DevStack
+    from relay.dev.stack import DevStack
 
     signal.signal(signal.SIGTERM, _exit_on_signal)  # stop the chain on `kill` too
     if args.demo:  # the demo narrates its own steps

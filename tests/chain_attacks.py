@@ -12,7 +12,7 @@ from typing import Any
 from eth_account import Account
 from web3 import Web3
 
-from relay.devchain import CHAIN_ID, USDC_ADDRESS, USDC_EIP712_NAME, USDC_EIP712_VERSION, DevChain
+from relay.dev.chain import CHAIN_ID, USDC_ADDRESS, USDC_EIP712_NAME, USDC_EIP712_VERSION, DevChain
 
 TRANSFER_WITH_AUTHORIZATION = (
     "transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,bytes)"

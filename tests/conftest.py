@@ -17,7 +17,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import create_engine, text
 
 from relay.app import create_app
-from relay.devchain import DevChain, dev_accounts
+from relay.dev.chain import DevChain, dev_accounts
 from relay.services import build_services
 from relay.settings import Settings
 

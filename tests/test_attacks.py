@@ -23,7 +23,7 @@ import relay.ledger
 import relay.payments
 from relay import flows
 from relay.app import create_app
-from relay.devchain import DevChain
+from relay.dev.chain import DevChain
 from relay.ledger import messages, outbox, payments
 from relay.payments import NOT_PAID, VALIDITY_TOO_LONG
 from relay.services import Services, build_services

@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
-from relay.devchain import DevChain
-from relay.devstack import DEMO_MESSAGE, DEMO_TO
+from relay.dev.chain import DevChain
+from relay.dev.stack import DEMO_MESSAGE, DEMO_TO
 from relay.ledger import SCHEMA_VERSION, Ledger
 from tests.conftest import Wallet, new_wallet
 from tests.processes import RelayProcess, free_port

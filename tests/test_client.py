@@ -12,7 +12,7 @@ from werkzeug.serving import make_server
 
 from relay.app import create_app
 from relay.client import RelayClient
-from relay.devchain import DevChain
+from relay.dev.chain import DevChain
 from relay.errors import MessageTooLong, PriceLimitExceeded, Rejected
 from relay.services import Services, build_services
 from relay.settings import Settings

@@ -30,7 +30,7 @@ import requests
 from flask.testing import FlaskClient
 
 from relay.app import create_app
-from relay.devchain import DevChain
+from relay.dev.chain import DevChain
 from relay.services import build_services
 from relay.settings import Settings
 from tests.conftest import Wallet, new_wallet

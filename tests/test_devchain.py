@@ -41,7 +41,7 @@ from x402.schemas import (
     ResourceInfo,
 )
 
-from relay.devchain import (
+from relay.dev.chain import (
     CHAIN_ID,
     MULTICALL3_ADDRESS,
     NETWORK,

@@ -16,7 +16,7 @@ from eth_account import Account
 
 from relay import doctor
 from relay.app import create_app
-from relay.devchain import DevChain, load_artifact
+from relay.dev.chain import DevChain, load_artifact
 from relay.ledger import SCHEMA_VERSION, Ledger
 from relay.services import build_services
 from relay.settings import Settings

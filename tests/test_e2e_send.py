@@ -31,7 +31,7 @@ from x402.mechanisms.evm import EthAccountSigner
 from x402.mechanisms.evm.exact import register_exact_evm_client
 
 from relay.client import RelayClient
-from relay.devchain import NETWORK, USDC_ADDRESS, DevChain
+from relay.dev.chain import NETWORK, USDC_ADDRESS, DevChain
 from relay.errors import PriceLimitExceeded
 from tests.conftest import Wallet, new_wallet
 from tests.fake_gemini import FAKE_API_KEY, FakeGemini

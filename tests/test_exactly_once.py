@@ -22,7 +22,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import update
 
 from relay.app import create_app
-from relay.devchain import DevChain
+from relay.dev.chain import DevChain
 from relay.ledger import Ledger, messages, outbox, payments
 from relay.services import build_services
 from relay.settings import Settings, load_settings

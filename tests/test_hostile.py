@@ -22,7 +22,7 @@ from sqlalchemy.exc import IntegrityError
 
 from relay import flows
 from relay.app import create_app
-from relay.devchain import DevChain
+from relay.dev.chain import DevChain
 from relay.ledger import Ledger, payments
 from relay.logs import hide_in_logs
 from relay.moderation import user_turn

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import textwrap
 import zipfile
 from pathlib import Path
 
-from relay.devchain import DevChain
+from relay.dev.chain import DevChain
 from tests.conftest import PAY_TO, new_wallet
 from tests.processes import REPO
 
@@ -29,6 +30,14 @@ def run(command: list[str], cwd: Path, **env: str) -> subprocess.CompletedProces
 def test_the_wheel_installed_elsewhere_checks_the_token_and_refunds(
     chain: DevChain, tmp_path: Path
 ) -> None:
+    source = tmp_path / "source"  # a copy, so no build/ is left in (or reused from) the checkout
+    shutil.copytree(
+        REPO,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "node_modules", "build", "*.egg-info", "__pycache__", "tests"
+        ),
+    )
     dist = tmp_path / "dist"
     built = run(
         [
@@ -39,7 +48,7 @@ def test_the_wheel_installed_elsewhere_checks_the_token_and_refunds(
             "--no-deps",
             "-w",
             str(dist),
-            str(REPO),
+            str(source),
         ],
         cwd=tmp_path,
     )

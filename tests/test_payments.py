@@ -22,7 +22,7 @@ from x402 import PaymentRequired, PaymentRequiredV1, PaymentRequirements
 from x402.extensions.payment_identifier import PAYMENT_IDENTIFIER, payment_identifier_schema
 from x402.http import decode_payment_required_header, decode_payment_response_header
 
-from relay.devchain import USDC_ADDRESS, DevChain
+from relay.dev.chain import USDC_ADDRESS, DevChain
 from relay.errors import (
     ChainUnavailable,
     InternalError,

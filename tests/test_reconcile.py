@@ -16,8 +16,8 @@ from x402.http import decode_payment_required_header
 
 from relay import flows
 from relay.app import create_app
-from relay.devchain import DevChain
-from relay.devstack import DevStack
+from relay.dev.chain import DevChain
+from relay.dev.stack import DevStack
 from relay.ledger import messages, outbox, payments, refunds
 from relay.services import Services, build_services
 from relay.settings import Settings

@@ -16,7 +16,7 @@ from x402 import PaymentRequirements
 from x402.http import decode_payment_required_header
 
 from relay.app import create_app
-from relay.devchain import USDC_ADDRESS, DevChain
+from relay.dev.chain import USDC_ADDRESS, DevChain
 from relay.services import Services, build_services
 from relay.settings import Settings
 from tests.conftest import SINCH_PLAN, SINCH_TOKEN, Wallet, new_wallet, sinch_overrides

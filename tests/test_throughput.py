@@ -20,7 +20,7 @@ from eth_account import Account
 from eth_typing import HexStr
 from web3 import Web3
 
-from relay.devchain import MINTER_ADDRESS, DevChain
+from relay.dev.chain import MINTER_ADDRESS, DevChain
 from tests.conftest import Wallet
 from tests.processes import RelayProcess
 from tests.test_exactly_once import relay_env

@@ -38,7 +38,7 @@ from web3.types import RPCEndpoint, TxReceipt
 
 from relay.abi import load_abi, load_artifact
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 
 CHAIN_ID = 84532
 NETWORK = "eip155:84532"

@@ -17,7 +17,7 @@ from werkzeug.serving import BaseWSGIServer, make_server
 
 from relay.app import create_app
 from relay.client import RelayClient
-from relay.devchain import DevChain
+from relay.dev.chain import DevChain
 from relay.services import Services, build_services
 from relay.settings import Settings
 from relay.worker import Worker
