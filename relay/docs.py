@@ -16,9 +16,9 @@ import simplejson
 from flask import Blueprint, Response, current_app
 
 from relay.errors import RelayError, all_error_classes
-from relay.flows import FINAL_STATES, REFUND_STATES, UNFINISHED
 from relay.inputs import MAX_TO_CHARS, MAX_TOKEN_CHARS
 from relay.settings import Settings
+from relay.states import PaymentState, RefundState
 
 docs = Blueprint("docs", __name__)
 
@@ -327,7 +327,7 @@ def _send_schemas() -> dict[str, Any]:
         "properties": {
             "transaction": TX_HASH,
             "amount_atomic": ATOMIC,
-            "state": {"enum": list(REFUND_STATES)},
+            "state": {"enum": [state.value for state in RefundState]},
         },
     }
     status = _obj(
@@ -353,7 +353,7 @@ def _send_schemas() -> dict[str, Any]:
                     "price_usd": USD,
                     "network": {"type": ["string", "null"]},
                     "transaction": TX_HASH,
-                    "state": {"enum": [*UNFINISHED, *FINAL_STATES, None]},
+                    "state": {"enum": [*(state.value for state in PaymentState), None]},
                 }
             ),
             "refund": refund,

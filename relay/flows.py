@@ -63,6 +63,13 @@ from relay.sinch import (
     parse_callback,
     verify_signature,
 )
+from relay.states import (
+    ANSWERED_STATES,
+    SETTLING,
+    UNFINISHED,
+)
+from relay.states import PaymentState as P
+from relay.states import RefundState as R
 
 log = logging.getLogger(__name__)
 
@@ -157,21 +164,12 @@ def quote(services: Services, req: MessageRequest, *, one_shot: bool = False) ->
 
 # Paid send ---------------------------------------------------------------------------
 #
-# A payment's life (one row in the ledger, moved only by Ledger.transition):
-#
-#   settling ──► settle_pending ──► settled ──► dispatching ──► dispatched
-#      │  ▲            │               ▲             │   └──────► dispatch_unknown ─┐
-#      │  └────────────┤ settle_unknown┘             └──► dispatch_failed ──► refunded
-#      └──► settle_failed (certain: nothing moved; the quote is free again)
+# A payment's life is relay/states.py: its states and the moves each step may make.
 #
 # Whoever acts on a payment (the first request, a replay, the reconciler) holds its lease
 # (Ledger.take); a crash leaves the lease to run out, and anyone may then take over.
 
 IN_PROGRESS_RETRY_SECONDS = 2
-FINAL_STATES = ("dispatched", "refunded", "settle_failed")
-ANSWERED_STATES = (*FINAL_STATES, "dispatch_failed")
-SETTLING = ("settling", "settle_pending", "settle_unknown")
-UNFINISHED = (*SETTLING, "settled", "dispatching", "dispatch_unknown", "dispatch_failed")
 EXPIRY_MARGIN_SECONDS = 60
 #: Blocks below the chain's height (read before verify) where a payment's log search starts.
 CLAIM_BLOCK_MARGIN = 100
@@ -180,9 +178,6 @@ CLAIM_BLOCK_MARGIN = 100
 DISPATCH_QUIET_SECONDS = 60
 #: How often the reconciler searches the logs again for a settle_unknown payment.
 SETTLE_UNKNOWN_RETRY_SECONDS = 600
-#: Every state a refund record can be in: signed (recorded, not yet broadcast), pending,
-#: confirmed, reverted or replaced (a new one is signed), failed (could not be signed).
-REFUND_STATES = ("signed", "pending", "confirmed", "reverted", "replaced", "failed")
 CANCELED = "authorization_canceled"
 CREDITED_ELSEWHERE = "transfer_already_credited"
 
@@ -328,7 +323,7 @@ def resume(services: Services, row: dict[str, Any], parsed: ParsedPayment) -> Ou
         return stored_answer(row)
     holder = services.ledger.take(row["id"], services.clock(), lease_seconds(services))
     if holder is None:
-        if row["state"] in ("settle_pending", "settle_unknown"):
+        if row["state"] in (P.SETTLE_PENDING, P.SETTLE_UNKNOWN):
             raise settlement_pending(row["tx_hash"])
         raise RequestInProgress(
             retry_after=IN_PROGRESS_RETRY_SECONDS, details={"state": row["state"]}
@@ -345,7 +340,7 @@ def stored_answer(row: dict[str, Any]) -> Outcome:
 
 def legacy_answer(row: dict[str, Any]) -> Outcome:
     """The answer of a finished payment stored before answers were kept with it."""
-    if row["state"] == "dispatched":
+    if row["state"] == P.DISPATCHED:
         body = {
             "sent": True,
             "message_id": row["message_id"],
@@ -357,7 +352,7 @@ def legacy_answer(row: dict[str, Any]) -> Outcome:
             "transaction": row["tx_hash"],
         }
         return Outcome(200, body, {})
-    if row["state"] == "refunded":
+    if row["state"] == P.REFUNDED:
         error: RelayError = SinchSendFailedAfterPayment(
             details={"transaction": row["tx_hash"]}, extra={"transaction": row["tx_hash"]}
         )
@@ -407,7 +402,7 @@ def claim(
         "segments": order.segments,
         "body": order.text,
         "version": parsed.version,
-        "state": "settling",
+        "state": P.SETTLING,
         "payload": parsed.as_dict(),
         "header": parsed.header,
         "requirements": requirements.model_dump(mode="json", by_alias=True),
@@ -473,16 +468,16 @@ def drive(
 ) -> Outcome:
     """One payment from its current state as far as it can go now (we hold its lease)."""
     state = row["state"]
-    if state in ("dispatching", "dispatch_unknown"):
+    if state in (P.DISPATCHING, P.DISPATCH_UNKNOWN):
         return redispatch(services, row, parsed, requirements)
-    if state == "dispatch_failed":
+    if state == P.DISPATCH_FAILED:
         return finish_refund(services, row, parsed, requirements)
-    if state not in (*SETTLING, "settled"):
+    if state not in (*SETTLING, P.SETTLED):
         return stored_answer(row) if row["response_status"] is not None else legacy_answer(row)
     settlement = settle(services, row, parsed, requirements, first=first)
     hold(services, row)
     moved = services.ledger.transition(
-        row["id"], ("settled",), "dispatching", services.clock(), holder=row["lease_holder"]
+        row["id"], (P.SETTLED,), P.DISPATCHING, services.clock(), holder=row["lease_holder"]
     )
     if not moved:
         raise RequestInProgress(retry_after=IN_PROGRESS_RETRY_SECONDS)
@@ -503,22 +498,22 @@ def settle(
     have moved the answer is 202 settlement_pending, and the chain decides later.
     """
     ledger, payments, payment_id = services.ledger, services.payments, row["id"]
-    if row["state"] == "settled" and row["tx_hash"] and row["log_index"] is not None:
+    if row["state"] == P.SETTLED and row["tx_hash"] and row["log_index"] is not None:
         return payments.settlement_of(parsed, requirements, row["tx_hash"], row["log_index"])
     try:
         settlement = attempt(services, row, parsed, requirements, first=first)
     except SettlementPending as pending:
         tx = pending.details.get("transaction") or row.get("tx_hash")
-        waiting = ("settling", "settle_pending")  # settle_unknown stays for review
-        ledger.transition(payment_id, waiting, "settle_pending", services.clock(), tx_hash=tx)
+        waiting = (P.SETTLING, P.SETTLE_PENDING)  # settle_unknown stays for review
+        ledger.transition(payment_id, waiting, P.SETTLE_PENDING, services.clock(), tx_hash=tx)
         raise
     except PaymentSettlementFailed as failed:
         raise settlement_failed(services, payment_id, failed) from None
     try:
         recorded = ledger.transition(
             payment_id,
-            (*SETTLING, "settled"),
-            "settled",
+            (*SETTLING, P.SETTLED),
+            P.SETTLED,
             services.clock(),
             tx_hash=settlement.transaction,
             log_index=settlement.log_index,
@@ -566,7 +561,7 @@ def attempt(
         return found
     if reverted is not None:
         raise reverted
-    if current["state"] == "settle_unknown":  # a node said "used" before: never expire it
+    if current["state"] == P.SETTLE_UNKNOWN:  # a node said "used" before: never expire it
         raise settlement_pending(current["tx_hash"])
     if services.clock() > parsed.valid_before + EXPIRY_MARGIN_SECONDS:
         raise PaymentSettlementFailed(details={"reason": "expired", "transaction": tx})
@@ -586,8 +581,8 @@ def broadcast(
         if to.lower() == req.asset.lower():  # not, e.g., a smart wallet's deployment
             services.ledger.transition(
                 payment_id,
-                ("settling", "settle_pending"),
-                "settling",
+                (P.SETTLING, P.SETTLE_PENDING),
+                P.SETTLING,
                 services.clock(),
                 tx_hash=tx_hash,
             )
@@ -621,7 +616,7 @@ def chain_verdict(
     if fate.state == "canceled":
         raise PaymentSettlementFailed(details={"reason": CANCELED, "transaction": None})
     if fate.state == "unknown":
-        services.ledger.transition(row["id"], SETTLING, "settle_unknown", services.clock())
+        services.ledger.transition(row["id"], SETTLING, P.SETTLE_UNKNOWN, services.clock())
         current = services.ledger.payment(row["id"]) or row
         raise settlement_pending(current["tx_hash"])
     return None
@@ -646,7 +641,7 @@ def settlement_failed(
     if not certain:
         known = {"tx_hash": tx} if tx else {}
         services.ledger.transition(
-            payment_id, ("settling", "settle_pending"), "settle_pending", services.clock(), **known
+            payment_id, (P.SETTLING, P.SETTLE_PENDING), P.SETTLE_PENDING, services.clock(), **known
         )
         return settlement_pending(tx)
     settle_failed(services, payment_id, failed)
@@ -689,10 +684,10 @@ def redispatch(
     if services.clock() - float(row["updated_at"]) < DISPATCH_QUIET_SECONDS:
         raise not_confirmed(settlement)
     hold(services, row)
-    sending = ("dispatching", "dispatch_unknown")
+    sending = (P.DISPATCHING, P.DISPATCH_UNKNOWN)
     now = services.clock()
     if not services.ledger.transition(
-        row["id"], sending, "dispatching", now, holder=row["lease_holder"]
+        row["id"], sending, P.DISPATCHING, now, holder=row["lease_holder"]
     ):
         raise RequestInProgress(retry_after=IN_PROGRESS_RETRY_SECONDS)
     return dispatch(services, row, parsed, settlement)
@@ -728,8 +723,8 @@ def dispatched(
     )
     header = dict([services.payments.response_header(settlement, row["version"])])
     outcome = Outcome(200, body, header)
-    states = ("dispatching", "dispatch_unknown")
-    return finish(services, row["id"], states, "dispatched", outcome, message_id=message_id)
+    states = (P.DISPATCHING, P.DISPATCH_UNKNOWN)
+    return finish(services, row["id"], states, P.DISPATCHED, outcome, message_id=message_id)
 
 
 def message_row(
@@ -762,13 +757,13 @@ def dispatch_failed(
     if exc.maybe_sent:
         error = not_confirmed(settlement)
         ledger.transition(
-            payment_id, ("dispatching",), "dispatch_unknown", services.clock(), holder=holder
+            payment_id, (P.DISPATCHING,), P.DISPATCH_UNKNOWN, services.clock(), holder=holder
         )
         return Outcome(error.status, error.body(), payment_header)
     if not ledger.transition(
         payment_id,
-        ("dispatching",),
-        "dispatch_failed",
+        (P.DISPATCHING,),
+        P.DISPATCH_FAILED,
         services.clock(),
         holder=holder,
         error=exc.message[:200],
@@ -805,9 +800,9 @@ def refunded_answer(services: Services, row: dict[str, Any], outcome: Outcome) -
     body = dict(outcome.body)
     body["refund"] = refund
     body["details"] = {**(body.get("details") or {}), "refund": refund}
-    state = "refunded" if refund and refund["state"] == "confirmed" else "dispatch_failed"
+    state = P.REFUNDED if refund and refund["state"] == R.CONFIRMED else P.DISPATCH_FAILED
     answer = Outcome(outcome.status, body, outcome.headers)
-    return finish(services, row["id"], ("dispatch_failed",), state, answer)
+    return finish(services, row["id"], (P.DISPATCH_FAILED,), state, answer)
 
 
 def refund_payment(services: Services, row: dict[str, Any]) -> dict[str, Any] | None:
@@ -824,9 +819,9 @@ def refund_payment(services: Services, row: dict[str, Any]) -> dict[str, Any] | 
     payment_id = row["id"]
     record = services.ledger.refund(payment_id)
     for _ in range(2):
-        if record is None or record["state"] in ("reverted", "replaced", "failed"):
+        if record is None or record["state"] in (R.REVERTED, R.REPLACED, R.FAILED):
             record = new_refund(services, row, record)
-        if record["state"] in ("confirmed", "failed"):
+        if record["state"] in (R.CONFIRMED, R.FAILED):
             break
         hold(services, row)
         signed = SignedRefund(record["tx_hash"], record["raw_tx"], record["nonce"])
@@ -839,11 +834,11 @@ def refund_payment(services: Services, row: dict[str, Any]) -> dict[str, Any] | 
             updated_at=services.clock(),
         )
         record = services.ledger.refund(payment_id) or record
-        if record["state"] != "replaced":
+        if record["state"] != R.REPLACED:
             break
     assert record is not None
-    if record["state"] == "confirmed":
-        services.ledger.update_message_status(payment_id, "refunded", record["updated_at"])
+    if record["state"] == R.CONFIRMED:
+        services.ledger.update_message_status(payment_id, P.REFUNDED, record["updated_at"])
     return {
         "transaction": record["tx_hash"],
         "amount_atomic": str(row["amount_atomic"]),
@@ -866,11 +861,11 @@ def new_refund(
             "tx_hash": signed.tx_hash,
             "raw_tx": signed.raw,
             "nonce": signed.nonce,
-            "state": "signed",
+            "state": R.SIGNED,
             "error": None,
         }
     except RelayError as exc:
-        fields = {"tx_hash": None, "raw_tx": None, "nonce": None, "state": "failed"}
+        fields = {"tx_hash": None, "raw_tx": None, "nonce": None, "state": R.FAILED}
         fields["error"] = exc.code
     if replacing is None:
         services.ledger.create_refund(
@@ -920,7 +915,7 @@ def settle_failed(services: Services, payment_id: str, failed: RelayError) -> No
         services,
         payment_id,
         SETTLING,
-        "settle_failed",
+        P.SETTLE_FAILED,
         Outcome(failed.status, failed.body(), failed.response_headers()),
         quote_id=f"released:{payment_id}",
     )
@@ -1033,14 +1028,14 @@ def reconcile(
     results: dict[str, str] = {}
     now = services.clock()
     for row in services.ledger.unfinished_payments(UNFINISHED):
-        if row["state"] == "dispatch_failed" and services.refunder is None:
+        if row["state"] == P.DISPATCH_FAILED and services.refunder is None:
             continue  # nothing to do without a refund key
         lease = row["lease_until"]
         if not force and lease is not None and lease > now:
             continue
         if (
             not force
-            and row["state"] == "settle_unknown"
+            and row["state"] == P.SETTLE_UNKNOWN
             and now - float(row["updated_at"]) < SETTLE_UNKNOWN_RETRY_SECONDS
         ):
             continue  # a full log search each time: now and then is enough

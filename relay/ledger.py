@@ -41,6 +41,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from relay.moderation import Verdict
+from relay.states import check_move
 
 SCHEMA_VERSION = 2
 UPGRADE_ATTEMPTS = 5
@@ -468,10 +469,11 @@ class Ledger:
         Raises Conflict("transfer") when the settling (transaction, log) already paid for
         another payment.
         """
+        check_move(from_states, to_state)
         query = (
             update(payments)
             .where(payments.c.id == payment_id, payments.c.state.in_(from_states))
-            .values(state=to_state, updated_at=now, **fields)
+            .values(state=str(to_state), updated_at=now, **fields)
         )
         if holder is not None:
             query = query.where(payments.c.lease_holder == holder)
