@@ -368,17 +368,9 @@ class DevChain:
         """Whether every transaction is mined at once."""
         return bool(self.rpc("anvil_getAutomine"))
 
-    def set_interval_mining(self, seconds: int) -> None:
-        """Mine a block every ``seconds`` (0 turns interval mining off)."""
-        self.rpc("evm_setIntervalMining", seconds)
-
     def increase_time(self, seconds: int) -> None:
         """Move the chain clock forward; takes effect from the next block."""
         self.rpc("evm_increaseTime", seconds)
-
-    def set_next_block_timestamp(self, timestamp: int) -> None:
-        """Fix the timestamp of the next block."""
-        self.rpc("evm_setNextBlockTimestamp", timestamp)
 
     def snapshot(self) -> str:
         """Snapshot the chain state; pass the id to ``revert()``."""
