@@ -113,7 +113,7 @@ def test_the_limit_is_shared_by_workers_through_redis(
     """Two app instances (two workers) on the machine's Redis share one count."""
     settings = make_settings(rate_limit_storage_url=REDIS_URL, quote_rate_limit="4/minute")
     apps = [create_app(services=build_services(settings)) for _ in range(2)]
-    address = f"198.51.100.{secrets.randbelow(200) + 20}"
+    address = f"2001:db8:{secrets.token_hex(2)}:{secrets.token_hex(2)}::1"  # a fresh key in Redis
     key = secrets.token_hex(3)
     codes = [
         client_at(apps[i % 2], address)
