@@ -249,11 +249,11 @@ def send(
     if parsed is None:
         return challenge(services, requirements, order.amount_atomic, resource_url)
     if order.quote_id is not None:
-        holder = services.ledger.quote_claim(order.quote_id)
-        if holder is not None:
-            if holder["payment_key"] == parsed.payment_key:  # a copy of this very payment
-                return resume(services, holder, parsed)
-            raise QuoteAlreadyUsed(details={"message_id": holder.get("message_id")})
+        claimed = services.ledger.quote_claim(order.quote_id)
+        if claimed is not None:
+            if claimed["payment_key"] == parsed.payment_key:  # a copy of this very payment
+                return resume(services, claimed, parsed)
+            raise QuoteAlreadyUsed(details={"message_id": claimed.get("message_id")})
     payments.match(parsed, requirements, services.clock())
     # Read before verify, less a margin: a settlement (even one the payer sends itself as
     # soon as it has signed) can never be older, so its logs are searched from here.
@@ -341,21 +341,9 @@ def stored_answer(row: dict[str, Any]) -> Outcome:
 def legacy_answer(row: dict[str, Any]) -> Outcome:
     """The answer of a finished payment stored before answers were kept with it."""
     if row["state"] == P.DISPATCHED:
-        body = {
-            "sent": True,
-            "message_id": row["message_id"],
-            "status": "queued",
-            "to": row["destination"],
-            "segments": row["segments"],
-            "price_usd": from_atomic(row["amount_atomic"]),
-            "paid_by": row["payer"],
-            "transaction": row["tx_hash"],
-        }
-        return Outcome(200, body, {})
+        return Outcome(200, sent_body(row, row["message_id"], row["tx_hash"]), {})
     if row["state"] == P.REFUNDED:
-        error: RelayError = SinchSendFailedAfterPayment(
-            details={"transaction": row["tx_hash"]}, extra={"transaction": row["tx_hash"]}
-        )
+        error: RelayError = failed_after_payment(row["tx_hash"], row["id"])
     else:
         error = PaymentSettlementFailed(details={"reason": "settlement_failed"})
     return Outcome(error.status, error.body(), error.response_headers())
@@ -475,8 +463,7 @@ def drive(
     if state not in (*SETTLING, P.SETTLED):
         return stored_answer(row) if row["response_status"] is not None else legacy_answer(row)
     settlement = settle(services, row, parsed, requirements, first=first)
-    hold(services, row)
-    moved = services.ledger.transition(
+    moved = services.ledger.transition(  # only while the lease is still ours
         row["id"], (P.SETTLED,), P.DISPATCHING, services.clock(), holder=row["lease_holder"]
     )
     if not moved:
@@ -540,8 +527,7 @@ def attempt(
     """Settle; after an earlier attempt, ask the chain first and never settle blindly again."""
     if first:
         return broadcast(services, row, parsed, req)
-    current = {**(services.ledger.payment(row["id"]) or row), "lease_holder": row["lease_holder"]}
-    tx = current["tx_hash"]
+    tx = row["tx_hash"]  # the row was read after its lease was taken
     reverted: PaymentSettlementFailed | None = None
     if tx:
         try:
@@ -556,18 +542,18 @@ def attempt(
                 reverted = failed
         if found is not None:
             return found
-    found = chain_verdict(services, current, parsed, req)
+    found = chain_verdict(services, row, parsed, req)
     if found is not None:
         return found
     if reverted is not None:
         raise reverted
-    if current["state"] == P.SETTLE_UNKNOWN:  # a node said "used" before: never expire it
-        raise settlement_pending(current["tx_hash"])
+    if row["state"] == P.SETTLE_UNKNOWN:  # a node said "used" before: never expire it
+        raise settlement_pending(row["tx_hash"])
     if services.clock() > parsed.valid_before + EXPIRY_MARGIN_SECONDS:
         raise PaymentSettlementFailed(details={"reason": "expired", "transaction": tx})
     if tx:
         raise settlement_pending(tx)
-    return broadcast(services, current, parsed, req)
+    return broadcast(services, row, parsed, req)
 
 
 def broadcast(
@@ -575,7 +561,7 @@ def broadcast(
 ) -> Settlement:
     """Settle through the facilitator, storing the transaction hash before it is sent; a
     failure is checked against the chain (the authorization may have been used anyway)."""
-    payment_id, holder = row["id"], row["lease_holder"]
+    payment_id = row["id"]
 
     def record(tx_hash: str, to: str) -> None:
         if to.lower() == req.asset.lower():  # not, e.g., a smart wallet's deployment
@@ -592,7 +578,7 @@ def broadcast(
         with recording_broadcasts(record):
             return services.payments.settle(parsed, req)
     except PaymentSettlementFailed:
-        found = chain_verdict(services, {**row, "lease_holder": holder}, parsed, req)
+        found = chain_verdict(services, row, parsed, req)
         if found is None:
             raise
         return found
@@ -652,19 +638,14 @@ def dispatch(
     services: Services, row: dict[str, Any], parsed: ParsedPayment, settlement: Settlement
 ) -> Outcome:
     """Hand the paid SMS to the provider; answer 200, or 502 with the refund."""
-    current = {**(services.ledger.payment(row["id"]) or row), "lease_holder": row["lease_holder"]}
-    body_text = compose_body(current["body"], services.settings.opt_out_line)
-    payment_header = dict([services.payments.response_header(settlement, parsed.version)])
+    body_text = compose_body(row["body"], services.settings.opt_out_line)
     try:
         sent = services.sms.send(
-            current["destination"],
-            body_text,
-            current["id"],
-            keep_alive=lambda: hold(services, current),
+            row["destination"], body_text, row["id"], keep_alive=lambda: hold(services, row)
         )
     except SmsDispatchError as exc:
-        return dispatch_failed(services, current, settlement, exc, payment_header)
-    return dispatched(services, current, sent.message_id, sent.provider, settlement)
+        return dispatch_failed(services, row, settlement, exc)
+    return dispatched(services, row, sent.message_id, sent.provider, settlement)
 
 
 def redispatch(
@@ -683,8 +664,7 @@ def redispatch(
         return dispatched(services, row, sent.message_id, sent.provider, settlement)
     if services.clock() - float(row["updated_at"]) < DISPATCH_QUIET_SECONDS:
         raise not_confirmed(settlement)
-    hold(services, row)
-    sending = (P.DISPATCHING, P.DISPATCH_UNKNOWN)
+    sending = (P.DISPATCHING, P.DISPATCH_UNKNOWN)  # only while the lease is still ours
     now = services.clock()
     if not services.ledger.transition(
         row["id"], sending, P.DISPATCHING, now, holder=row["lease_holder"]
@@ -708,7 +688,18 @@ def dispatched(
     """Record the accepted message and store the 200 that every replay will get."""
     now = services.clock()
     services.ledger.record_message(message_row(row, message_id, provider, "queued", now))
-    body = {
+    log.info(
+        "sent %s message_id=%s tx=%s", mask(row["destination"]), message_id, settlement.transaction
+    )
+    body = sent_body(row, message_id, settlement.transaction)
+    outcome = Outcome(200, body, payment_headers(services, settlement, row["version"]))
+    states = (P.DISPATCHING, P.DISPATCH_UNKNOWN)
+    return finish(services, row["id"], states, P.DISPATCHED, outcome, message_id=message_id)
+
+
+def sent_body(row: dict[str, Any], message_id: str, transaction: str) -> dict[str, Any]:
+    """The 200 of a paid send: the message handed to the provider."""
+    return {
         "sent": True,
         "message_id": message_id,
         "status": "queued",
@@ -716,15 +707,23 @@ def dispatched(
         "segments": row["segments"],
         "price_usd": from_atomic(row["amount_atomic"]),
         "paid_by": row["payer"],
-        "transaction": settlement.transaction,
+        "transaction": transaction,
     }
-    log.info(
-        "sent %s message_id=%s tx=%s", mask(row["destination"]), message_id, settlement.transaction
+
+
+def payment_headers(services: Services, settlement: Settlement, version: int) -> dict[str, str]:
+    """PAYMENT-RESPONSE (v2) or X-PAYMENT-RESPONSE (v1) for an answer about a settlement."""
+    return dict([services.payments.response_header(settlement, version)])
+
+
+def failed_after_payment(
+    transaction: str, message_id: str, **details: Any
+) -> SinchSendFailedAfterPayment:
+    """502: paid, but the provider refused the message (the refund is added to it)."""
+    return SinchSendFailedAfterPayment(
+        details={"transaction": transaction, **details},
+        extra={"transaction": transaction, "message_id": message_id},
     )
-    header = dict([services.payments.response_header(settlement, row["version"])])
-    outcome = Outcome(200, body, header)
-    states = (P.DISPATCHING, P.DISPATCH_UNKNOWN)
-    return finish(services, row["id"], states, P.DISPATCHED, outcome, message_id=message_id)
 
 
 def message_row(
@@ -748,10 +747,10 @@ def dispatch_failed(
     row: dict[str, Any],
     settlement: Settlement,
     exc: SmsDispatchError,
-    payment_header: dict[str, str],
 ) -> Outcome:
     """The provider refused after payment: record it, refund if we can, answer 502."""
     ledger, payment_id = services.ledger, row["id"]
+    payment_header = payment_headers(services, settlement, row["version"])
     log.warning("dispatch failed after payment %s: %s", payment_id, exc.message)
     holder = row["lease_holder"]
     if exc.maybe_sent:
@@ -770,12 +769,8 @@ def dispatch_failed(
     ):
         raise RequestInProgress(retry_after=IN_PROGRESS_RETRY_SECONDS)
     ledger.record_message(message_row(row, payment_id, "none", "failed", services.clock()))
-    error = SinchSendFailedAfterPayment(
-        details={"transaction": settlement.transaction, "provider_status": exc.status},
-        extra={"transaction": settlement.transaction, "message_id": payment_id},
-    )
-    outcome = Outcome(error.status, error.body(), payment_header)
-    return refunded_answer(services, {**row, "response_headers": payment_header}, outcome)
+    error = failed_after_payment(settlement.transaction, payment_id, provider_status=exc.status)
+    return refunded_answer(services, row, Outcome(error.status, error.body(), payment_header))
 
 
 def finish_refund(
@@ -786,11 +781,8 @@ def finish_refund(
     if row["response_status"] is not None:
         return refunded_answer(services, row, stored_answer(row))
     settlement = services.payments.settlement_of(parsed, req, row["tx_hash"], row["log_index"])
-    header = dict([services.payments.response_header(settlement, parsed.version)])
-    error = SinchSendFailedAfterPayment(
-        details={"transaction": settlement.transaction},
-        extra={"transaction": settlement.transaction, "message_id": row["id"]},
-    )
+    error = failed_after_payment(settlement.transaction, row["id"])
+    header = payment_headers(services, settlement, parsed.version)
     return refunded_answer(services, row, Outcome(error.status, error.body(), header))
 
 

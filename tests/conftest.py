@@ -14,11 +14,12 @@ import pytest
 from eth_account import Account
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, text, update
 
 from relay.app import create_app
 from relay.dev.chain import DevChain, dev_accounts
-from relay.services import build_services
+from relay.ledger import payments
+from relay.services import Services, build_services
 from relay.settings import Settings
 
 PAY_TO = "0x85F37873f97afa61263A27107f2e7b0B672d7CFF"
@@ -58,6 +59,23 @@ def app(settings: Settings) -> Flask:
 @pytest.fixture
 def client(app: Flask) -> FlaskClient:
     return app.test_client()
+
+
+def services_of(app: Flask) -> Services:
+    """The services of an app built by create_app."""
+    found: Services = app.extensions["relay"]
+    return found
+
+
+def rewind_payment(services: Services, payment_id: str, **values: Any) -> None:
+    """Put a payment back as a crash would leave it: unleased, no stored answer, with
+    ``values`` (the ledger is all a restarted process remembers)."""
+    with services.ledger.begin() as conn:
+        conn.execute(
+            update(payments)
+            .where(payments.c.id == payment_id)
+            .values({"lease_until": None, "lease_holder": None, "response_status": None, **values})
+        )
 
 
 # The local chain ----------------------------------------------------------------------

@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import update
 from x402.http import decode_payment_required_header
 
 import relay.ledger
@@ -24,23 +23,26 @@ import relay.payments
 from relay import flows
 from relay.app import create_app
 from relay.dev.chain import DevChain
-from relay.ledger import messages, outbox, payments
+from relay.ledger import messages, outbox
 from relay.payments import NOT_PAID, VALIDITY_TOO_LONG
 from relay.services import Services, build_services
 from relay.settings import Settings
 from tests.chain_attacks import Authorization, authorize, batch, cancel, wait_for
-from tests.conftest import SINCH_PLAN, SINCH_TOKEN, Wallet, new_wallet, sinch_overrides
+from tests.conftest import (
+    SINCH_PLAN,
+    SINCH_TOKEN,
+    Wallet,
+    new_wallet,
+    rewind_payment,
+    services_of,
+    sinch_overrides,
+)
 from tests.fake_sinch import FakeSinch
 from tests.x402_helpers import client_for, header, pay, pay_payload, signed
 
 US = "+13012576365"
 PRICE = 50_000
 FUNDS = 10_000_000
-
-
-def services_of(app: Flask) -> Services:
-    found: Services = app.extensions["relay"]
-    return found
 
 
 def challenge(client: FlaskClient, body: dict[str, Any]) -> str:
@@ -65,16 +67,6 @@ def no_automine(chain: DevChain) -> Iterator[None]:
     finally:
         chain.mine()
         chain.set_automine(True)
-
-
-def rewind(services: Services, payment_id: str, **values: Any) -> None:
-    """Put a payment back as a crash would leave it: unleased, with ``values``."""
-    with services.ledger.begin() as conn:
-        conn.execute(
-            update(payments)
-            .where(payments.c.id == payment_id)
-            .values(lease_until=None, lease_holder=None, response_status=None, **values)
-        )
 
 
 # 1. One transfer, many SMS ---------------------------------------------------------------
@@ -146,7 +138,7 @@ def crashed_after_broadcast(
     assert send(client, body, signature).status_code == 200
     (row,) = [r for r in services.ledger.list_payments() if r["state"] == "dispatched"][:1]
     forget_dispatch(services)
-    rewind(
+    rewind_payment(
         services,
         row["id"],
         state="settling",
@@ -194,7 +186,7 @@ def test_an_authorization_used_without_a_log_found_is_kept_for_review(
     services = services_of(app)
     payment_id, signature, body = crashed_after_broadcast(app, chain, payer, "Logs gone")
     chain.mine(3)
-    rewind(services, payment_id, claim_block=chain.w3.eth.block_number + 1)
+    rewind_payment(services, payment_id, claim_block=chain.w3.eth.block_number + 1)
     assert flows.reconcile(services) == {payment_id: "settle_unknown"}
     row = services.ledger.payment(payment_id)
     assert row is not None and not row["quote_id"].startswith("released:")
@@ -246,7 +238,9 @@ def test_a_repair_days_later_finds_the_message_instead_of_sending_again(
         two_days = 2 * 24 * 3600
         fake.age(two_days)
         created = float(row["created_at"]) - two_days
-        rewind(services, row["id"], state="dispatching", created_at=created, message_id=None)
+        rewind_payment(
+            services, row["id"], state="dispatching", created_at=created, message_id=None
+        )
         assert flows.reconcile(services) == {row["id"]: "dispatched"}
         assert len(fake.batches) == 1
         lookups = [r for r in fake.requests if r.method == "GET"]
@@ -265,7 +259,7 @@ def test_a_dispatch_that_cannot_be_looked_up_is_never_sent_blindly(
         signature = pay(challenge(app.test_client(), body), payer.key)
         assert send(app.test_client(), body, signature).status_code == 200
     (row,) = services.ledger.list_payments()
-    rewind(services, row["id"], state="dispatch_unknown", message_id=None, updated_at=0.0)
+    rewind_payment(services, row["id"], state="dispatch_unknown", message_id=None, updated_at=0.0)
     gone = create_app(
         services=build_services(settings.replace(sinch_base_url="http://127.0.0.1:9"))
     )
@@ -293,7 +287,9 @@ def test_an_unconfirmed_dispatch_is_not_sent_again_before_sinch_caught_up(
         fake.reset()  # the list shows nothing
         forget_dispatch(services)
         now = time.time()
-        rewind(services, row["id"], state="dispatch_unknown", message_id=None, updated_at=now)
+        rewind_payment(
+            services, row["id"], state="dispatch_unknown", message_id=None, updated_at=now
+        )
         services.clock = lambda: now + 1
         assert flows.reconcile(services) == {row["id"]: "dispatch_unknown"}
         assert fake.batches == []  # not yet
@@ -343,7 +339,7 @@ def test_a_payload_with_floats_is_reconciled_from_the_header_as_received(
         "x-client": {"score": 0.1, "ratio": 1e-7}
     }
     forget_dispatch(services)
-    rewind(services, row["id"], state="settled", message_id=None, body="Floats inside")
+    rewind_payment(services, row["id"], state="settled", message_id=None, body="Floats inside")
     assert flows.reconcile(services) == {row["id"]: "dispatched"}
     assert len(services.ledger.outbox_messages()) == 1
 
@@ -373,7 +369,7 @@ def test_concurrent_replays_of_a_lost_settlement_broadcast_once(
     (row,) = services.ledger.list_payments()
     chain.drop_all_transactions()  # the broadcast was lost with its answer, a while ago
     chain.mine()  # (and gas prices moved since)
-    rewind(services, row["id"], state="settle_pending", tx_hash=None)
+    rewind_payment(services, row["id"], state="settle_pending", tx_hash=None)
     monkeypatch.setattr(relay.ledger, "NONCE_GAP_SECONDS", 2.0)  # the drop was long ago
     time.sleep(2.5)
     app = create_app(services=build_services(settings))  # the restarted process

@@ -22,18 +22,21 @@ from relay.ledger import messages, outbox, payments, refunds
 from relay.services import Services, build_services
 from relay.settings import Settings
 from tests.chain_attacks import wait_for
-from tests.conftest import SINCH_PLAN, SINCH_TOKEN, Wallet, new_wallet, sinch_overrides
+from tests.conftest import (
+    SINCH_PLAN,
+    SINCH_TOKEN,
+    Wallet,
+    new_wallet,
+    rewind_payment,
+    services_of,
+    sinch_overrides,
+)
 from tests.fake_sinch import FakeSinch
 from tests.x402_helpers import pay
 
 US = "+13012576365"
 BODY = {"message": "Reconcile me", "to": US}
 PRICE = 50_000
-
-
-def services_of(app: Flask) -> Services:
-    found: Services = app.extensions["relay"]
-    return found
 
 
 def paid_send(app: Flask, key: str) -> tuple[dict[str, Any], str]:
@@ -48,15 +51,7 @@ def paid_send(app: Flask, key: str) -> tuple[dict[str, Any], str]:
 def rewind(services: Services, state: str, **fields: Any) -> str:
     """Put the only payment back into ``state`` as a crash there would leave it."""
     (row,) = services.ledger.list_payments()
-    values = {
-        "state": state,
-        "lease_until": None,
-        "lease_holder": None,
-        "response_status": None,
-        **fields,
-    }
-    with services.ledger.begin() as conn:
-        conn.execute(update(payments).where(payments.c.id == row["id"]).values(**values))
+    rewind_payment(services, row["id"], state=state, **fields)
     return str(row["id"])
 
 

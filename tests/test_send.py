@@ -17,9 +17,16 @@ from x402.http import decode_payment_required_header
 
 from relay.app import create_app
 from relay.dev.chain import USDC_ADDRESS, DevChain
-from relay.services import Services, build_services
+from relay.services import build_services
 from relay.settings import Settings
-from tests.conftest import SINCH_PLAN, SINCH_TOKEN, Wallet, new_wallet, sinch_overrides
+from tests.conftest import (
+    SINCH_PLAN,
+    SINCH_TOKEN,
+    Wallet,
+    new_wallet,
+    services_of,
+    sinch_overrides,
+)
 from tests.fake_facilitator import FakeFacilitator
 from tests.fake_sinch import FakeSinch, signature_headers
 from tests.x402_helpers import header, pay, pay_payload, pay_v1, signed
@@ -31,11 +38,6 @@ PRICE = 50_000  # rules moderation: one segment, no token cost
 
 def make_app(settings: Settings) -> Flask:
     return create_app(services=build_services(settings))
-
-
-def services_of(app: Flask) -> Services:
-    found: Services = app.extensions["relay"]
-    return found
 
 
 def post(client: FlaskClient, body: Any, **headers: str) -> Any:
