@@ -24,11 +24,18 @@ from relay import flows
 from relay.app import create_app
 from relay.dev.chain import DevChain
 from relay.ledger import Ledger, payments
-from relay.logs import hide_in_logs
 from relay.moderation import user_turn
-from relay.services import Services, build_services
+from relay.services import build_services
 from relay.settings import Settings
-from tests.conftest import LOG_GUARD, SINCH_PLAN, SINCH_TOKEN, Wallet, new_wallet, sinch_overrides
+from tests.conftest import (
+    LOG_GUARD,
+    SINCH_PLAN,
+    SINCH_TOKEN,
+    Wallet,
+    new_wallet,
+    services_of,
+    sinch_overrides,
+)
 from tests.fake_gemini import FAKE_API_KEY, FakeGemini
 from tests.fake_sinch import FakeSinch, signature_headers
 from tests.processes import RelayProcess
@@ -36,11 +43,6 @@ from tests.x402_helpers import pay
 
 US = "+13012576365"
 REDIS_URL = "redis://127.0.0.1:6379/0"
-
-
-def services_of(app: Flask) -> Services:
-    found: Services = app.extensions["relay"]
-    return found
 
 
 def client_at(app: Flask, address: str) -> FlaskClient:
@@ -279,20 +281,35 @@ def test_urls_with_credentials_are_secrets(
 ) -> None:
     rpc = "https://base-sepolia.example/v2/rpc0key0abcdef0123456789"
     database = "postgresql://relay:db-pass-987654@db.internal:5432/relay"
-    settings = make_settings().replace(rpc_url=rpc, database_url=database)
-    shown = repr(settings)
-    assert "rpc0key0abcdef0123456789" not in shown and "db-pass-987654" not in shown
-    assert {"rpc0key0abcdef0123456789", "db-pass-987654"} <= set(settings.secrets())
-    hide_in_logs(settings.secrets())  # as create_app does with its settings
+    with_keys = make_settings().replace(rpc_url=rpc, database_url=database)
+    assert "rpc0key0abcdef0123456789" not in repr(with_keys)
+    assert "db-pass-987654" not in repr(with_keys)
+    assert {"rpc0key0abcdef0123456789", "db-pass-987654"} <= set(with_keys.secrets())
+    create_app(services=build_services(make_settings(rpc_url=rpc)))  # hides its secrets
     with caplog.at_level(logging.INFO):
         logging.getLogger("relay.test").warning("rpc %s failed", rpc)
         try:
-            raise ConnectionError(f"cannot reach {database}")
+            raise ConnectionError(f"cannot reach {rpc}")
         except ConnectionError:
-            logging.getLogger("relay.test").exception("database down")
-    text = caplog.text
-    assert "rpc0key0abcdef0123456789" not in text and "db-pass-987654" not in text
-    assert "***" in text
+            logging.getLogger("relay.test").exception("chain down")
+    assert "rpc0key0abcdef0123456789" not in caplog.text
+    assert caplog.text.count("/v2/***") == 2  # in the message and in the exception
+
+
+def test_the_herd_shares_the_leaders_failure_without_more_model_calls(
+    make_settings: Callable[..., Settings], gemini: FakeGemini
+) -> None:
+    """The model is down while eight quote the same new text: one call, eight 503s."""
+    app = create_app(services=build_services(make_settings(**gemini_settings(gemini))))
+    body = {"message": "Herd meets an outage [[503]] [[slow:0.5]]", "to": US}
+    calls = gemini.request_count
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(
+            pool.map(lambda _: app.test_client().post("/api/quote", json=body), range(8))
+        )
+    assert [a.get_json()["error"] for a in answers] == ["moderation_unavailable"] * 8
+    assert {a.status_code for a in answers} == {503}
+    assert gemini.request_count == calls + 1
 
 
 def test_no_message_body_in_any_log_line_on_every_path(
