@@ -568,8 +568,11 @@ class Ledger:
                     select(marks.c.next_nonce).where(marks.c.address == address)
                 ).scalar()
                 high = pending if mark is None else int(mark)
-                if high > pending + MAX_NONCE_AHEAD:  # the chain was reset
+                if high > pending + MAX_NONCE_AHEAD:  # the chain was reset: start over
                     conn.execute(delete(table).where(mine))
+                    conn.execute(
+                        update(marks).where(marks.c.address == address).values(next_nonce=pending)
+                    )
                     rows, high = [], pending
                 lowest = rows[0] if rows else None
                 if lowest is not None and lowest.nonce == pending and lowest.reserved_at < stale:

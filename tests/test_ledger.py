@@ -111,6 +111,7 @@ def test_nonce_reset_chain_starts_over(ledger: Ledger) -> None:
     for _ in range(3):
         ledger.reserve_nonce("0xabc", 400, 400, 100.0)
     assert ledger.reserve_nonce("0xabc", 0, 0, 100.0) == 0
+    assert ledger.reserve_nonce("0xabc", 0, 0, 100.1) == 1  # and goes on from there
 
 
 def test_one_holder_of_a_fleet_lease_at_a_time(ledger: Ledger) -> None:
