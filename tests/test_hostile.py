@@ -142,22 +142,28 @@ def test_ipv6_clients_are_limited_by_their_64(make_settings: Callable[..., Setti
 # 3. Herds: one model call for one new text ------------------------------------------------
 
 
+def quotes_at_once(settings: Settings, message: str, count: int) -> list[Any]:
+    """``count`` concurrent quotes of one text, on one app (one process, many threads)."""
+    app = create_app(services=build_services(settings))
+    body = {"message": message, "to": US}
+    with ThreadPoolExecutor(count) as pool:
+        return list(
+            pool.map(lambda _: app.test_client().post("/api/quote", json=body), range(count))
+        )
+
+
 def test_concurrent_quotes_of_a_new_text_cost_one_model_call(
     make_settings: Callable[..., Settings], gemini: FakeGemini
 ) -> None:
-    app = create_app(services=build_services(make_settings(**gemini_settings(gemini))))
-    body = {"message": "Herd of one [[slow:0.5]]", "to": US}
+    settings = make_settings(**gemini_settings(gemini))
     calls = gemini.request_count
-    with ThreadPoolExecutor(8) as pool:
-        answers = list(
-            pool.map(lambda _: app.test_client().post("/api/quote", json=body), range(8))
-        )
+    answers = quotes_at_once(settings, "Herd of one [[slow:0.5]]", 8)
     assert [a.status_code for a in answers] == [200] * 8
     assert gemini.request_count == calls + 1
     prices = {a.get_json()["price_atomic"] for a in answers}
     assert len(prices) == 1  # all priced from the one verdict, moderation cost included
     assert all(a.get_json()["moderation_usage"]["cached"] is False for a in answers)
-    later = app.test_client().post("/api/quote", json=body).get_json()
+    later = quotes_at_once(settings, "Herd of one [[slow:0.5]]", 1)[0].get_json()
     assert later["moderation_usage"]["cached"] is True
 
 
@@ -300,13 +306,10 @@ def test_the_herd_shares_the_leaders_failure_without_more_model_calls(
     make_settings: Callable[..., Settings], gemini: FakeGemini
 ) -> None:
     """The model is down while eight quote the same new text: one call, eight 503s."""
-    app = create_app(services=build_services(make_settings(**gemini_settings(gemini))))
-    body = {"message": "Herd meets an outage [[503]] [[slow:0.5]]", "to": US}
     calls = gemini.request_count
-    with ThreadPoolExecutor(8) as pool:
-        answers = list(
-            pool.map(lambda _: app.test_client().post("/api/quote", json=body), range(8))
-        )
+    answers = quotes_at_once(
+        make_settings(**gemini_settings(gemini)), "Herd meets an outage [[503]] [[slow:0.5]]", 8
+    )
     assert [a.get_json()["error"] for a in answers] == ["moderation_unavailable"] * 8
     assert {a.status_code for a in answers} == {503}
     assert gemini.request_count == calls + 1
