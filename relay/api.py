@@ -8,8 +8,9 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from relay import flows
 from relay.errors import NotFound, Unauthorized
+from relay.flows import answers, quoting, sending
+from relay.flows.status import message_status, sinch_callback
 from relay.inputs import parse_json_object, parse_message_request
 from relay.payments import PAYMENT_HEADERS
 from relay.pricing import token_prices
@@ -40,16 +41,16 @@ def client_key() -> str:
 def post_quote() -> Response:
     """Moderate and price a message; answer a signed quote (SPEC §3)."""
     svc = services()
-    flows.limit_model_calls(svc, client_key())
+    quoting.limit_model_calls(svc, client_key())
     req = parse_message_request(
         parse_json_object(request.get_data()),
         allow_token=False,
         max_message_chars=svc.settings.max_message_chars,
     )
-    return jsonify(quote_body(svc, flows.quote(svc, req)))
+    return jsonify(quote_body(svc, quoting.quote(svc, req)))
 
 
-def quote_body(svc: Services, q: flows.Quote) -> dict[str, Any]:
+def quote_body(svc: Services, q: quoting.Quote) -> dict[str, Any]:
     """The JSON of an approved quote."""
     settings = svc.settings
     v = q.verdict
@@ -80,7 +81,7 @@ def quote_body(svc: Services, q: flows.Quote) -> dict[str, Any]:
     return body
 
 
-def next_step(svc: Services, q: flows.Quote) -> dict[str, Any]:
+def next_step(svc: Services, q: quoting.Quote) -> dict[str, Any]:
     """How to pay for this quote."""
     settings = svc.settings
     return {
@@ -98,7 +99,7 @@ def next_step(svc: Services, q: flows.Quote) -> dict[str, Any]:
     }
 
 
-def smart_encoding_body(svc: Services, q: flows.Quote) -> dict[str, Any]:
+def smart_encoding_body(svc: Services, q: quoting.Quote) -> dict[str, Any]:
     """What smart encoding changed and saved."""
     saved = q.original_segments.segments - q.segments.segments
     return {
@@ -194,15 +195,15 @@ def post_send() -> Response:
     raw = request.get_data()
     paying = any(name in request.headers for name in PAYMENT_HEADERS)
     if not raw.strip() and not paying:
-        flows.limit_model_calls(svc, client_key())  # unpaid traffic shares the quote limit
-        outcome = flows.probe(svc, resource_url(svc))
+        quoting.limit_model_calls(svc, client_key())  # unpaid traffic shares the quote limit
+        outcome = answers.probe(svc, resource_url(svc))
     else:
         req = parse_message_request(
             parse_json_object(raw),
             allow_token=True,
             max_message_chars=svc.settings.max_message_chars,
         )
-        outcome = flows.send(svc, req, dict(request.headers), resource_url(svc), client_key())
+        outcome = sending.send(svc, req, dict(request.headers), resource_url(svc), client_key())
     response = jsonify(outcome.body)
     response.status_code = outcome.status
     response.headers.update(outcome.headers)
@@ -214,7 +215,7 @@ def get_message(message_id: str) -> Response:
     """Status of a message: history, payment and refund."""
     svc = services()
     require_password(svc)
-    status = flows.message_status(svc, message_id)
+    status = message_status(svc, message_id)
     if status is None:
         raise NotFound("No message with this id.", details={"message_id": message_id})
     return jsonify(status)
@@ -228,5 +229,5 @@ def sinch_webhook(secret: str) -> Response:
     if not expected or not hmac.compare_digest(secret.encode(), expected.encode()):
         raise NotFound()
     raw = request.get_data()
-    applied = flows.sinch_callback(svc, parse_json_object(raw), raw, dict(request.headers))
+    applied = sinch_callback(svc, parse_json_object(raw), raw, dict(request.headers))
     return jsonify({"ok": True} if applied else {"ok": True, "duplicate": True})

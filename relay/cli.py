@@ -141,9 +141,9 @@ def send(args: argparse.Namespace) -> int:
 
 def status(args: argparse.Namespace) -> int:
     """The status of a message, from the database."""
-    from relay import flows
+    from relay.flows.status import message_status
 
-    found = flows.message_status(_services(), args.message_id)
+    found = message_status(_services(), args.message_id)
     if found is None:
         say(f"no message {args.message_id}")
         return 1
@@ -159,21 +159,29 @@ def ledger(args: argparse.Namespace) -> int:
     payment_cols = ("id", "state", "payer", "amount_atomic", "tx_hash", "message_id")
     message_cols = ("message_id", "status", "segments", "provider")
     refund_cols = ("payment_id", "state", "amount_atomic", "tx_hash")
-    say(table("Payments", book.list_payments(args.limit), payment_cols, _when))
-    say(table("Messages", book.list_messages(args.limit), message_cols, _when))
-    say(table("Refunds", book.list_refunds(args.limit), refund_cols, _when))
+    say(
+        table(
+            "Payments", [p.columns() for p in book.list_payments(args.limit)], payment_cols, _when
+        )
+    )
+    say(
+        table(
+            "Messages", [m.columns() for m in book.list_messages(args.limit)], message_cols, _when
+        )
+    )
+    say(table("Refunds", [r.columns() for r in book.list_refunds(args.limit)], refund_cols, _when))
     return 0
 
 
 def reconcile(args: argparse.Namespace) -> int:
     """Finish stalled payments now: settle, dispatch or refund."""
-    from relay import flows
+    from relay.flows.reconciling import reconcile as reconcile_all
 
     def progress(payment_id: str, result: str) -> None:
         say(f"  {payment_id}: {result}")
 
     say("reconciling unfinished payments...")
-    results = flows.reconcile(_services(), force=args.all, progress=progress)
+    results = reconcile_all(_services(), force=args.all, progress=progress)
     say(f"done: {len(results)} payment(s) looked at")
     return 0
 

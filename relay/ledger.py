@@ -41,6 +41,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from relay.moderation import Verdict
+from relay.records import MessageEvent, MessageRecord, PaymentRecord, RefundRecord
 from relay.states import check_move
 
 SCHEMA_VERSION = 2
@@ -405,29 +406,31 @@ class Ledger:
                 conn.execute(insert(opt_outs).values(phone=phone, opted_out_at=now))
 
     # Payments ----------------------------------------------------------------------
-    def claim_payment(self, row: dict[str, Any]) -> None:
+    def claim_payment(self, payment: PaymentRecord) -> None:
         """Insert a payment, claiming its quote, authorization and identifier atomically.
 
-        Raises Conflict naming what was already claimed, with the existing row.
+        Raises Conflict naming what was already claimed, with the existing payment.
         """
         try:
             with self.engine.begin() as conn:
-                conn.execute(insert(payments).values(**row))
+                conn.execute(insert(payments).values(**payment.columns()))
         except IntegrityError:
-            raise self._conflict(row) from None
+            raise self._conflict(payment) from None
 
-    def _conflict(self, row: dict[str, Any]) -> Conflict:
+    def _conflict(self, payment: PaymentRecord) -> Conflict:
         checks: list[tuple[str, Any]] = [
-            ("same_payment", payments.c.payment_key == row["payment_key"])
+            ("same_payment", payments.c.payment_key == payment.payment_key)
         ]
-        if row.get("payment_identifier"):
-            identifier = payments.c.payment_identifier == row["payment_identifier"]
+        if payment.payment_identifier:
+            identifier = payments.c.payment_identifier == payment.payment_identifier
             checks.append(("identifier", identifier))
-        same_authorization = (payments.c.payer == row["payer"]) & (payments.c.nonce == row["nonce"])
+        same_authorization = (payments.c.payer == payment.payer) & (
+            payments.c.nonce == payment.nonce
+        )
         checks.append(("authorization", same_authorization))
-        checks.append(("quote", payments.c.quote_id == row["quote_id"]))
+        checks.append(("quote", payments.c.quote_id == payment.quote_id))
         for kind, condition in checks:
-            existing = self._first(select(payments).where(condition))
+            existing = self._payment(condition)
             if existing is not None:
                 return Conflict(kind, existing)
         return Conflict("unknown", None)
@@ -437,21 +440,25 @@ class Ledger:
             row: Row[Any] | None = conn.execute(query).first()
         return None if row is None else dict(row._mapping)
 
-    def quote_claim(self, quote_id: str) -> dict[str, Any] | None:
+    def _payment(self, condition: Any) -> PaymentRecord | None:
+        found = self._first(select(payments).where(condition))
+        return None if found is None else PaymentRecord.from_row(found)
+
+    def quote_claim(self, quote_id: str) -> PaymentRecord | None:
         """The payment holding a claim on this quote, if any."""
-        return self._first(select(payments).where(payments.c.quote_id == quote_id))
+        return self._payment(payments.c.quote_id == quote_id)
 
-    def payment(self, payment_id: str) -> dict[str, Any] | None:
-        """The payment row with this id."""
-        return self._first(select(payments).where(payments.c.id == payment_id))
+    def payment(self, payment_id: str) -> PaymentRecord | None:
+        """The payment with this id."""
+        return self._payment(payments.c.id == payment_id)
 
-    def payment_by_key(self, payment_key: str) -> dict[str, Any] | None:
-        """The payment row for this exact payment payload."""
-        return self._first(select(payments).where(payments.c.payment_key == payment_key))
+    def payment_by_key(self, payment_key: str) -> PaymentRecord | None:
+        """The payment for this exact payment payload."""
+        return self._payment(payments.c.payment_key == payment_key)
 
-    def payment_by_identifier(self, identifier: str) -> dict[str, Any] | None:
-        """The payment row that used this payment-identifier."""
-        return self._first(select(payments).where(payments.c.payment_identifier == identifier))
+    def payment_by_identifier(self, identifier: str) -> PaymentRecord | None:
+        """The payment that used this payment-identifier."""
+        return self._payment(payments.c.payment_identifier == identifier)
 
     def transition(
         self,
@@ -483,11 +490,9 @@ class Ledger:
         except IntegrityError:
             if "log_index" not in fields:
                 raise
-            existing = self._first(
-                select(payments).where(
-                    payments.c.tx_hash == fields.get("tx_hash"),
-                    payments.c.log_index == fields["log_index"],
-                )
+            existing = self._payment(
+                (payments.c.tx_hash == fields.get("tx_hash"))
+                & (payments.c.log_index == fields["log_index"])
             )
             raise Conflict("transfer", existing) from None
 
@@ -526,17 +531,17 @@ class Ledger:
         with self.engine.begin() as conn:
             conn.execute(query)
 
-    def unfinished_payments(self, states: tuple[str, ...]) -> list[dict[str, Any]]:
+    def unfinished_payments(self, states: tuple[str, ...]) -> list[PaymentRecord]:
         """Payments still in one of these states, oldest first."""
         query = select(payments).where(payments.c.state.in_(states)).order_by(payments.c.created_at)
         with self.engine.connect() as conn:
-            return [dict(row._mapping) for row in conn.execute(query)]
+            return [PaymentRecord.from_row(row._mapping) for row in conn.execute(query)]
 
-    def list_payments(self, limit: int = 50) -> list[dict[str, Any]]:
+    def list_payments(self, limit: int = 50) -> list[PaymentRecord]:
         """The most recent payments."""
         query = select(payments).order_by(payments.c.created_at.desc()).limit(limit)
         with self.engine.connect() as conn:
-            return [dict(row._mapping) for row in conn.execute(query)]
+            return [PaymentRecord.from_row(row._mapping) for row in conn.execute(query)]
 
     # Transaction nonces -----------------------------------------------------------
     def reserve_nonce(self, address: str, pending: int, latest: int, now: float) -> int:
@@ -696,21 +701,22 @@ class Ledger:
             conn.execute(delete(leases).where(leases.c.name == name, leases.c.holder == holder))
 
     # Messages ----------------------------------------------------------------------
-    def record_message(self, row: dict[str, Any]) -> None:
+    def record_message(self, message: MessageRecord) -> None:
         """Store a dispatched message and its first status event (idempotent)."""
+        columns = {k: v for k, v in message.columns().items() if k != "events"}
         try:
             with self.engine.begin() as conn:
-                conn.execute(insert(messages).values(**row))
+                conn.execute(insert(messages).values(**columns))
                 conn.execute(
                     insert(message_events).values(
-                        message_id=row["message_id"], status=row["status"], at=row["created_at"]
+                        message_id=message.message_id, status=message.status, at=message.created_at
                     )
                 )
         except IntegrityError:
             pass
 
-    def message(self, message_id: str) -> dict[str, Any] | None:
-        """A message row with its status history."""
+    def message(self, message_id: str) -> MessageRecord | None:
+        """A message with its status history."""
         found = self._first(select(messages).where(messages.c.message_id == message_id))
         if found is None:
             return None
@@ -720,8 +726,8 @@ class Ledger:
             .order_by(message_events.c.id)
         )
         with self.engine.connect() as conn:
-            found["events"] = [dict(row._mapping) for row in conn.execute(query)]
-        return found
+            events = tuple(MessageEvent.from_row(row._mapping) for row in conn.execute(query))
+        return MessageRecord.from_row({**found, "events": events})
 
     def update_message_status(
         self, message_id: str, status: str, now: float, detail: str | None = None
@@ -741,18 +747,18 @@ class Ledger:
                 )
         return bool(changed)
 
-    def list_messages(self, limit: int = 50) -> list[dict[str, Any]]:
-        """The most recent messages."""
+    def list_messages(self, limit: int = 50) -> list[MessageRecord]:
+        """The most recent messages (without their history)."""
         query = select(messages).order_by(messages.c.created_at.desc()).limit(limit)
         with self.engine.connect() as conn:
-            return [dict(row._mapping) for row in conn.execute(query)]
+            return [MessageRecord.from_row(row._mapping) for row in conn.execute(query)]
 
     # Refunds -----------------------------------------------------------------------
-    def create_refund(self, row: dict[str, Any]) -> bool:
+    def create_refund(self, refund: RefundRecord) -> bool:
         """Record a payment's refund; False if it already has one (another worker's)."""
         try:
             with self.engine.begin() as conn:
-                conn.execute(insert(refunds).values(**row))
+                conn.execute(insert(refunds).values(**refund.columns()))
         except IntegrityError:
             return False
         return True
@@ -775,15 +781,16 @@ class Ledger:
         with self.engine.begin() as conn:
             return conn.execute(query).rowcount == 1
 
-    def refund(self, payment_id: str) -> dict[str, Any] | None:
+    def refund(self, payment_id: str) -> RefundRecord | None:
         """The refund of a payment, if any."""
-        return self._first(select(refunds).where(refunds.c.payment_id == payment_id))
+        found = self._first(select(refunds).where(refunds.c.payment_id == payment_id))
+        return None if found is None else RefundRecord.from_row(found)
 
-    def list_refunds(self, limit: int = 50) -> list[dict[str, Any]]:
+    def list_refunds(self, limit: int = 50) -> list[RefundRecord]:
         """The most recent refunds."""
         query = select(refunds).order_by(refunds.c.created_at.desc()).limit(limit)
         with self.engine.connect() as conn:
-            return [dict(row._mapping) for row in conn.execute(query)]
+            return [RefundRecord.from_row(row._mapping) for row in conn.execute(query)]
 
     # Development outbox ------------------------------------------------------------
     def outbox_put(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -811,7 +818,7 @@ class Ledger:
 class Conflict(Exception):
     """A claim lost to an existing row; ``kind`` says which uniqueness it hit."""
 
-    def __init__(self, kind: str, existing: dict[str, Any] | None) -> None:
+    def __init__(self, kind: str, existing: PaymentRecord | None) -> None:
         super().__init__(kind)
         self.kind = kind
         self.existing = existing

@@ -52,9 +52,6 @@ class SegmentInfo:
 
     encoding: Encoding
     segments: int
-    units: int  # septets for GSM-7, UTF-16 code units for UCS-2
-    characters: int  # grapheme clusters (user-perceived characters)
-    parts: tuple[str, ...]  # the text of each segment, in order
 
 
 def validate_text(text: str) -> None:
@@ -89,12 +86,9 @@ def count_units(text: str, encoding: Encoding) -> int:
 
 
 def count_segments(text: str) -> SegmentInfo:
-    """Encoding, segment count and split of a text; an empty text has 0 segments."""
+    """Encoding and segment count of a text; an empty text has 0 segments."""
     encoding = detect_encoding(text)
-    units = count_units(text, encoding)
-    parts = split_segments(text, encoding)
-    characters = int(grapheme.length(text))
-    return SegmentInfo(encoding, len(parts), units, characters, parts)
+    return SegmentInfo(encoding, len(split_segments(text, encoding)))
 
 
 def split_segments(text: str, encoding: Encoding) -> tuple[str, ...]:

@@ -13,7 +13,7 @@ import secrets
 import socket
 import threading
 
-from relay import flows
+from relay.flows.reconciling import reconcile
 from relay.services import Services
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ class Worker:
         another loop holds it."""
         if not self._elected():
             return None
-        results = flows.reconcile(self.services, still_elected=self._elected)
+        results = reconcile(self.services, still_elected=self._elected)
         if results:
             log.info("reconciled %s", results)
         return results

@@ -67,6 +67,12 @@ def services_of(app: Flask) -> Services:
     return found
 
 
+def state_of(services: Services, payment_id: str) -> str | None:
+    """The state a payment is in now (None for no such payment)."""
+    found = services.ledger.payment(payment_id)
+    return None if found is None else str(found.state)
+
+
 def rewind_payment(services: Services, payment_id: str, **values: Any) -> None:
     """Put a payment back as a crash would leave it: unleased, no stored answer, with
     ``values`` (the ledger is all a restarted process remembers)."""

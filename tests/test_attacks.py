@@ -20,9 +20,11 @@ from x402.http import decode_payment_required_header
 
 import relay.ledger
 import relay.payments
-from relay import flows
 from relay.app import create_app
 from relay.dev.chain import DevChain
+from relay.flows.dispatching import DISPATCH_QUIET_SECONDS
+from relay.flows.reconciling import reconcile
+from relay.flows.settling import CANCELED
 from relay.ledger import messages, outbox
 from relay.payments import NOT_PAID, VALIDITY_TOO_LONG
 from relay.services import Services, build_services
@@ -36,6 +38,7 @@ from tests.conftest import (
     rewind_payment,
     services_of,
     sinch_overrides,
+    state_of,
 )
 from tests.fake_sinch import FakeSinch
 from tests.x402_helpers import client_for, header, pay, pay_payload, signed
@@ -136,18 +139,18 @@ def crashed_after_broadcast(
     body = {"message": message, "to": US}
     signature = pay(challenge(client, body), payer.key)
     assert send(client, body, signature).status_code == 200
-    (row,) = [r for r in services.ledger.list_payments() if r["state"] == "dispatched"][:1]
+    (row,) = [r for r in services.ledger.list_payments() if r.state == "dispatched"][:1]
     forget_dispatch(services)
     rewind_payment(
         services,
-        row["id"],
+        row.id,
         state="settling",
         tx_hash=None,
         log_index=None,
         message_id=None,
         body=message,
     )
-    return row["id"], signature, body
+    return row.id, signature, body
 
 
 def forget_dispatch(services: Services) -> None:
@@ -170,7 +173,7 @@ def test_a_settlement_found_long_after_is_dispatched_not_failed(
     services = services_of(app)
     payment_id, signature, body = crashed_after_broadcast(app, chain, payer, "Found late")
     chain.mine(75)  # repair runs long after
-    assert flows.reconcile(services) == {payment_id: "dispatched"}
+    assert reconcile(services) == {payment_id: "dispatched"}
     assert len(services.ledger.outbox_messages()) == 1
     answer = send(app.test_client(), body, signature)
     assert answer.status_code == 200, answer.get_data(as_text=True)
@@ -187,9 +190,9 @@ def test_an_authorization_used_without_a_log_found_is_kept_for_review(
     payment_id, signature, body = crashed_after_broadcast(app, chain, payer, "Logs gone")
     chain.mine(3)
     rewind_payment(services, payment_id, claim_block=chain.w3.eth.block_number + 1)
-    assert flows.reconcile(services) == {payment_id: "settle_unknown"}
+    assert reconcile(services) == {payment_id: "settle_unknown"}
     row = services.ledger.payment(payment_id)
-    assert row is not None and not row["quote_id"].startswith("released:")
+    assert row is not None and not row.quote_id.startswith("released:")
     answer = send(app.test_client(), body, signature)
     assert answer.status_code == 202, answer.get_data(as_text=True)
     assert services.ledger.outbox_messages() == []
@@ -215,7 +218,7 @@ def test_a_canceled_authorization_is_a_certain_failure(
         chain.mine()
         answer = future.result()
     assert answer.status_code == 402, answer.get_data(as_text=True)
-    assert answer.get_json()["details"]["reason"] == flows.CANCELED
+    assert answer.get_json()["details"]["reason"] == CANCELED
     assert services.ledger.outbox_messages() == []
     assert chain.usdc_balance(payer.address) == FUNDS
 
@@ -237,11 +240,9 @@ def test_a_repair_days_later_finds_the_message_instead_of_sending_again(
         (row,) = services.ledger.list_payments()
         two_days = 2 * 24 * 3600
         fake.age(two_days)
-        created = float(row["created_at"]) - two_days
-        rewind_payment(
-            services, row["id"], state="dispatching", created_at=created, message_id=None
-        )
-        assert flows.reconcile(services) == {row["id"]: "dispatched"}
+        created = float(row.created_at) - two_days
+        rewind_payment(services, row.id, state="dispatching", created_at=created, message_id=None)
+        assert reconcile(services) == {row.id: "dispatched"}
         assert len(fake.batches) == 1
         lookups = [r for r in fake.requests if r.method == "GET"]
         assert lookups and "start_date" in lookups[-1].query
@@ -259,15 +260,15 @@ def test_a_dispatch_that_cannot_be_looked_up_is_never_sent_blindly(
         signature = pay(challenge(app.test_client(), body), payer.key)
         assert send(app.test_client(), body, signature).status_code == 200
     (row,) = services.ledger.list_payments()
-    rewind_payment(services, row["id"], state="dispatch_unknown", message_id=None, updated_at=0.0)
+    rewind_payment(services, row.id, state="dispatch_unknown", message_id=None, updated_at=0.0)
     gone = create_app(
         services=build_services(settings.replace(sinch_base_url="http://127.0.0.1:9"))
     )
-    assert flows.reconcile(services_of(gone)) == {row["id"]: "dispatch_unknown"}
+    assert reconcile(services_of(gone)) == {row.id: "dispatch_unknown"}
     replay = send(gone.test_client(), body, signature)  # a replay meanwhile: a clean 502
     assert replay.status_code == 502, replay.get_data(as_text=True)
     assert replay.get_json()["details"]["status"] == "unknown"
-    assert services.ledger.payment(row["id"])["state"] == "dispatch_unknown"  # type: ignore[index]
+    assert state_of(services, row.id) == "dispatch_unknown"
     assert len(fake.batches) == 1
 
 
@@ -288,13 +289,18 @@ def test_an_unconfirmed_dispatch_is_not_sent_again_before_sinch_caught_up(
         forget_dispatch(services)
         now = time.time()
         rewind_payment(
-            services, row["id"], state="dispatch_unknown", message_id=None, updated_at=now
+            services,
+            row.id,
+            state="dispatch_unknown",
+            message_id=None,
+            updated_at=now,
+            body=body["message"],
         )
         services.clock = lambda: now + 1
-        assert flows.reconcile(services) == {row["id"]: "dispatch_unknown"}
+        assert reconcile(services) == {row.id: "dispatch_unknown"}
         assert fake.batches == []  # not yet
-        services.clock = lambda: now + flows.DISPATCH_QUIET_SECONDS + 1
-        assert flows.reconcile(services) == {row["id"]: "dispatched"}
+        services.clock = lambda: now + DISPATCH_QUIET_SECONDS + 1
+        assert reconcile(services) == {row.id: "dispatched"}
         assert len(fake.batches) == 1
 
 
@@ -335,12 +341,12 @@ def test_a_payload_with_floats_is_reconciled_from_the_header_as_received(
     first = send(client, body, signature)
     assert first.status_code == 200, first.get_data(as_text=True)
     (row,) = services.ledger.list_payments()
-    assert json.loads(base64.b64decode(row["header"]))["extensions"] == {
+    assert json.loads(base64.b64decode(row.header))["extensions"] == {
         "x-client": {"score": 0.1, "ratio": 1e-7}
     }
     forget_dispatch(services)
-    rewind_payment(services, row["id"], state="settled", message_id=None, body="Floats inside")
-    assert flows.reconcile(services) == {row["id"]: "dispatched"}
+    rewind_payment(services, row.id, state="settled", message_id=None, body="Floats inside")
+    assert reconcile(services) == {row.id: "dispatched"}
     assert len(services.ledger.outbox_messages()) == 1
 
 
@@ -369,7 +375,7 @@ def test_concurrent_replays_of_a_lost_settlement_broadcast_once(
     (row,) = services.ledger.list_payments()
     chain.drop_all_transactions()  # the broadcast was lost with its answer, a while ago
     chain.mine()  # (and gas prices moved since)
-    rewind_payment(services, row["id"], state="settle_pending", tx_hash=None)
+    rewind_payment(services, row.id, state="settle_pending", tx_hash=None)
     monkeypatch.setattr(relay.ledger, "NONCE_GAP_SECONDS", 2.0)  # the drop was long ago
     time.sleep(2.5)
     app = create_app(services=build_services(settings))  # the restarted process

@@ -368,7 +368,7 @@ def test_ledger_lists_the_payment_and_its_message(sent: Sent, stack: Stack) -> N
     out = result.stdout
     payments = out[out.index("Payments (") : out.index("Messages (")]
     messages = out[out.index("Messages (") : out.index("Refunds")]
-    row = next(line for line in payments.splitlines() if message["payment_id"] in line)
+    row = next(line for line in payments.splitlines() if message.payment_id in line)
     assert answer["transaction"] in row and "dispatched" in row
     assert answer["message_id"] in row
     assert any(answer["message_id"] in line and "queued" in line for line in messages.splitlines())

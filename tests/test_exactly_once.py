@@ -174,8 +174,8 @@ def test_refunds_from_two_processes_at_once_all_mine(
             wait_for(lambda: all(chain.usdc_balance(p.address) == 1_000_000 for p in payers))
             refunds = cluster.ledger.list_refunds()
     assert len(refunds) == 10
-    assert {r["state"] for r in refunds} == {"confirmed"}
-    assert len({r["nonce"] for r in refunds}) == 10
+    assert {r.state for r in refunds} == {"confirmed"}
+    assert len({r.nonce for r in refunds}) == 10
     assert chain.usdc_balance(refunder.address) == 0
 
 
@@ -234,11 +234,11 @@ def test_crash_while_settling_is_finished_by_a_running_worker(
         first.kill()
         thread.join(10)
         (row,) = ledger.list_payments()
-        assert row["tx_hash"] is not None  # stored before the broadcast
+        assert row.tx_hash is not None  # stored before the broadcast
         chain.mine()
         chain.set_automine(True)
         wait_for(lambda: len(ledger.outbox_messages()) == 1)
-        wait_for(lambda: ledger.list_payments()[0]["state"] == "dispatched")
+        wait_for(lambda: ledger.list_payments()[0].state == "dispatched")
         replay = post(second.url + "/api/send", body, signature)
         assert replay.status_code == 200, replay.text
     finally:
@@ -246,7 +246,7 @@ def test_crash_while_settling_is_finished_by_a_running_worker(
         second.stop()
         chain.set_automine(True)
     assert ledger.outbox_messages()[0]["message_id"] == replay.json()["message_id"]
-    assert replay.json()["transaction"] == row["tx_hash"]
+    assert replay.json()["transaction"] == row.tx_hash
     assert chain.usdc_balance(payer.address) == 10_000_000 - PRICE
     assert settler_nonce(chain) == nonce_before + 1
     ledger.engine.dispose()
@@ -324,7 +324,7 @@ def test_the_procfile_worker_finishes_a_payment_a_crash_left(
     )
     try:
         wait_for(lambda: len(ledger.outbox_messages()) == 1)
-        wait_for(lambda: ledger.list_payments()[0]["state"] == "dispatched")
+        wait_for(lambda: ledger.list_payments()[0].state == "dispatched")
     finally:
         os.killpg(worker.pid, signal.SIGTERM)
         worker.wait(10)

@@ -20,9 +20,9 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy.exc import IntegrityError
 
-from relay import flows
 from relay.app import create_app
 from relay.dev.chain import DevChain
+from relay.flows.reconciling import reconcile
 from relay.ledger import Ledger, payments
 from relay.moderation import user_turn
 from relay.services import build_services
@@ -344,7 +344,7 @@ def test_no_message_body_in_any_log_line_on_every_path(
             "/api/send", json=body, headers={"PAYMENT-SIGNATURE": pay(head, payer.key)}
         )
         assert answer.status_code == 502
-        flows.reconcile(services_of(app), force=True)
+        reconcile(services_of(app), force=True)
     assert caplog.records
     assert not [r for r in caplog.records if marker in r.getMessage()]
 

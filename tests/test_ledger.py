@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import secrets
 import subprocess
@@ -22,6 +23,7 @@ from relay.ledger import (
     SchemaMissing,
     settler_nonces,
 )
+from relay.records import PaymentRecord
 
 REPO = Path(__file__).resolve().parent.parent
 #: The last release whose schema was version 1.
@@ -127,33 +129,31 @@ def test_one_holder_of_a_fleet_lease_at_a_time(ledger: Ledger) -> None:
 def test_payment_leases_belong_to_their_holder(ledger: Ledger) -> None:
     row = payment(lease_until=130.0, lease_holder="request")
     ledger.claim_payment(row)
-    assert ledger.take(row["id"], 120.0, 30.0) is None
-    forced = ledger.take(row["id"], 120.0, 30.0, force=True)
+    assert ledger.take(row.id, 120.0, 30.0) is None
+    forced = ledger.take(row.id, 120.0, 30.0, force=True)
     assert forced is not None
-    ledger.release(row["id"], "request")  # the old holder cannot end the new lease
-    assert ledger.take(row["id"], 149.0, 30.0) is None
-    assert not ledger.renew(row["id"], "request", 149.0, 30.0)
-    assert ledger.renew(row["id"], forced, 149.0, 30.0)
-    assert ledger.take(row["id"], 170.0, 30.0) is None  # renewed until 179
-    assert not ledger.transition(row["id"], ("settling",), "settled", 171.0, holder="request")
-    ledger.release(row["id"], forced)
-    taken = ledger.take(row["id"], 171.0, 30.0)
+    ledger.release(row.id, "request")  # the old holder cannot end the new lease
+    assert ledger.take(row.id, 149.0, 30.0) is None
+    assert not ledger.renew(row.id, "request", 149.0, 30.0)
+    assert ledger.renew(row.id, forced, 149.0, 30.0)
+    assert ledger.take(row.id, 170.0, 30.0) is None  # renewed until 179
+    assert not ledger.transition(row.id, ("settling",), "settled", 171.0, holder="request")
+    ledger.release(row.id, forced)
+    taken = ledger.take(row.id, 171.0, 30.0)
     assert taken is not None and taken != forced
-    assert ledger.transition(row["id"], ("settling",), "settled", 172.0, holder=taken)
+    assert ledger.transition(row.id, ("settling",), "settled", 172.0, holder=taken)
 
 
 def test_one_transfer_log_pays_for_one_payment(ledger: Ledger) -> None:
     first, second = payment(quote_id="q1"), payment(quote_id="q2", nonce="0x" + "22" * 32)
     ledger.claim_payment(first)
     ledger.claim_payment(second)
-    assert ledger.transition(first["id"], ("settling",), "settled", 2.0, tx_hash="0xt", log_index=3)
+    assert ledger.transition(first.id, ("settling",), "settled", 2.0, tx_hash="0xt", log_index=3)
     with pytest.raises(Conflict) as info:
-        ledger.transition(second["id"], ("settling",), "settled", 2.0, tx_hash="0xt", log_index=3)
+        ledger.transition(second.id, ("settling",), "settled", 2.0, tx_hash="0xt", log_index=3)
     assert info.value.kind == "transfer"
-    assert info.value.existing is not None and info.value.existing["id"] == first["id"]
-    assert ledger.transition(
-        second["id"], ("settling",), "settled", 2.0, tx_hash="0xt", log_index=5
-    )
+    assert info.value.existing is not None and info.value.existing.id == first.id
+    assert ledger.transition(second.id, ("settling",), "settled", 2.0, tx_hash="0xt", log_index=5)
 
 
 def test_a_database_of_the_previous_release_is_upgraded(url: str, tmp_path: Path) -> None:
@@ -172,7 +172,7 @@ def test_a_database_of_the_previous_release_is_upgraded(url: str, tmp_path: Path
     exec(compile(source, "ledger_schema_1.py", "exec"), old.__dict__)
     previous = old.Ledger.from_url(url)
     assert previous.upgrade() == 1
-    row = payment()
+    row = payment_row()
     del row["header"], row["claim_block"], row["lease_until"], row["lease_holder"]
     previous.claim_payment(row)
     previous.engine.dispose()
@@ -183,14 +183,21 @@ def test_a_database_of_the_previous_release_is_upgraded(url: str, tmp_path: Path
     assert book.upgrade() == SCHEMA_VERSION
     assert book.upgrade() == SCHEMA_VERSION
     kept = book.payment(row["id"])
-    assert kept is not None and kept["payment_key"] == row["payment_key"]
-    assert kept["header"] is None and kept["log_index"] is None
+    assert kept is not None and kept.payment_key == row["payment_key"]
+    assert kept.header is None and kept.log_index is None
     assert book.take(row["id"], 1.0, 30.0) is not None
     assert book.reserve_nonce("0xabc", 3, 3, 1.0) == 3
     book.engine.dispose()
 
 
-def payment(**changes: Any) -> dict[str, Any]:
+def payment(**changes: Any) -> PaymentRecord:
+    """A payment record with these fields (the rest as a claim makes them)."""
+    empty = {f.name: None for f in dataclasses.fields(PaymentRecord)}
+    return PaymentRecord.from_row({**empty, **payment_row(**changes)})
+
+
+def payment_row(**changes: Any) -> dict[str, Any]:
+    """A payments row as the previous releases' ledgers take it."""
     row: dict[str, Any] = {
         "id": secrets.token_hex(12),
         "payment_key": secrets.token_hex(32),
@@ -242,10 +249,10 @@ def test_claim_conflicts_say_what_was_taken(
 def test_transition_only_from_the_expected_state(ledger: Ledger) -> None:
     row = payment()
     ledger.claim_payment(row)
-    assert ledger.transition(row["id"], ("settling",), "settled", 2.0, tx_hash="0xt")
-    assert not ledger.transition(row["id"], ("settling",), "settled", 3.0)
-    stored = ledger.payment(row["id"])
-    assert stored is not None and stored["state"] == "settled" and stored["tx_hash"] == "0xt"
+    assert ledger.transition(row.id, ("settling",), "settled", 2.0, tx_hash="0xt")
+    assert not ledger.transition(row.id, ("settling",), "settled", 3.0)
+    stored = ledger.payment(row.id)
+    assert stored is not None and stored.state == "settled" and stored.tx_hash == "0xt"
 
 
 def test_verdict_cache_keeps_the_first(ledger: Ledger) -> None:

@@ -2,7 +2,7 @@
 
 Each test pays for real on the local chain, then puts the ledger back into the state a
 crash at one step would have left (the database is the only memory a restarted process
-has), and lets `flows.reconcile` finish it.
+has), and lets `reconcile` finish it.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from flask import Flask
 from sqlalchemy import delete, update
 from x402.http import decode_payment_required_header
 
-from relay import flows
 from relay.app import create_app
 from relay.dev.chain import DevChain
 from relay.dev.stack import DevStack
+from relay.flows.reconciling import reconcile
+from relay.flows.settling import EXPIRY_MARGIN_SECONDS
 from relay.ledger import messages, outbox, payments, refunds
 from relay.services import Services, build_services
 from relay.settings import Settings
@@ -30,8 +31,10 @@ from tests.conftest import (
     rewind_payment,
     services_of,
     sinch_overrides,
+    state_of,
 )
 from tests.fake_sinch import FakeSinch
+from tests.test_ledger import payment
 from tests.x402_helpers import pay
 
 US = "+13012576365"
@@ -51,8 +54,8 @@ def paid_send(app: Flask, key: str) -> tuple[dict[str, Any], str]:
 def rewind(services: Services, state: str, **fields: Any) -> str:
     """Put the only payment back into ``state`` as a crash there would leave it."""
     (row,) = services.ledger.list_payments()
-    rewind_payment(services, row["id"], state=state, **fields)
-    return str(row["id"])
+    rewind_payment(services, row.id, state=state, **fields)
+    return str(row.id)
 
 
 def replay(app: Flask, signature: str) -> Any:
@@ -74,7 +77,7 @@ def test_settled_but_never_dispatched(
         conn.execute(delete(messages))
     payment_id = rewind(services, "settled", message_id=None, body="Reconcile me")
     nonce = settler_nonce(chain)
-    assert flows.reconcile(services) == {payment_id: "dispatched"}
+    assert reconcile(services) == {payment_id: "dispatched"}
     (sms,) = services.ledger.outbox_messages()
     assert sms["body"] == "Reconcile me\nReply STOP to opt out"
     assert settler_nonce(chain) == nonce
@@ -82,7 +85,7 @@ def test_settled_but_never_dispatched(
     assert answer.status_code == 200
     assert answer.get_json()["message_id"] == sms["message_id"]
     assert answer.get_json()["transaction"] == first["transaction"]
-    assert flows.reconcile(services) == {}
+    assert reconcile(services) == {}
     assert chain.usdc_balance(payer.address) == 10_000_000 - PRICE
 
 
@@ -95,7 +98,7 @@ def test_dispatching_finds_the_batch_sinch_already_has(
         services = services_of(app)
         first, signature = paid_send(app, payer.key)
         payment_id = rewind(services, "dispatching", message_id=None, body="Reconcile me")
-        assert flows.reconcile(services) == {payment_id: "dispatched"}
+        assert reconcile(services) == {payment_id: "dispatched"}
         assert len(fake.batches) == 1
         answer = replay(app, signature)
     assert answer.get_json()["message_id"] == first["message_id"]
@@ -117,11 +120,11 @@ def test_unsent_refund_is_sent(
     later = create_app(services=build_services(settings.replace(refund_private_key=refunder.key)))
     services = services_of(later)
     payment_id = rewind(services, "dispatch_failed", response_status=502)
-    assert flows.reconcile(services) == {payment_id: "refunded"}
+    assert reconcile(services) == {payment_id: "refunded"}
     assert chain.usdc_balance(payer.address) == 10_000_000
     refund = services.ledger.refund(payment_id)
-    assert refund is not None and refund["state"] == "confirmed"
-    assert flows.reconcile(services) == {}
+    assert refund is not None and refund.state == "confirmed"
+    assert reconcile(services) == {}
 
 
 def test_expired_unsettled_authorization_frees_the_quote(
@@ -135,7 +138,7 @@ def test_expired_unsettled_authorization_frees_the_quote(
     head = client.post("/api/send", json=body).headers["PAYMENT-REQUIRED"]
     parsed = services.payments.parse_payment({"PAYMENT-SIGNATURE": pay(head, payer.key)})
     assert parsed is not None
-    row = {
+    fields = {
         "id": "crashed0payment0000000001",
         "payment_key": parsed.payment_key,
         "quote_id": services.signer.verify(token, message=BODY["message"], to=US, now=0).quote_id,
@@ -159,11 +162,12 @@ def test_expired_unsettled_authorization_frees_the_quote(
         "created_at": 0.0,
         "updated_at": 0.0,
     }
+    row = payment(**fields, header=None, claim_block=None)
     services.ledger.claim_payment(row)
-    services.clock = lambda: parsed.valid_before + flows.EXPIRY_MARGIN_SECONDS + 1.0
-    assert flows.reconcile(services) == {"crashed0payment0000000001": "settle_failed"}
-    assert services.ledger.payment(row["id"])["state"] == "settle_failed"  # type: ignore[index]
-    assert services.ledger.quote_claim(row["quote_id"]) is None
+    services.clock = lambda: parsed.valid_before + EXPIRY_MARGIN_SECONDS + 1.0
+    assert reconcile(services) == {"crashed0payment0000000001": "settle_failed"}
+    assert state_of(services, row.id) == "settle_failed"
+    assert services.ledger.quote_claim(row.quote_id) is None
     assert chain.usdc_balance(payer.address) == 10_000_000
     with services.ledger.begin() as conn:
         assert conn.execute(refunds.select()).first() is None
@@ -183,16 +187,16 @@ def test_an_unconfirmed_refund_is_sent_again_never_twice(
     payment_id = rewind(services, "dispatch_failed", response_status=502)
     chain.set_automine(False)
     try:
-        assert flows.reconcile(services, force=True) == {payment_id: "dispatch_failed"}
+        assert reconcile(services, force=True) == {payment_id: "dispatch_failed"}
         pending = services.ledger.refund(payment_id)
-        assert pending is not None and pending["state"] == "pending"
-        assert flows.reconcile(services, force=True) == {payment_id: "dispatch_failed"}
+        assert pending is not None and pending.state == "pending"
+        assert reconcile(services, force=True) == {payment_id: "dispatch_failed"}
         chain.mine()
     finally:
         chain.set_automine(True)
-    assert flows.reconcile(services, force=True) == {payment_id: "refunded"}
+    assert reconcile(services, force=True) == {payment_id: "refunded"}
     refund = services.ledger.refund(payment_id)
-    assert refund is not None and refund["tx_hash"] == pending["tx_hash"]
+    assert refund is not None and refund.tx_hash == pending.tx_hash
     assert chain.usdc_balance(payer.address) == 10_000_000
     assert chain.usdc_balance(refunder.address) == 1_000_000 - PRICE
 
@@ -214,7 +218,7 @@ def test_a_dropped_pending_settlement_fails_once_expired(
         chain.drop_transaction(pending.get_json()["transaction"])
         still = client.post("/api/send", json=BODY, headers=signature)
         assert still.status_code == 202
-        services.clock = lambda: parsed.valid_before + flows.EXPIRY_MARGIN_SECONDS + 1.0
+        services.clock = lambda: parsed.valid_before + EXPIRY_MARGIN_SECONDS + 1.0
         final = client.post("/api/send", json=BODY, headers=signature)
     finally:
         chain.set_automine(True)
@@ -235,7 +239,7 @@ def test_relay_dev_runs_the_reconciler() -> None:
             conn.execute(delete(messages))
         payment_id = rewind(services, "settled", message_id=None, body="Reconcile me")
         wait_for(lambda: len(services.ledger.outbox_messages()) == 1)
-        wait_for(lambda: services.ledger.payment(payment_id)["state"] == "dispatched")  # type: ignore[index]
+        wait_for(lambda: state_of(services, payment_id) == "dispatched")
 
 
 def test_a_payment_finished_before_answers_were_stored_gets_an_answer(

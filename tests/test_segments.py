@@ -22,6 +22,7 @@ from relay.segments import (
     count_units,
     detect_encoding,
     smart_encode,
+    split_segments,
     validate_text,
 )
 
@@ -38,44 +39,37 @@ def test_gsm_tables_match_gsm_03_38() -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "encoding", "segments", "units", "characters"),
+    ("text", "encoding", "segments", "units"),
     [
-        ("", "GSM-7", 0, 0, 0),
-        ("Hello", "GSM-7", 1, 5, 5),
-        ("a" * 160, "GSM-7", 1, 160, 160),
-        ("a" * 161, "GSM-7", 2, 161, 161),
-        ("a" * 306, "GSM-7", 2, 306, 306),
-        ("a" * 307, "GSM-7", 3, 307, 307),
-        ("€" * 80, "GSM-7", 1, 160, 80),
-        ("a" * 159 + "€", "GSM-7", 2, 161, 160),
-        ("^{}\\[~]|€\f", "GSM-7", 1, 20, 10),
-        ("a\r\nb", "GSM-7", 1, 4, 3),
-        ("@£$¥èéùìòÇØøÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ¤¡ÄÖÑÜ§¿äöñüà", "GSM-7", 1, 42, 42),
-        ("ç", "UCS-2", 1, 1, 1),
-        ("Hello `", "UCS-2", 1, 7, 7),
-        (CYR * 70, "UCS-2", 1, 70, 70),
-        (CYR * 71, "UCS-2", 2, 71, 71),
-        (CYR * 134, "UCS-2", 2, 134, 134),
-        (CYR * 135, "UCS-2", 3, 135, 135),
-        (EMOJI * 35, "UCS-2", 1, 70, 35),
-        (EMOJI * 36, "UCS-2", 2, 72, 36),
-        ("a" * 159 + EMOJI, "UCS-2", 3, 161, 160),
-        (FAMILY, "UCS-2", 1, 11, 1),
-        (FLAG * 2, "UCS-2", 1, 8, 2),
-        ("Your order has shipped — track at example.com/t/123", "UCS-2", 1, 51, 51),
+        ("", "GSM-7", 0, 0),
+        ("Hello", "GSM-7", 1, 5),
+        ("a" * 160, "GSM-7", 1, 160),
+        ("a" * 161, "GSM-7", 2, 161),
+        ("a" * 306, "GSM-7", 2, 306),
+        ("a" * 307, "GSM-7", 3, 307),
+        ("€" * 80, "GSM-7", 1, 160),
+        ("a" * 159 + "€", "GSM-7", 2, 161),
+        ("^{}\\[~]|€\f", "GSM-7", 1, 20),
+        ("a\r\nb", "GSM-7", 1, 4),
+        ("@£$¥èéùìòÇØøÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ¤¡ÄÖÑÜ§¿äöñüà", "GSM-7", 1, 42),
+        ("ç", "UCS-2", 1, 1),
+        ("Hello `", "UCS-2", 1, 7),
+        (CYR * 70, "UCS-2", 1, 70),
+        (CYR * 71, "UCS-2", 2, 71),
+        (CYR * 134, "UCS-2", 2, 134),
+        (CYR * 135, "UCS-2", 3, 135),
+        (EMOJI * 35, "UCS-2", 1, 70),
+        (EMOJI * 36, "UCS-2", 2, 72),
+        ("a" * 159 + EMOJI, "UCS-2", 3, 161),
+        (FAMILY, "UCS-2", 1, 11),
+        (FLAG * 2, "UCS-2", 1, 8),
+        ("Your order has shipped — track at example.com/t/123", "UCS-2", 1, 51),
     ],
 )
-def test_count_segments(
-    text: str, encoding: str, segments: int, units: int, characters: int
-) -> None:
-    info = count_segments(text)
-    assert (info.encoding, info.segments, info.units, info.characters) == (
-        encoding,
-        segments,
-        units,
-        characters,
-    )
-    assert "".join(info.parts) == text
+def test_count_segments(text: str, encoding: Encoding, segments: int, units: int) -> None:
+    assert count_segments(text) == SegmentInfo(encoding, segments)
+    assert count_units(text, encoding) == units
+    assert "".join(split_segments(text, encoding)) == text
 
 
 @pytest.mark.parametrize(
@@ -101,20 +95,20 @@ def test_count_segments(
 )
 def test_split_never_cuts_an_indivisible_piece(text: str, parts: tuple[str, ...]) -> None:
     info = count_segments(text)
-    assert info.parts == parts
+    assert split_segments(text, info.encoding) == parts
     assert info.segments == len(parts)
 
 
 def test_oversized_cluster_is_split_between_code_points() -> None:
     text = "a" + "\u0301" * 100  # one grapheme cluster of 101 units
-    info = count_segments(text)
-    assert (info.encoding, info.segments, info.units, info.characters) == ("UCS-2", 2, 101, 1)
-    assert info.parts == ("a" + "\u0301" * 66, "\u0301" * 34)
+    assert count_segments(text) == SegmentInfo("UCS-2", 2)
+    assert count_units(text, "UCS-2") == 101
+    assert split_segments(text, "UCS-2") == ("a" + "\u0301" * 66, "\u0301" * 34)
 
 
 def test_segment_info_is_frozen() -> None:
     info = count_segments("hi")
-    assert info == SegmentInfo("GSM-7", 1, 2, 2, ("hi",))
+    assert info == SegmentInfo("GSM-7", 1)
     with pytest.raises(AttributeError):
         info.segments = 2  # type: ignore[misc]
 
@@ -257,16 +251,16 @@ def test_count_segments_properties(text: str) -> None:
     validate_text(text)
     info = count_segments(text)
     assert info.encoding == detect_encoding(text)
-    assert info.units == count_units(text, info.encoding)
-    assert info.segments == len(info.parts) >= 1
-    assert "".join(info.parts) == text
-    assert 1 <= info.characters <= len(text)
-    if info.units <= SINGLE_SEGMENT_UNITS[info.encoding]:
+    units = count_units(text, info.encoding)
+    parts = split_segments(text, info.encoding)
+    assert info.segments == len(parts) >= 1
+    assert "".join(parts) == text
+    if units <= SINGLE_SEGMENT_UNITS[info.encoding]:
         assert info.segments == 1
     else:
         capacity = MULTI_SEGMENT_UNITS[info.encoding]
-        assert all(0 < count_units(p, info.encoding) <= capacity for p in info.parts)
-        assert info.segments >= math.ceil(info.units / capacity)
+        assert all(0 < count_units(p, info.encoding) <= capacity for p in parts)
+        assert info.segments >= math.ceil(units / capacity)
 
 
 @settings(database=None, max_examples=200, deadline=None)

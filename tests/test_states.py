@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
+from relay.flows.sending import STEPS
 from relay.ledger import Ledger
 from relay.states import (
     FINAL_STATES,
@@ -34,6 +37,7 @@ def test_every_state_is_reachable_and_every_path_ends() -> None:
 
 def test_the_reconciler_handles_every_state_that_is_not_final() -> None:
     assert reachable() - set(FINAL_STATES) == set(UNFINISHED)  # what reconcile() walks
+    assert set(STEPS) == set(UNFINISHED)  # and each of them has a step that carries it on
 
 
 def test_final_states_never_move() -> None:
@@ -49,11 +53,11 @@ def test_the_ledger_refuses_a_move_the_table_does_not_name(settings_url: str) ->
     row = payment()
     ledger.claim_payment(row)
     with pytest.raises(ValueError, match="from settling to dispatched"):
-        ledger.transition(row["id"], ("settling",), "dispatched", 2.0)
+        ledger.transition(row.id, ("settling",), "dispatched", 2.0)
     with pytest.raises(ValueError):
-        ledger.transition(row["id"], ("settling",), "no-such-state", 2.0)
-    assert ledger.transition(row["id"], ("settling",), PaymentState.SETTLED, 2.0)
-    assert ledger.payment(row["id"])["state"] == "settled"  # type: ignore[index]
+        ledger.transition(row.id, ("settling",), "no-such-state", 2.0)
+    assert ledger.transition(row.id, ("settling",), PaymentState.SETTLED, 2.0)
+    assert ledger.payment(row.id) == dataclasses.replace(row, state="settled", updated_at=2.0)
     ledger.engine.dispose()
 
 

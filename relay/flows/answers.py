@@ -1,0 +1,167 @@
+"""The HTTP answers of /api/send, and the final answer stored with a payment for replays."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from x402 import PaymentRequirements
+
+from relay.errors import (
+    PaymentRequired,
+    PaymentSettlementFailed,
+    RelayError,
+    SinchSendFailedAfterPayment,
+)
+from relay.payments import Settlement
+from relay.pricing import from_atomic, to_atomic
+from relay.records import PaymentRecord
+from relay.services import Services
+from relay.states import PaymentState as P
+
+HOW_TO_PAY = (
+    "Resubmit POST /api/send with the same body and a PAYMENT-SIGNATURE (x402 v2) or "
+    "X-PAYMENT (v1) header signed for the requested amount."
+)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """An HTTP answer for /api/send: status, JSON body and headers."""
+
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str]
+
+    @classmethod
+    def of_error(cls, error: RelayError, headers: dict[str, str] | None = None) -> Outcome:
+        """The answer that reports an error (with these headers, or the error's own)."""
+        return cls(
+            error.status, error.body(), error.response_headers() if headers is None else headers
+        )
+
+
+def challenge(
+    services: Services,
+    requirements: PaymentRequirements,
+    amount_atomic: int,
+    resource_url: str,
+) -> Outcome:
+    """The 402: v2 PAYMENT-REQUIRED header, v1 accepts and the reference's fields in the body."""
+    price = from_atomic(amount_atomic)
+    header, v1 = services.payments.challenge(
+        requirements,
+        resource_url=resource_url,
+        description=f"One SMS, moderated and sent via Sinch: {price} USDC",
+        error="Payment required",
+    )
+    body = PaymentRequired(
+        details={"amount_atomic": str(amount_atomic)},
+        extra={
+            "protocol": "x402",
+            "price_usd": price,
+            "how_to_pay": HOW_TO_PAY,
+            **v1,
+        },
+    ).body()
+    return Outcome(402, body, {"PAYMENT-REQUIRED": header})
+
+
+def probe(services: Services, resource_url: str) -> Outcome:
+    """A bare POST /api/send: a 402 at the one-segment price, describing the price rule."""
+    settings = services.settings
+    per_segment = to_atomic(settings.price_per_segment_usd)
+    outcome = challenge(
+        services, services.payments.requirements(per_segment), per_segment, resource_url
+    )
+    outcome.body["price_rule"] = {
+        "per_segment_usd": settings.price_per_segment_usd,
+        "plus": "the moderation call's token cost",
+        "max_segments": settings.max_segments,
+        "how_to_quote": "POST /api/quote {message, to}, or POST /api/send {message, to}",
+    }
+    return outcome
+
+
+def sent(
+    services: Services, payment: PaymentRecord, message_id: str, settlement: Settlement
+) -> Outcome:
+    """The 200 of a paid send: the message handed to the provider."""
+    headers = payment_headers(services, settlement, payment.version)
+    return Outcome(200, sent_body(payment, message_id, settlement.transaction), headers)
+
+
+def sent_body(payment: PaymentRecord, message_id: str, transaction: str) -> dict[str, Any]:
+    """The body of a paid send's 200."""
+    return {
+        "sent": True,
+        "message_id": message_id,
+        "status": "queued",
+        "to": payment.destination,
+        "segments": payment.segments,
+        "price_usd": from_atomic(payment.amount_atomic),
+        "paid_by": payment.payer,
+        "transaction": transaction,
+    }
+
+
+def payment_headers(services: Services, settlement: Settlement, version: int) -> dict[str, str]:
+    """PAYMENT-RESPONSE (v2) or X-PAYMENT-RESPONSE (v1) for an answer about a settlement."""
+    return dict([services.payments.response_header(settlement, version)])
+
+
+def failed_after_payment(
+    transaction: str, message_id: str, **details: Any
+) -> SinchSendFailedAfterPayment:
+    """502: paid, but the provider refused the message (the refund is added to it)."""
+    return SinchSendFailedAfterPayment(
+        details={"transaction": transaction, **details},
+        extra={"transaction": transaction, "message_id": message_id},
+    )
+
+
+def not_confirmed(settlement: Settlement) -> SinchSendFailedAfterPayment:
+    """502: the provider could not confirm the message yet; it will be reconciled."""
+    return SinchSendFailedAfterPayment(
+        "The SMS provider could not confirm the message; it will be reconciled.",
+        details={"transaction": settlement.transaction, "status": "unknown"},
+        extra={"transaction": settlement.transaction, "refund": None},
+    )
+
+
+def stored_answer(payment: PaymentRecord) -> Outcome:
+    """The answer stored with a payment's final state (or rebuilt for one stored before
+    answers were kept with payments)."""
+    if payment.response_status is not None and payment.response_body is not None:
+        return Outcome(
+            payment.response_status, payment.response_body, payment.response_headers or {}
+        )
+    if payment.state == P.DISPATCHED:
+        body = sent_body(payment, str(payment.message_id), str(payment.tx_hash))
+        return Outcome(200, body, {})
+    if payment.state == P.REFUNDED:
+        return Outcome.of_error(failed_after_payment(str(payment.tx_hash), payment.id))
+    return Outcome.of_error(PaymentSettlementFailed(details={"reason": "settlement_failed"}))
+
+
+def finish(
+    services: Services,
+    payment_id: str,
+    from_states: tuple[P, ...],
+    state: P,
+    outcome: Outcome,
+    **fields: Any,
+) -> Outcome:
+    """Store the final answer with the final state; the stored answer is replayed after."""
+    services.ledger.transition(
+        payment_id,
+        from_states,
+        state,
+        services.clock(),
+        response_status=outcome.status,
+        response_body=outcome.body,
+        response_headers=outcome.headers,
+        body=None,
+        **fields,
+    )
+    return outcome

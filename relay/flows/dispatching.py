@@ -1,0 +1,140 @@
+"""The paid SMS handed to the provider: answered 200, never sent twice (SPEC §10)."""
+
+from __future__ import annotations
+
+import logging
+
+from x402 import PaymentRequirements
+
+from relay.flows.answers import (
+    Outcome,
+    failed_after_payment,
+    finish,
+    not_confirmed,
+    payment_headers,
+    sent,
+)
+from relay.flows.leases import busy, hold
+from relay.flows.refunding import refunded_answer
+from relay.payments import ParsedPayment, Settlement
+from relay.phone import mask
+from relay.records import MessageRecord, PaymentRecord
+from relay.services import Services
+from relay.sinch import SmsDispatchError, compose_body
+from relay.states import PaymentState as P
+
+log = logging.getLogger(__name__)
+
+#: After an unconfirmed hand-over to Sinch, how long its batch list may lag before a
+#: missing batch is taken as never created and the SMS is sent.
+DISPATCH_QUIET_SECONDS = 60
+
+
+def dispatch(services: Services, payment: PaymentRecord, settlement: Settlement) -> Outcome:
+    """Hand the paid SMS to the provider; answer 200, or 502 with the refund."""
+    assert payment.body is not None, "a payment being dispatched keeps its text"
+    body_text = compose_body(payment.body, services.settings.opt_out_line)
+    try:
+        handed = services.sms.send(
+            payment.destination,
+            body_text,
+            payment.id,
+            keep_alive=lambda: hold(services, payment),
+        )
+    except SmsDispatchError as exc:
+        return dispatch_failed(services, payment, settlement, exc)
+    return dispatched(services, payment, handed.message_id, handed.provider, settlement)
+
+
+def redispatch(
+    services: Services, payment: PaymentRecord, parsed: ParsedPayment, req: PaymentRequirements
+) -> Outcome:
+    """After a crash or an unconfirmed hand-over: find the message the provider may hold
+    (searching from the payment's creation) and send only when it certainly holds none,
+    and only once its batch list has had DISPATCH_QUIET_SECONDS to catch up. A provider
+    that cannot be asked leaves the payment as it is, never sent twice."""
+    assert payment.tx_hash is not None and payment.log_index is not None
+    settlement = services.payments.settlement_of(parsed, req, payment.tx_hash, payment.log_index)
+    try:
+        found = services.sms.lookup(payment.id, since=float(payment.created_at))
+    except SmsDispatchError as exc:
+        raise not_confirmed(settlement) from exc
+    if found is not None:
+        return dispatched(services, payment, found.message_id, found.provider, settlement)
+    if services.clock() - float(payment.updated_at) < DISPATCH_QUIET_SECONDS:
+        raise not_confirmed(settlement)
+    sending = (P.DISPATCHING, P.DISPATCH_UNKNOWN)  # only while the lease is still ours
+    now = services.clock()
+    if not services.ledger.transition(
+        payment.id, sending, P.DISPATCHING, now, holder=payment.holder
+    ):
+        raise busy()
+    return dispatch(services, payment, settlement)
+
+
+def dispatched(
+    services: Services,
+    payment: PaymentRecord,
+    message_id: str,
+    provider: str,
+    settlement: Settlement,
+) -> Outcome:
+    """Record the accepted message and store the 200 that every replay will get."""
+    now = services.clock()
+    services.ledger.record_message(message_record(payment, message_id, provider, "queued", now))
+    log.info(
+        "sent %s message_id=%s tx=%s", mask(payment.destination), message_id, settlement.transaction
+    )
+    outcome = sent(services, payment, message_id, settlement)
+    states = (P.DISPATCHING, P.DISPATCH_UNKNOWN)
+    return finish(services, payment.id, states, P.DISPATCHED, outcome, message_id=message_id)
+
+
+def message_record(
+    payment: PaymentRecord, message_id: str, provider: str, status: str, now: float
+) -> MessageRecord:
+    """The message of a payment."""
+    return MessageRecord(
+        message_id=message_id,
+        payment_id=payment.id,
+        destination=payment.destination,
+        segments=payment.segments,
+        status=status,
+        provider=provider,
+        created_at=now,
+        updated_at=now,
+    )
+
+
+def dispatch_failed(
+    services: Services,
+    payment: PaymentRecord,
+    settlement: Settlement,
+    exc: SmsDispatchError,
+) -> Outcome:
+    """The provider refused after payment: record it, refund if we can, answer 502."""
+    ledger = services.ledger
+    headers = payment_headers(services, settlement, payment.version)
+    log.warning("dispatch failed after payment %s: %s", payment.id, exc.message)
+    if exc.maybe_sent:
+        ledger.transition(
+            payment.id,
+            (P.DISPATCHING,),
+            P.DISPATCH_UNKNOWN,
+            services.clock(),
+            holder=payment.holder,
+        )
+        return Outcome.of_error(not_confirmed(settlement), headers)
+    if not ledger.transition(
+        payment.id,
+        (P.DISPATCHING,),
+        P.DISPATCH_FAILED,
+        services.clock(),
+        holder=payment.holder,
+        error=exc.message[:200],
+    ):
+        raise busy()
+    failed = message_record(payment, payment.id, "none", "failed", services.clock())
+    ledger.record_message(failed)
+    error = failed_after_payment(settlement.transaction, payment.id, provider_status=exc.status)
+    return refunded_answer(services, payment, Outcome.of_error(error, headers))

@@ -1,0 +1,119 @@
+"""A quote: normalise, count, moderate, price and sign a message (SPEC §2 step 1)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from decimal import Decimal
+
+from relay.errors import MessageTooLong, RateLimited, RecipientOptedOut, Rejected
+from relay.inputs import MessageRequest
+from relay.moderation import Verdict
+from relay.phone import mask, normalize_destination
+from relay.pricing import Price, moderation_cost, quote_price, token_prices
+from relay.quote_tokens import QuoteClaims, message_sha256
+from relay.segments import SegmentInfo, count_segments, smart_encode, validate_text
+from relay.services import Services
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Quote:
+    """An approved, priced message ready to be paid for."""
+
+    message: str
+    to: str
+    text: str
+    segments: SegmentInfo
+    original_segments: SegmentInfo
+    verdict: Verdict
+    price: Price
+    claims: QuoteClaims
+    token: str
+
+
+def prepare_text(
+    services: Services, req: MessageRequest
+) -> tuple[str, str, SegmentInfo, SegmentInfo]:
+    """Validate and normalise: (destination, text to send, its segments, submitted segments)."""
+    validate_text(req.message)
+    to = normalize_destination(req.to)
+    text = smart_encode(req.message) if req.smart_encoding else req.message
+    original = count_segments(req.message)
+    info = count_segments(text) if text != req.message else original
+    limit = services.settings.max_segments
+    if info.segments > limit:
+        raise MessageTooLong(
+            f"The message needs {info.segments} segments; the limit is {limit}.",
+            details={"segments": info.segments, "max_segments": limit, "encoding": info.encoding},
+        )
+    refuse_opted_out(services, to)
+    return to, text, info, original
+
+
+def refuse_opted_out(services: Services, to: str) -> None:
+    """Raise recipient_opted_out for a number that replied STOP."""
+    if services.ledger.is_opted_out(to):
+        raise RecipientOptedOut(details={"to": mask(to)})
+
+
+def moderate(services: Services, text: str) -> Verdict:
+    """The verdict on the text; a rejection is raised as 422 rejected."""
+    verdict = services.moderator.moderate(text)
+    if not verdict.approved:
+        raise Rejected(
+            verdict.reason or "Moderation rejected the message.",
+            details={"category": verdict.category},
+            extra={
+                "approved": False,
+                "category": verdict.category,
+                "confidence": verdict.confidence,
+                "reason": verdict.reason,
+            },
+        )
+    return verdict
+
+
+def verdict_cost(services: Services, verdict: Verdict) -> Decimal:
+    """The dollar cost of the moderation call that produced this verdict."""
+    settings = services.settings
+    prices = token_prices(
+        verdict.model, settings.gemini_price_input_per_m, settings.gemini_price_output_per_m
+    )
+    return moderation_cost(
+        prices, verdict.input_tokens, verdict.output_tokens, verdict.thinking_tokens
+    )
+
+
+def quote(services: Services, req: MessageRequest, *, one_shot: bool = False) -> Quote:
+    """Normalise, count, moderate, price and sign.
+
+    A quote for /api/quote charges nothing for a cached verdict. A one-shot send always
+    charges the verdict's original cost, so the unpaid and the paid request agree on the price.
+    """
+    to, text, info, original = prepare_text(services, req)
+    verdict = moderate(services, text)
+    cost = verdict_cost(services, verdict) if one_shot or not verdict.cached else Decimal(0)
+    price = quote_price(info.segments, services.settings.price_per_segment_usd, cost)
+    claims = QuoteClaims.new(
+        message_sha256=message_sha256(req.message),
+        to=to,
+        segments=info.segments,
+        encoding=info.encoding,
+        price_atomic=price.atomic,
+        verdict_id=verdict.verdict_id,
+        smart_encoding=req.smart_encoding,
+        issued_at=int(services.clock()),
+    )
+    log.info("quoted %s segments=%d atomic=%d", mask(to), info.segments, price.atomic)
+    token = services.signer.sign(claims)
+    return Quote(req.message, to, text, info, original, verdict, price, claims, token)
+
+
+def limit_model_calls(services: Services, client: str) -> None:
+    """QUOTE_RATE_LIMIT per client: every request that may call the model (a quote, a
+    one-shot send, paid or not) and every unpaid send counts, in the shared storage."""
+    wait = services.quote_limiter.hit("quote", client)
+    if wait is not None:
+        raise RateLimited(retry_after=wait, details={"limit": services.settings.quote_rate_limit})

@@ -1,0 +1,271 @@
+"""A paid /api/send: challenge, or verify → claim → drive the payment to its end (SPEC §2, §9).
+
+A payment's life is relay/states.py: its states and the moves each step may make. `STEPS`
+below says which step carries a payment on from each unfinished state; the first request,
+a replay of it and the reconciler all go through `advance`.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from x402 import PaymentRequirements
+
+from relay.errors import (
+    IdempotencyKeyReused,
+    PaymentVerifyFailed,
+    QuoteAlreadyUsed,
+    RelayError,
+)
+from relay.flows.answers import Outcome, challenge, stored_answer
+from relay.flows.dispatching import dispatch, redispatch
+from relay.flows.leases import busy, lease_seconds
+from relay.flows.quoting import limit_model_calls, quote, refuse_opted_out
+from relay.flows.refunding import finish_refund
+from relay.flows.settling import settle
+from relay.inputs import MessageRequest
+from relay.ledger import Conflict
+from relay.payments import ParsedPayment, settlement_pending
+from relay.phone import normalize_destination
+from relay.records import PaymentRecord
+from relay.segments import smart_encode
+from relay.services import Services
+from relay.states import ANSWERED_STATES, INITIAL, SETTLING
+from relay.states import PaymentState as P
+
+#: Blocks below the chain's height (read before verify) where a payment's log search starts.
+CLAIM_BLOCK_MARGIN = 100
+
+
+@dataclass(frozen=True)
+class Order:
+    """What a paid request buys: one SMS of this text to this number at this price."""
+
+    to: str
+    text: str
+    segments: int
+    amount_atomic: int
+    quote_id: str | None
+
+
+def send(
+    services: Services,
+    req: MessageRequest,
+    headers: Mapping[str, str],
+    resource_url: str,
+    client: str,
+) -> Outcome:
+    """Challenge, or verify → claim → settle → dispatch.
+
+    A payment seen before gets its stored answer first, even once its quote has expired;
+    anything else that is unpaid or may call the model counts against the client's limit.
+    """
+    payments = services.payments
+    parsed = payments.parse_payment(headers)
+    stored = None if parsed is None else replay(services, parsed)
+    if stored is not None:
+        return stored
+    if parsed is None or req.quote_token is None:
+        limit_model_calls(services, client)
+    order = order_for(services, req)
+    requirements = payments.requirements(order.amount_atomic)
+    if parsed is None:
+        return challenge(services, requirements, order.amount_atomic, resource_url)
+    if order.quote_id is not None:
+        claimed = services.ledger.quote_claim(order.quote_id)
+        if claimed is not None:
+            if claimed.payment_key == parsed.payment_key:  # a copy of this very payment
+                return resume(services, claimed, parsed)
+            raise QuoteAlreadyUsed(details={"message_id": claimed.message_id})
+    payments.match(parsed, requirements, services.clock())
+    # Read before verify, less a margin: a settlement (even one the payer sends itself as
+    # soon as it has signed) can never be older, so its logs are searched from here.
+    height = payments.block_number()
+    claim_block = None if height is None else max(0, height - CLAIM_BLOCK_MARGIN)
+    try:
+        payer = payments.verify(parsed, requirements)
+    except PaymentVerifyFailed:
+        # A concurrent copy of this payment may have claimed and settled it meanwhile.
+        stored = replay(services, parsed)
+        if stored is not None:
+            return stored
+        raise
+    payment = claim(services, order, parsed, requirements, payer, claim_block)
+    return advance(services, payment, parsed, requirements, first=True)
+
+
+def order_for(services: Services, req: MessageRequest) -> Order:
+    """The order a send request stands for: from its quote token, or quoted on the spot."""
+    if req.quote_token is None:
+        q = quote(services, req, one_shot=True)
+        return Order(q.to, q.text, q.segments.segments, q.price.atomic, None)
+    to = normalize_destination(req.to)
+    claims = services.signer.verify(
+        req.quote_token, message=req.message, to=to, now=services.clock()
+    )
+    refuse_opted_out(services, to)
+    text = smart_encode(req.message) if claims.smart_encoding else req.message
+    return Order(to, text, claims.segments, claims.price_atomic, claims.quote_id)
+
+
+def replay(services: Services, parsed: ParsedPayment) -> Outcome | None:
+    """The answer for a payment seen before, or None for a new one."""
+    payment = services.ledger.payment_by_key(parsed.payment_key)
+    if payment is None:
+        if parsed.payment_identifier is not None:
+            other = services.ledger.payment_by_identifier(parsed.payment_identifier)
+            if other is not None:
+                raise IdempotencyKeyReused(details={"payment_identifier": other.payment_identifier})
+        return None
+    return resume(services, payment, parsed)
+
+
+def resume(services: Services, payment: PaymentRecord, parsed: ParsedPayment) -> Outcome:
+    """Report a payment already in the ledger, or continue it when nobody else is."""
+    if payment.response_status is not None and payment.state in ANSWERED_STATES:
+        return stored_answer(payment)
+    holder = services.ledger.take(payment.id, services.clock(), lease_seconds(services))
+    if holder is None:
+        if payment.state in (P.SETTLE_PENDING, P.SETTLE_UNKNOWN):
+            raise settlement_pending(payment.tx_hash)
+        raise busy(state=payment.state)
+    current = (services.ledger.payment(payment.id) or payment).held_by(holder)
+    requirements = PaymentRequirements.model_validate(current.requirements)
+    return advance(services, current, parsed, requirements)
+
+
+def claim(
+    services: Services,
+    order: Order,
+    parsed: ParsedPayment,
+    requirements: PaymentRequirements,
+    payer: str,
+    claim_block: int | None,
+) -> PaymentRecord:
+    """Claim quote, authorization and identifier in one insert, leased to this request."""
+    now = services.clock()
+    payment = PaymentRecord(
+        id=secrets.token_hex(12),
+        payment_key=parsed.payment_key,
+        payment_identifier=parsed.payment_identifier,
+        quote_id=order.quote_id or f"auth:{payer}:{parsed.nonce}",
+        payer=payer,
+        nonce=parsed.nonce,
+        amount_atomic=order.amount_atomic,
+        network=services.settings.x402_network,
+        asset=requirements.asset,
+        pay_to=requirements.pay_to,
+        destination=order.to,
+        segments=order.segments,
+        body=order.text,
+        version=parsed.version,
+        state=INITIAL,
+        payload=parsed.as_dict(),
+        header=parsed.header,
+        requirements=requirements.model_dump(mode="json", by_alias=True),
+        claim_block=claim_block,
+        tx_hash=None,
+        log_index=None,
+        lease_until=now + lease_seconds(services),
+        lease_holder=secrets.token_hex(8),
+        message_id=None,
+        error=None,
+        response_status=None,
+        response_body=None,
+        response_headers=None,
+        created_at=now,
+        updated_at=now,
+    )
+    try:
+        services.ledger.claim_payment(payment)
+    except Conflict as conflict:
+        raise claim_error(conflict, parsed) from None
+    return payment
+
+
+def claim_error(conflict: Conflict, parsed: ParsedPayment) -> RelayError:
+    """Why a claim lost: the same payment running, a reused identifier, or a used quote."""
+    if conflict.kind == "same_payment":
+        return busy()
+    if conflict.kind == "identifier":
+        return IdempotencyKeyReused(details={"payment_identifier": parsed.payment_identifier})
+    if conflict.kind == "authorization":
+        return PaymentVerifyFailed(
+            "This authorization was already used for another request.",
+            details={"reason": "authorization_already_used"},
+            extra={"reason": "authorization_already_used"},
+        )
+    existing = conflict.existing
+    return QuoteAlreadyUsed(details={"message_id": existing and existing.message_id})
+
+
+def advance(
+    services: Services,
+    payment: PaymentRecord,
+    parsed: ParsedPayment,
+    requirements: PaymentRequirements,
+    *,
+    first: bool = False,
+) -> Outcome:
+    """Drive a payment whose lease we hold from its state as far as it can go now; the lease
+    is given up whatever happens, so that the next retry or repair can act at once."""
+    try:
+        step = STEPS.get(payment.state)
+        if step is None:  # final: nothing is left to do
+            return stored_answer(payment)
+        return step(services, payment, parsed, requirements, first)
+    finally:
+        services.ledger.release(payment.id, payment.holder)
+
+
+def settle_and_dispatch(
+    services: Services,
+    payment: PaymentRecord,
+    parsed: ParsedPayment,
+    requirements: PaymentRequirements,
+    first: bool,
+) -> Outcome:
+    """Settle (or find the settlement), then hand the SMS over."""
+    settlement = settle(services, payment, parsed, requirements, first=first)
+    moved = services.ledger.transition(  # only while the lease is still ours
+        payment.id, (P.SETTLED,), P.DISPATCHING, services.clock(), holder=payment.holder
+    )
+    if not moved:
+        raise busy()
+    return dispatch(services, payment, settlement)
+
+
+def dispatch_again(
+    services: Services,
+    payment: PaymentRecord,
+    parsed: ParsedPayment,
+    requirements: PaymentRequirements,
+    first: bool,
+) -> Outcome:
+    """A hand-over that crashed or was not confirmed: look before sending."""
+    return redispatch(services, payment, parsed, requirements)
+
+
+def refund(
+    services: Services,
+    payment: PaymentRecord,
+    parsed: ParsedPayment,
+    requirements: PaymentRequirements,
+    first: bool,
+) -> Outcome:
+    """The provider refused: finish the refund."""
+    return finish_refund(services, payment, parsed, requirements)
+
+
+Step = Callable[[Services, PaymentRecord, ParsedPayment, PaymentRequirements, bool], Outcome]
+
+#: The step that carries a payment on from each state that is not final.
+STEPS: dict[P, Step] = {
+    **dict.fromkeys(SETTLING, settle_and_dispatch),
+    P.SETTLED: settle_and_dispatch,
+    P.DISPATCHING: dispatch_again,
+    P.DISPATCH_UNKNOWN: dispatch_again,
+    P.DISPATCH_FAILED: refund,
+}

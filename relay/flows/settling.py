@@ -1,0 +1,197 @@
+"""A payment's settlement, committed step by step and judged by the chain (SPEC §9, §11).
+
+Only a certain failure is final (402 settlement failed, the quote freed); when money may
+have moved the answer is 202 settlement_pending, and the chain decides later.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from x402 import PaymentRequirements
+
+from relay.errors import PaymentSettlementFailed, RelayError, SettlementPending
+from relay.flows.answers import Outcome, finish
+from relay.flows.leases import busy, hold
+from relay.ledger import Conflict
+from relay.payments import (
+    NOT_PAID,
+    ParsedPayment,
+    Settlement,
+    recording_broadcasts,
+    settlement_pending,
+)
+from relay.records import PaymentRecord
+from relay.services import Services
+from relay.states import SETTLING
+from relay.states import PaymentState as P
+
+log = logging.getLogger(__name__)
+
+EXPIRY_MARGIN_SECONDS = 60
+CANCELED = "authorization_canceled"
+CREDITED_ELSEWHERE = "transfer_already_credited"
+#: Facilitator reasons that say the authorization was (or may have been) used: never
+#: certain failures, whatever their prefix; the chain decides.
+_MAYBE_USED = ("nonce_already_used", "transfer_event")
+
+
+def settle(
+    services: Services,
+    payment: PaymentRecord,
+    parsed: ParsedPayment,
+    requirements: PaymentRequirements,
+    *,
+    first: bool = False,
+) -> Settlement:
+    """Settle on-chain, committing each outcome before anything else happens."""
+    ledger, payments = services.ledger, services.payments
+    if payment.state == P.SETTLED and payment.tx_hash and payment.log_index is not None:
+        return payments.settlement_of(parsed, requirements, payment.tx_hash, payment.log_index)
+    try:
+        settlement = attempt(services, payment, parsed, requirements, first=first)
+    except SettlementPending as pending:
+        tx = pending.details.get("transaction") or payment.tx_hash
+        waiting = (P.SETTLING, P.SETTLE_PENDING)  # settle_unknown stays for review
+        ledger.transition(payment.id, waiting, P.SETTLE_PENDING, services.clock(), tx_hash=tx)
+        raise
+    except PaymentSettlementFailed as failed:
+        raise settlement_failed(services, payment.id, failed) from None
+    try:
+        recorded = ledger.transition(
+            payment.id,
+            (*SETTLING, P.SETTLED),
+            P.SETTLED,
+            services.clock(),
+            tx_hash=settlement.transaction,
+            log_index=settlement.log_index,
+        )
+    except Conflict:
+        log.warning("transfer %s already paid another payment", settlement.transaction)
+        taken = PaymentSettlementFailed(
+            details={"reason": CREDITED_ELSEWHERE, "transaction": settlement.transaction}
+        )
+        raise settlement_failed(services, payment.id, taken) from None
+    if not recorded:  # another worker moved it on (e.g. a forced repair)
+        raise busy()
+    return settlement
+
+
+def attempt(
+    services: Services,
+    payment: PaymentRecord,
+    parsed: ParsedPayment,
+    req: PaymentRequirements,
+    *,
+    first: bool,
+) -> Settlement:
+    """Settle; after an earlier attempt, ask the chain first and never settle blindly again."""
+    if first:
+        return broadcast(services, payment, parsed, req)
+    tx = payment.tx_hash  # the payment was read after its lease was taken
+    reverted: PaymentSettlementFailed | None = None
+    if tx:
+        try:
+            found = services.payments.confirm(parsed, req, tx)
+        except PaymentSettlementFailed as failed:
+            if failed.details.get("reason") == NOT_PAID:
+                raise
+            # Ours moved nothing of this payment (reverted, or some other call): as if
+            # nothing had been sent, once the chain says the authorization is unused.
+            found, tx = None, None
+            if services.payments.reverted(failed.details.get("transaction") or ""):
+                reverted = failed
+        if found is not None:
+            return found
+    found = chain_verdict(services, payment, parsed, req)
+    if found is not None:
+        return found
+    if reverted is not None:
+        raise reverted
+    if payment.state == P.SETTLE_UNKNOWN:  # a node said "used" before: never expire it
+        raise settlement_pending(payment.tx_hash)
+    if services.clock() > parsed.valid_before + EXPIRY_MARGIN_SECONDS:
+        raise PaymentSettlementFailed(details={"reason": "expired", "transaction": tx})
+    if tx:
+        raise settlement_pending(tx)
+    return broadcast(services, payment, parsed, req)
+
+
+def broadcast(
+    services: Services, payment: PaymentRecord, parsed: ParsedPayment, req: PaymentRequirements
+) -> Settlement:
+    """Settle through the facilitator, storing the transaction hash before it is sent; a
+    failure is checked against the chain (the authorization may have been used anyway)."""
+
+    def record(tx_hash: str, to: str) -> None:
+        if to.lower() == req.asset.lower():  # not, e.g., a smart wallet's deployment
+            services.ledger.transition(
+                payment.id,
+                (P.SETTLING, P.SETTLE_PENDING),
+                P.SETTLING,
+                services.clock(),
+                tx_hash=tx_hash,
+            )
+
+    hold(services, payment)
+    try:
+        with recording_broadcasts(record):
+            return services.payments.settle(parsed, req)
+    except PaymentSettlementFailed:
+        found = chain_verdict(services, payment, parsed, req)
+        if found is None:
+            raise
+        return found
+
+
+def chain_verdict(
+    services: Services, payment: PaymentRecord, parsed: ParsedPayment, req: PaymentRequirements
+) -> Settlement | None:
+    """What the chain did with the authorization, searched from the payment's claim block.
+
+    Used: the Settlement if its own Transfer paid us (else a certain failure). Canceled by
+    the payer: a certain failure. Used with no log found: settle_unknown, kept for review and
+    never freed. Unused: None.
+    """
+    fate = services.payments.fate(parsed, payment.claim_block)
+    if fate.state == "used" and fate.transaction is not None:
+        found = services.payments.confirm(parsed, req, fate.transaction)
+        if found is None:
+            raise settlement_pending(fate.transaction)
+        return found
+    if fate.state == "canceled":
+        raise PaymentSettlementFailed(details={"reason": CANCELED, "transaction": None})
+    if fate.state == "unknown":
+        services.ledger.transition(payment.id, SETTLING, P.SETTLE_UNKNOWN, services.clock())
+        current = services.ledger.payment(payment.id) or payment
+        raise settlement_pending(current.tx_hash)
+    return None
+
+
+def settlement_failed(
+    services: Services, payment_id: str, failed: PaymentSettlementFailed
+) -> RelayError:
+    """A certain failure is final (402); an ambiguous one stays pending (202)."""
+    reason = str(failed.details.get("reason") or "")
+    tx = failed.details.get("transaction")
+    certain = (
+        (reason.startswith("invalid_") and not any(m in reason for m in _MAYBE_USED))
+        or reason in ("expired", CANCELED, CREDITED_ELSEWHERE, NOT_PAID)
+        or (tx is not None and services.payments.reverted(tx))
+    )
+    if not certain:
+        known = {"tx_hash": tx} if tx else {}
+        services.ledger.transition(
+            payment_id, (P.SETTLING, P.SETTLE_PENDING), P.SETTLE_PENDING, services.clock(), **known
+        )
+        return settlement_pending(tx)
+    settle_failed(services, payment_id, failed)
+    return failed
+
+
+def settle_failed(services: Services, payment_id: str, failed: RelayError) -> None:
+    """Record a failed settlement and free the quote for another payment."""
+    answer = Outcome.of_error(failed)
+    finish(
+        services, payment_id, SETTLING, P.SETTLE_FAILED, answer, quote_id=f"released:{payment_id}"
+    )
