@@ -147,10 +147,14 @@ def get_health() -> Response:
     dependency is ready (for load balancers that should route around a node).
     """
     svc = services()
-    checks = {"database": _check(svc.ledger.ping), "chain": _check(svc.payments.ping)}
+    checks = {
+        "database": _check(svc.ledger.ping),
+        "chain": _check(svc.payments.ping),
+        "rate_limit_storage": _check(svc.quote_limiter.ping),
+    }
+    ready = all(state == "ok" for state in checks.values())
     checks["moderation"] = svc.settings.moderation_provider
     checks["sms"] = svc.settings.sms_provider
-    ready = checks["database"] == "ok" and checks["chain"] == "ok"
     strict = request.args.get("strict") in ("1", "true")
     response = jsonify({"status": "ok" if ready else "degraded", "ready": ready, "checks": checks})
     alive = checks["database"] == "ok"

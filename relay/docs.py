@@ -68,6 +68,8 @@ WHEN: dict[str, str] = {
     "transaction and the refund when one was made",
     "moderation_unavailable": "moderation failed or timed out; retry after Retry-After",
     "chain_unavailable": "the chain or facilitator is unreachable; retry after Retry-After",
+    "storage_unavailable": "the shared rate-limit storage (Redis) is unreachable; retry after "
+    "Retry-After",
     "settlement_pending": "not a failure: settlement broadcast, not yet confirmed; repeat the "
     "same request (same payment header) after Retry-After",
     "price_limit_exceeded": "client only: the quoted price is above your max_price_usd; "
@@ -84,6 +86,7 @@ QUOTE_CODES = (
     "message_too_long",
     "rate_limited",
     "moderation_unavailable",
+    "storage_unavailable",
     "internal_error",
 )
 SEND_CODES = (
@@ -107,6 +110,7 @@ SEND_CODES = (
     "sinch_send_failed_after_payment",
     "moderation_unavailable",
     "chain_unavailable",
+    "storage_unavailable",
     "internal_error",
 )
 MESSAGE_CODES = ("unauthorized", "not_found", "internal_error")

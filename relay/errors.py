@@ -156,6 +156,11 @@ class ModerationUnavailable(RelayError):
     default_message = "Moderation is unavailable; retry shortly."
 
 
+class StorageUnavailable(RelayError):
+    code, status, retryable = "storage_unavailable", 503, True
+    default_message = "The shared rate-limit storage is unreachable; retry shortly."
+
+
 class ChainUnavailable(RelayError):
     code, status, retryable = "chain_unavailable", 503, True
     default_message = "The blockchain is unreachable; retry shortly."

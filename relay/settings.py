@@ -18,6 +18,8 @@ from limits import parse_many
 from x402.mechanisms.evm.default_assets import DEFAULT_ASSETS
 from x402.mechanisms.evm.v1.constants import V1_NETWORK_CHAIN_IDS
 
+from relay.ratelimit import STORAGE_SCHEMES
+
 DEFAULT_RPC_URLS = {
     "eip155:84532": "https://sepolia.base.org",
     "eip155:8453": "https://mainnet.base.org",
@@ -195,6 +197,12 @@ def _check_core(s: Settings) -> list[str]:
         out.append("QUOTE_TTL_SECONDS >= 30, MAX_SEGMENTS >= 1, PRICE_PER_SEGMENT_USD > 0")
     if not 0 < s.worker_interval_seconds <= 60:
         out.append("WORKER_INTERVAL_SECONDS must be above 0 and at most 60")
+    scheme = s.rate_limit_storage_url.partition("://")[0]
+    if scheme not in STORAGE_SCHEMES or "://" not in s.rate_limit_storage_url:
+        out.append(
+            f"RATE_LIMIT_STORAGE_URL scheme {scheme!r} is not one of "
+            + ", ".join(f"{name}://" for name in STORAGE_SCHEMES)
+        )
     return out
 
 

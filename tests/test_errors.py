@@ -22,6 +22,7 @@ EXPECTED = {
     "rate_limited": 429,
     "moderation_unavailable": 503,
     "chain_unavailable": 503,
+    "storage_unavailable": 503,
     "not_found": 404,
     "method_not_allowed": 405,
     "payload_too_large": 413,

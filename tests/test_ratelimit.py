@@ -1,0 +1,78 @@
+"""Rate limits on a real Redis that goes away: a 503 with Retry-After, never a 500."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import pytest
+import redis
+
+from relay.app import create_app
+from relay.services import build_services
+from relay.settings import Settings, read_settings
+from tests.processes import free_port
+
+US = "+13012576365"
+QUOTE = {"message": "Is the limit store up?", "to": US}
+
+
+@contextmanager
+def redis_server(port: int) -> Iterator[subprocess.Popen[bytes]]:
+    """A throw-away redis-server on ``port`` that keeps nothing on disk."""
+    binary = shutil.which("redis-server")
+    assert binary is not None, "redis-server is needed for this test"
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis(port=port).ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_redis_that_dies_and_returns(make_settings: Callable[..., Settings]) -> None:
+    port = free_port()
+    with redis_server(port):
+        settings = make_settings(rate_limit_storage_url=f"redis://127.0.0.1:{port}/0")
+        client = create_app(services=build_services(settings)).test_client()
+        assert client.post("/api/quote", json=QUOTE).status_code == 200
+        assert client.get("/health").get_json()["checks"]["rate_limit_storage"] == "ok"
+    down = client.post("/api/quote", json=QUOTE)
+    assert down.status_code == 503, down.get_data(as_text=True)
+    assert down.get_json()["error"] == "storage_unavailable"
+    assert down.headers["Retry-After"] == "5"
+    unpaid = client.post("/api/send", json=QUOTE)
+    assert (unpaid.status_code, unpaid.get_json()["error"]) == (503, "storage_unavailable")
+    health = client.get("/health?strict=1")
+    assert health.status_code == 503
+    assert health.get_json()["checks"]["rate_limit_storage"] == "unreachable"
+    assert client.get("/health").status_code == 200  # alive: the database still answers
+    with redis_server(port):
+        assert client.post("/api/quote", json=QUOTE).status_code == 200
+
+
+def test_a_redis_that_was_never_there(make_settings: Callable[..., Settings]) -> None:
+    settings = make_settings(rate_limit_storage_url=f"redis://127.0.0.1:{free_port()}/0")
+    client = create_app(services=build_services(settings)).test_client()
+    answer = client.post("/api/quote", json=QUOTE)
+    assert (answer.status_code, answer.get_json()["error"]) == (503, "storage_unavailable")
+
+
+@pytest.mark.parametrize("url", ["redsi://127.0.0.1:6379/0", "127.0.0.1:6379", "memcached://x"])
+def test_a_storage_url_the_limits_cannot_use_is_a_settings_problem(url: str) -> None:
+    _, problems = read_settings({"RATE_LIMIT_STORAGE_URL": url}, env_file=None)
+    assert any(p.startswith("RATE_LIMIT_STORAGE_URL scheme") for p in problems), problems
