@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 import simplejson
-from flask import Flask, Response, request
+from flask import Flask, Response, g, request
 from flask.json.provider import JSONProvider
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
@@ -22,7 +24,7 @@ from relay.errors import (
     RelayError,
 )
 from relay.ledger import FORWARDED_NOTICE
-from relay.logs import hide_in_logs
+from relay.logs import configure_logging, hide_in_logs
 from relay.services import Services, build_services
 from relay.settings import Settings, load_settings
 
@@ -52,6 +54,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     if services is None:
         services = build_services(settings or load_settings())
     hide_in_logs(services.settings.secrets())
+    configure_logging(services.settings.log_level, services.settings.log_format)
     app = Flask(__name__)
     app.json = DecimalJSONProvider(app)
     app.config["MAX_CONTENT_LENGTH"] = services.settings.body_limit
@@ -65,6 +68,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.register_blueprint(api)
     app.register_blueprint(docs)
     _register_error_handlers(app)
+    app.before_request(_take_request_id)
+    app.after_request(_echo_request_id)
     app.after_request(_cors(services.settings.cors_origin_list))
     if not hops:
         app.before_request(_warn_about_proxies(services))
@@ -72,12 +77,31 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     return app
 
 
+#: A request id a client or proxy sends is kept if it looks like one; otherwise one is made.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+def _take_request_id() -> None:
+    """The request's id: X-Request-Id as sent (by a proxy or a client), or a new one; every
+    log line of the request carries it."""
+    sent = request.headers.get("X-Request-Id", "")
+    g.request_id = sent if _REQUEST_ID.fullmatch(sent) else uuid.uuid4().hex
+
+
+def _echo_request_id(response: Response) -> Response:
+    """X-Request-Id on every answer, so a client can quote it in a report."""
+    response.headers["X-Request-Id"] = g.get("request_id", "")
+    return response
+
+
 #: What a browser agent needs: the x402 headers it sends (the stock @x402/fetch client also
 #: sends Access-Control-Expose-Headers on its paid retry), and those it must read.
 CORS_ALLOW_HEADERS = (
     "Content-Type, PAYMENT-SIGNATURE, X-PAYMENT, X-Pay-Password, Access-Control-Expose-Headers"
 )
-CORS_EXPOSE_HEADERS = "PAYMENT-REQUIRED, PAYMENT-RESPONSE, X-PAYMENT-RESPONSE, Retry-After"
+CORS_EXPOSE_HEADERS = (
+    "PAYMENT-REQUIRED, PAYMENT-RESPONSE, X-PAYMENT-RESPONSE, Retry-After, X-Request-Id"
+)
 CORS_MAX_AGE_SECONDS = 600
 
 

@@ -16,6 +16,7 @@ import requests
 
 from relay.errors import RelayError
 from relay.ledger import SchemaMissing
+from relay.logs import configure_logging
 from relay.settings import SettingsError, load_client_settings, load_settings
 
 Command = Callable[[argparse.Namespace], int]
@@ -29,6 +30,7 @@ def serve(args: argparse.Namespace) -> int:
     from relay.app import create_app
 
     settings = load_settings()
+    configure_logging(settings.log_level, settings.log_format, force=True)
 
     class _Server(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
@@ -64,6 +66,7 @@ def worker(_args: argparse.Namespace) -> int:
 
     settings = load_settings()
     hide_in_logs(settings.secrets())
+    configure_logging(settings.log_level, settings.log_format, force=True)
     signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         services = None
@@ -258,6 +261,9 @@ def usd(raw: str) -> Decimal:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
     parser = argparse.ArgumentParser(prog="relay", description="x402-paid, moderated SMS relay")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="log INFO lines (-vv: DEBUG)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("serve", help="serve the HTTP API (gunicorn)")
     p.add_argument("--host", default="127.0.0.1")
@@ -301,10 +307,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Commands that run services log INFO lines by default; the others only warnings.
+_SERVICE_COMMANDS = ("serve", "worker", "dev", "reconcile", "db")
+
+
+def _log_level(args: argparse.Namespace) -> str:
+    if args.verbose >= 2:
+        return "DEBUG"
+    return "INFO" if args.verbose or args.command in _SERVICE_COMMANDS else "WARNING"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `relay` console script."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     args = build_parser().parse_args(argv)
+    configure_logging(_log_level(args), "text", force=True)
     func: Command = args.func
     try:
         return func(args)

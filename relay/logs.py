@@ -3,12 +3,16 @@ logs, and any record may quote a URL with a key or an exception naming one."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+import sys
 import threading
+import time
 from collections.abc import Iterable
 from typing import Any
 
+from flask import g, has_request_context
 from gunicorn.glogging import Logger
 
 _CALLBACK = re.compile(r"(/webhooks/sinch/)[^/?\s]+")
@@ -65,3 +69,60 @@ def scrub(text: str) -> str:
         if value in text:
             text = text.replace(value, "***")
     return text
+
+
+# Configuration ------------------------------------------------------------------------
+#
+# Every way of running the relay (`relay serve`, the Procfile's gunicorn line, `relay
+# worker`, an operator's own WSGI server) logs through one handler on the root logger, so
+# the relay's lines and the libraries' (the x402 SDK's, web3's) share one format.
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
+
+
+class _RequestId(logging.Filter):
+    """Adds the id of the HTTP request being served (or "-") to every record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = g.get("request_id", "-") if has_request_context() else "-"
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time, level, logger, message, request id, traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The record as one line of JSON."""
+        line: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "request_id": getattr(record, "request_id", "-"),
+        }
+        if record.exc_info:
+            line["exception"] = record.exc_text or self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+class _RelayHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The handler `configure_logging` installs (recognised so it is installed once)."""
+
+
+def configure_logging(level: str, fmt: str, *, force: bool = False) -> None:
+    """Send every record at ``level`` or above to stderr, as text or JSON lines.
+
+    Without ``force``, a process whose logging someone else already set up (a test runner,
+    an embedding application) is left alone.
+    """
+    root = logging.getLogger()
+    ours = [h for h in root.handlers if isinstance(h, _RelayHandler)]
+    if root.handlers and not ours and not force:
+        return
+    handler = ours[0] if ours else _RelayHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    if not ours:
+        handler.addFilter(_RequestId())
+        root.addHandler(handler)
+    root.setLevel(level)

@@ -87,6 +87,8 @@ class Settings:
     pay_password_max_failures: int = 5
     pay_password_lockout_seconds: int = 300
     max_body_bytes: int = MAX_BODY_BYTES
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
 
     def __post_init__(self) -> None:
         if not self.usdc_address and self.x402_network in DEFAULT_ASSETS:
@@ -346,6 +348,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "TRUSTED_PROXY_HOPS": _int,
     "PAY_PASSWORD_MAX_FAILURES": _int,
     "PAY_PASSWORD_LOCKOUT_SECONDS": _int,
+    "LOG_LEVEL": _choice("DEBUG", "INFO", "WARNING", "ERROR"),
+    "LOG_FORMAT": _choice("text", "json"),
 }
 
 
