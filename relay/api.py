@@ -219,7 +219,7 @@ def get_message(message_id: str) -> Response:
     """Status of a message: history, payment and refund."""
     svc = services()
     require_password(svc)
-    status = message_status(svc, message_id)
+    status = message_status(svc.ledger, message_id)
     if status is None:
         raise NotFound("No message with this id.", details={"message_id": message_id})
     return jsonify(status)

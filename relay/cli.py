@@ -15,9 +15,9 @@ from typing import Any
 import requests
 
 from relay.errors import RelayError
-from relay.ledger import SchemaMissing
+from relay.ledger import Ledger, SchemaMissing
 from relay.logs import configure_logging
-from relay.settings import SettingsError, load_client_settings, load_settings
+from relay.settings import SettingsError, load_client_settings, load_settings, read_settings
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -146,19 +146,18 @@ def status(args: argparse.Namespace) -> int:
     """The status of a message, from the database."""
     from relay.flows.status import message_status
 
-    found = message_status(_services(), args.message_id)
+    found = message_status(_ledger(), args.message_id)
     if found is None:
         say(f"no message {args.message_id}")
         return 1
-    show(found)
+    show(readable_status(found))
     return 0
 
 
 def ledger(args: argparse.Namespace) -> int:
     """Payments, messages and refunds, newest first."""
-    from relay.ledger import Ledger
 
-    book = Ledger.open_existing(load_settings().database_url)
+    book = _ledger()
     payment_cols = ("id", "state", "payer", "amount_atomic", "tx_hash", "message_id")
     message_cols = ("message_id", "status", "segments", "provider")
     refund_cols = ("payment_id", "state", "amount_atomic", "tx_hash")
@@ -198,11 +197,19 @@ def doctor(_args: argparse.Namespace) -> int:
 
 def db_upgrade(_args: argparse.Namespace) -> int:
     """Create or migrate the database schema."""
-    from relay.ledger import Ledger
 
     version = Ledger.from_url(load_settings().database_url).upgrade()
     say(f"database schema at version {version}")
     return 0
+
+
+def _ledger() -> Ledger:
+    """The ledger alone, for commands that only read it: DATABASE_URL is all they need."""
+    settings, problems = read_settings()
+    wrong = [problem for problem in problems if problem.startswith("DATABASE_URL")]
+    if wrong:
+        raise SettingsError(wrong)
+    return Ledger.open_existing(settings.database_url)
 
 
 def _services() -> Any:
@@ -213,7 +220,19 @@ def _services() -> Any:
 
 def _when(row: dict[str, Any]) -> str:
     stamp = row.get("created_at")
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(float(stamp))) if stamp else ""
+    return utc(float(stamp)) if stamp else ""
+
+
+def utc(stamp: float) -> str:
+    """A moment as the CLI prints it everywhere: UTC, to the second."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(stamp))
+
+
+def readable_status(document: dict[str, Any]) -> dict[str, Any]:
+    """The status document with its moments in UTC instead of epoch seconds."""
+    events = [{**event, "at": utc(event["at"])} for event in document["events"]]
+    moments = {key: utc(document[key]) for key in ("created_at", "updated_at")}
+    return {**document, **moments, "events": events}
 
 
 def table(

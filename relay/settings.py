@@ -96,6 +96,9 @@ class Settings:
             object.__setattr__(self, "usdc_address", asset)
         if not self.rpc_url:
             object.__setattr__(self, "rpc_url", DEFAULT_RPC_URLS.get(self.x402_network, ""))
+        if self.database_url.startswith("postgres://"):  # as hosting platforms hand it out
+            url = "postgresql://" + self.database_url.removeprefix("postgres://")
+            object.__setattr__(self, "database_url", url)
 
     @property
     def chain_id(self) -> int:
@@ -185,6 +188,10 @@ def _url_secrets(url: str, *, paths: bool = True) -> list[str]:
     return [piece for piece in pieces if piece]
 
 
+#: Databases the ledger runs on (postgres:// is read as postgresql://).
+DATABASE_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg")
+
+
 def _check_core(s: Settings) -> list[str]:
     out = []
     if len(s.quote_secret) < 16:
@@ -199,6 +206,12 @@ def _check_core(s: Settings) -> list[str]:
         out.append("QUOTE_TTL_SECONDS >= 30, MAX_SEGMENTS >= 1, PRICE_PER_SEGMENT_USD > 0")
     if not 0 < s.worker_interval_seconds <= 60:
         out.append("WORKER_INTERVAL_SECONDS must be above 0 and at most 60")
+    database = s.database_url.partition("://")[0]
+    if database not in DATABASE_SCHEMES:
+        out.append(
+            f"DATABASE_URL scheme {database!r} is not supported: use sqlite:///path/to/relay.db "
+            "or postgresql://user:password@host:5432/name"
+        )
     scheme = s.rate_limit_storage_url.partition("://")[0]
     if scheme not in STORAGE_SCHEMES or "://" not in s.rate_limit_storage_url:
         out.append(

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from relay.dev.chain import DevChain
-from relay.dev.stack import DEMO_MESSAGE, DEMO_TO
+from relay.dev.stack import DEMO_MESSAGE, DEMO_TO, DevStack
 from relay.ledger import SCHEMA_VERSION, Ledger
 from tests.conftest import Wallet, new_wallet
 from tests.processes import RelayProcess, free_port
@@ -340,9 +340,11 @@ def test_send_above_max_price_is_refused_before_signing(stack: Stack, chain: Dev
 
 def test_status_prints_the_status_document(sent: Sent, stack: Stack) -> None:
     answer = json_after_progress(sent.result.stdout)
-    result = stack.run("status", answer["message_id"], **stack.env)
+    database_only = {"DATABASE_URL": stack.env["DATABASE_URL"]}  # all a read-only command needs
+    result = stack.run("status", answer["message_id"], **database_only)
     assert result.returncode == 0, explain(result)
     data = json.loads(result.stdout)
+    assert data["created_at"].endswith(" UTC") and data["events"][0]["at"].endswith(" UTC")
     assert data["message_id"] == answer["message_id"]
     assert data["status"] == "queued"
     assert data["segments"] == 1 and data["provider"] == "outbox"
@@ -363,7 +365,7 @@ def test_ledger_lists_the_payment_and_its_message(sent: Sent, stack: Stack) -> N
     answer = json_after_progress(sent.result.stdout)
     message = stack.ledger.message(answer["message_id"])
     assert message is not None
-    result = stack.run("ledger", **stack.env)
+    result = stack.run("ledger", DATABASE_URL=stack.env["DATABASE_URL"])
     assert result.returncode == 0, explain(result)
     out = result.stdout
     payments = out[out.index("Payments (") : out.index("Messages (")]
@@ -469,3 +471,25 @@ def test_ledger_on_a_missing_database_is_a_clean_error(stack: Stack, tmp_path: P
     assert "Traceback" not in result.stderr, explain(result)
     assert result.returncode == 1, explain(result)
     assert not (tmp_path / "missing.db").exists()
+
+
+def test_the_exports_relay_dev_prints_are_all_another_terminal_needs(tmp_path: Path) -> None:
+    with DevStack.start(port=0, say=lambda _: None) as stack:
+        exports = dict(
+            line.strip().removeprefix("export ").split("=", 1)
+            for line in stack.usage().splitlines()
+            if line.strip().startswith("export ")
+        )
+        assert set(exports) == {"RELAY_URL", "PAYER_PRIVATE_KEY", "DATABASE_URL"}
+        sent = run_cli(
+            ["send", "--to", DEMO_TO, "--max-price", "0.10", "From terminal two"],
+            exports,
+            tmp_path,
+            timeout=DEMO_TIMEOUT,
+        )
+        assert sent.returncode == 0, explain(sent)
+        message_id = json_after_progress(sent.stdout)["message_id"]
+        listed = run_cli(["ledger"], exports, tmp_path)
+        assert listed.returncode == 0 and message_id in listed.stdout, explain(listed)
+        status = run_cli(["status", message_id], exports, tmp_path)
+        assert status.returncode == 0 and json.loads(status.stdout)["status"] == "queued"

@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from relay.settings import Settings, SettingsError, load_settings, variable_names
+from relay.ledger import Ledger
+from relay.settings import Settings, SettingsError, load_settings, read_settings, variable_names
 
 PAY_TO = "0x85F37873f97afa61263A27107f2e7b0B672d7CFF"
 GOOD = {
@@ -114,3 +115,27 @@ def test_the_lease_outlasts_the_longest_step() -> None:
     assert any(
         "at least 120" in p for p in Settings(**sinch, reconcile_after_seconds=100.0).problems()
     )
+
+
+def test_postgres_urls_as_platforms_hand_them_out_are_postgresql() -> None:
+    settings, problems = read_settings(
+        {"DATABASE_URL": "postgres://relay:pw-123456@db:5432/relay"}, env_file=None
+    )
+    assert settings.database_url == "postgresql://relay:pw-123456@db:5432/relay"
+    assert not [p for p in problems if p.startswith("DATABASE_URL")]
+
+
+@pytest.mark.parametrize("url", ["mysql://root@localhost/relay", "relay.db", "oracle://x"])
+def test_a_database_the_ledger_cannot_run_on_is_a_settings_problem(url: str) -> None:
+    _, problems = read_settings({"DATABASE_URL": url}, env_file=None)
+    assert any(p.startswith("DATABASE_URL scheme") for p in problems), problems
+
+
+def test_a_postgres_url_reaches_the_database(pg_url: str) -> None:
+    url = pg_url.replace("postgresql://", "postgres://", 1)
+    settings, _ = read_settings({"DATABASE_URL": url}, env_file=None)
+    ledger = Ledger.from_url(settings.database_url)
+    ledger.upgrade()
+    ledger.ping()
+    assert ledger.engine.dialect.name == "postgresql"
+    ledger.engine.dispose()

@@ -87,7 +87,9 @@ class DevStack:
                 "Send a paid SMS from another terminal (the key is a throwaway dev key):",
                 f"  export RELAY_URL={self.url}",
                 f"  export PAYER_PRIVATE_KEY={self.payer.key.hex()}",
+                f"  export DATABASE_URL={settings.database_url}",
                 f'  relay send --to "{DEMO_TO}" --max-price 0.10 "Hello from x402"',
+                "  relay ledger                  # payments, messages and refunds so far",
                 "Messages land in the outbox table of the dev database; Ctrl-C stops everything.",
             ]
         )

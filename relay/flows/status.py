@@ -10,6 +10,7 @@ from typing import Any
 
 from relay.errors import Unauthorized
 from relay.flows.refunding import refund_summary
+from relay.ledger import Ledger
 from relay.phone import mask
 from relay.pricing import from_atomic
 from relay.services import Services
@@ -25,13 +26,13 @@ from relay.sinch import (
 log = logging.getLogger(__name__)
 
 
-def message_status(services: Services, message_id: str) -> dict[str, Any] | None:
-    """The status document of GET /api/messages/{id}."""
-    message = services.ledger.message(message_id)
+def message_status(ledger: Ledger, message_id: str) -> dict[str, Any] | None:
+    """The status document of GET /api/messages/{id} (and `relay status`)."""
+    message = ledger.message(message_id)
     if message is None:
         return None
-    payment = services.ledger.payment(message.payment_id)
-    refund = services.ledger.refund(message.payment_id)
+    payment = ledger.payment(message.payment_id)
+    refund = ledger.refund(message.payment_id)
     amount = None if payment is None else payment.amount_atomic
     return {
         "message_id": message_id,
