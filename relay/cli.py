@@ -13,6 +13,8 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import requests
+from sqlalchemy import make_url
+from sqlalchemy.exc import DBAPIError
 
 from relay.errors import RelayError
 from relay.ledger import Ledger, SchemaMissing
@@ -27,6 +29,7 @@ def serve(args: argparse.Namespace) -> int:
     running in its workers; the loops of every process elect one to work at a time."""
     from gunicorn.app.base import BaseApplication
 
+    from relay import gunicorn_conf
     from relay.app import create_app
 
     settings = load_settings()
@@ -40,7 +43,7 @@ def serve(args: argparse.Namespace) -> int:
             self.cfg.set("worker_class", "gthread")
             self.cfg.set("timeout", 120)
             self.cfg.set("accesslog", "-")
-            self.cfg.set("logger_class", "relay.logs.MaskedAccessLogger")
+            self.cfg.set("logger_class", gunicorn_conf.logger_class)
             self.cfg.set("post_worker_init", _start_reconciler)
 
         def load(self) -> Any:
@@ -326,6 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def database_problem(exc: DBAPIError) -> str:
+    """One line saying what the database said and which DATABASE_URL was tried (no password)."""
+    said = str(exc.orig or exc).strip().splitlines()
+    reason = said[0].replace("FATAL:  ", "") if said else type(exc).__name__
+    url = make_url(read_settings()[0].database_url).render_as_string(hide_password=True)
+    return f"{reason} (DATABASE_URL={url})"
+
+
 #: Commands that run services log INFO lines by default; the others only warnings.
 _SERVICE_COMMANDS = ("serve", "worker", "dev", "reconcile", "db")
 
@@ -348,6 +359,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except SchemaMissing as exc:
         print(f"database: {exc}", file=sys.stderr)
+        return 1
+    except DBAPIError as exc:  # the database is away, refuses us, or does not exist
+        print(f"database: {database_problem(exc)}", file=sys.stderr)
         return 1
     except requests.RequestException as exc:
         url = getattr(exc.request, "url", None) or "the relay"

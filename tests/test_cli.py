@@ -26,11 +26,12 @@ import pytest
 from relay.dev.chain import DevChain
 from relay.dev.stack import DEMO_MESSAGE, DEMO_TO, DevStack
 from relay.ledger import SCHEMA_VERSION, Ledger
-from tests.conftest import Wallet, new_wallet
+from tests.conftest import PAY_TO, Wallet, new_wallet
 from tests.processes import RelayProcess, free_port
 from tests.test_exactly_once import relay_env
 
 US = "+13012576365"
+DEV_PROVIDERS = {"MODERATION_PROVIDER": "rules", "SMS_PROVIDER": "outbox"}
 MESSAGE = "Hello from the relay CLI"
 PRICE_ATOMIC = 50_000  # one GSM-7 segment at 0.05 USD, rules moderation costs nothing
 PAYER_USDC = 10_000_000
@@ -493,3 +494,20 @@ def test_the_exports_relay_dev_prints_are_all_another_terminal_needs(tmp_path: P
         assert listed.returncode == 0 and message_id in listed.stdout, explain(listed)
         status = run_cli(["status", message_id], exports, tmp_path)
         assert status.returncode == 0 and json.loads(status.stdout)["status"] == "queued"
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("postgresql://postgres:pw-not-printed@127.0.0.1:5432/no_such_db", "does not exist"),
+        ("postgresql://postgres@127.0.0.1:1/relay", "Connection refused"),
+    ],
+)
+def test_a_database_that_is_not_there_is_one_line(tmp_path: Path, url: str, said: str) -> None:
+    env = {"DATABASE_URL": url, "QUOTE_SECRET": "q" * 20, "PAY_TO_ADDRESS": PAY_TO}
+    for args in (["db", "upgrade"], ["ledger"], ["status", "m-1"]):
+        result = run_cli(args, {**env, **DEV_PROVIDERS}, tmp_path)
+        assert result.returncode == 1, explain(result)
+        (line,) = result.stderr.splitlines()
+        assert line.startswith("database: ") and said in line, line
+        assert "pw-not-printed" not in result.stderr

@@ -118,3 +118,22 @@ def test_a_json_line_holds_its_traceback() -> None:
     parsed = json.loads(line)
     assert parsed["message"] == "failed x" and parsed["level"] == "ERROR"
     assert "ValueError: boom" in parsed["exception"] and parsed["request_id"] == "-"
+
+
+def test_the_web_line_refuses_a_bad_configuration_in_one_message(tmp_path: Path) -> None:
+    env = {
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "HOME": str(tmp_path),
+        "PORT": str(free_port()),
+        "WEB_CONCURRENCY": "2",
+        "PAY_TO_ADDRESS": PAY_TO,
+        "MODERATION_PROVIDER": "rules",
+        "SMS_PROVIDER": "outbox",
+    }
+    web = subprocess.run(
+        procfile("web"), shell=True, cwd=tmp_path, env=env, capture_output=True, timeout=60
+    )
+    assert web.returncode == 2
+    err = web.stderr.decode()
+    assert "QUOTE_SECRET must be set" in err and "Traceback" not in err, err
+    assert err.count("QUOTE_SECRET") == 1  # once, from the master: no worker started
