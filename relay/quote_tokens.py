@@ -45,10 +45,12 @@ class QuoteClaims:
 
 
 class QuoteSigner:
-    """Signs and verifies quote tokens with QUOTE_SECRET."""
+    """Signs quote tokens with QUOTE_SECRET; verifies those of QUOTE_SECRET_PREVIOUS too, so
+    a rotation invalidates no live quote."""
 
-    def __init__(self, secret: str, ttl_seconds: int) -> None:
-        self._serializer = URLSafeSerializer(secret, salt=_SALT)
+    def __init__(self, secret: str, ttl_seconds: int, previous: str | None = None) -> None:
+        keys = [secret] if previous is None else [previous, secret]  # the last one signs
+        self._serializer = URLSafeSerializer(keys, salt=_SALT)
         self.ttl_seconds = ttl_seconds
 
     def sign(self, claims: QuoteClaims) -> str:

@@ -48,7 +48,9 @@ def build_services(
         settings=settings,
         ledger=ledger,
         moderator=build_moderator(settings, LedgerVerdictCache(ledger, clock)),
-        signer=QuoteSigner(settings.quote_secret, settings.quote_ttl_seconds),
+        signer=QuoteSigner(
+            settings.quote_secret, settings.quote_ttl_seconds, settings.quote_secret_previous
+        ),
         quote_limiter=Limiter(settings.rate_limit_storage_url, settings.quote_rate_limit),
         password_limiter=Limiter(settings.rate_limit_storage_url, lockout),
         payments=Payments(settings, nonces=ledger),

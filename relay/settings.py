@@ -45,6 +45,8 @@ class Settings:
     """Every knob of the relay. Secrets are kept out of repr()."""
 
     quote_secret: str = field(default="", repr=False)
+    #: The secret before the last rotation: tokens it signed stay valid until they expire.
+    quote_secret_previous: str | None = _secret()
     pay_to_address: str = ""
     pay_password: str | None = _secret()
     quote_ttl_seconds: int = 600
@@ -196,6 +198,8 @@ def _check_core(s: Settings) -> list[str]:
     out = []
     if len(s.quote_secret) < 16:
         out.append("QUOTE_SECRET must be set to at least 16 characters")
+    if s.quote_secret_previous is not None and len(s.quote_secret_previous) < 16:
+        out.append("QUOTE_SECRET_PREVIOUS must be at least 16 characters when set")
     if not is_address(s.pay_to_address):
         out.append("PAY_TO_ADDRESS must be an EVM address (0x + 40 hex digits)")
     if not s.x402_network.startswith("eip155:") or not s.x402_network[7:].isdigit():
@@ -321,6 +325,7 @@ def _text(raw: str) -> str:
 
 _PARSERS: dict[str, Callable[[str], Any]] = {
     "QUOTE_SECRET": _text,
+    "QUOTE_SECRET_PREVIOUS": _text,
     "PAY_TO_ADDRESS": _address,
     "PAY_PASSWORD": _text,
     "QUOTE_TTL_SECONDS": _int,

@@ -258,3 +258,24 @@ def test_random_json_never_500(client: FlaskClient, body: Any) -> None:
 def test_random_bytes_never_500(client: FlaskClient, raw: bytes) -> None:
     response = client.post("/api/quote", data=raw, content_type="application/json")
     assert response.status_code < 500
+
+
+def test_quotes_survive_a_secret_rotation(paid_settings: Callable[..., Settings]) -> None:
+    old = paid_settings(quote_secret="old-quote-secret-0123456789")
+    quoted = (
+        create_app(services=build_services(old))
+        .test_client()
+        .post("/api/quote", json={"message": "Rotate me", "to": "+13012576365"})
+    )
+    body = {
+        "message": "Rotate me",
+        "to": "+13012576365",
+        "quote_token": quoted.get_json()["quote_token"],
+    }
+    new = "new-quote-secret-0123456789"
+    rotated = paid_settings(quote_secret=new, quote_secret_previous=old.quote_secret)
+    send = create_app(services=build_services(rotated)).test_client().post("/api/send", json=body)
+    assert send.status_code == 402, send.get_data(as_text=True)  # the token was accepted
+    plain = paid_settings(quote_secret=new)
+    refused = create_app(services=build_services(plain)).test_client().post("/api/send", json=body)
+    assert (refused.status_code, refused.get_json()["error"]) == (400, "invalid_input")

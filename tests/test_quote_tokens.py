@@ -61,3 +61,16 @@ def test_bad_signature_is_invalid_input(token: str) -> None:
 
 def test_unique_quote_ids() -> None:
     assert claims().quote_id != claims().quote_id
+
+
+def test_a_rotation_keeps_live_quotes_valid() -> None:
+    old, new = "old-secret-0123456789", "new-secret-0123456789"
+    before = QuoteSigner(old, 600).sign(claims())
+    rotated = QuoteSigner(new, 600, previous=old)
+    assert rotated.verify(before, message="hello", to="+13012576365", now=NOW).quote_id
+    after = rotated.sign(claims())
+    QuoteSigner(new, 600).verify(after, message="hello", to="+13012576365", now=NOW)
+    with pytest.raises(InvalidInput):  # signed with the new secret, not the previous one
+        QuoteSigner(old, 600).verify(after, message="hello", to="+13012576365", now=NOW)
+    with pytest.raises(InvalidInput):  # once the previous secret is dropped
+        QuoteSigner(new, 600).verify(before, message="hello", to="+13012576365", now=NOW)
