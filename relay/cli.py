@@ -185,8 +185,16 @@ def reconcile(args: argparse.Namespace) -> int:
     def progress(payment_id: str, result: str) -> None:
         say(f"  {payment_id}: {result}")
 
+    services = _services()
+    if args.all and services.ledger.busy_leases(time.time()):
+        print(
+            "warning: --all takes payments from processes that hold them, and another relay "
+            "process is live (it holds a lease): stop every server and worker first, or a "
+            "payment may be acted on twice",
+            file=sys.stderr,
+        )
     say("reconciling unfinished payments...")
-    results = reconcile_all(_services(), force=args.all, progress=progress)
+    results = reconcile_all(services, force=args.all, progress=progress)
     say(f"done: {len(results)} payment(s) looked at")
     return 0
 

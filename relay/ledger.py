@@ -695,6 +695,18 @@ class Ledger:
             return False
         return True
 
+    def busy_leases(self, now: float) -> int:
+        """How many leases (fleet-wide or on payments) someone holds now: a sign of live
+        processes."""
+        with self.engine.connect() as conn:
+            fleet = conn.execute(
+                select(func.count()).select_from(leases).where(leases.c.expires_at > now)
+            ).scalar_one()
+            held = conn.execute(
+                select(func.count()).select_from(payments).where(payments.c.lease_until > now)
+            ).scalar_one()
+        return int(fleet) + int(held)
+
     def release_lease(self, name: str, holder: str) -> None:
         """Give the lease up (if still held by ``holder``)."""
         with self.engine.begin() as conn:

@@ -386,6 +386,15 @@ def test_reconcile_all_finishes(sent: Sent, stack: Stack) -> None:
     assert "reconciling unfinished payments..." in result.stdout
     assert re.search(r"^done: \d+ payment\(s\) looked at$", result.stdout, re.M), result.stdout
     assert len(stack.ledger.outbox_messages()) == outbox_before
+    assert "warning: --all" in result.stderr  # the server beside it holds the reconciler
+
+
+def test_reconcile_all_with_nothing_running_warns_of_nothing(stack: Stack, tmp_path: Path) -> None:
+    env = {**stack.env, "DATABASE_URL": f"sqlite:///{tmp_path / 'idle.db'}"}
+    assert run_cli(["db", "upgrade"], env, tmp_path).returncode == 0
+    result = run_cli(["reconcile", "--all"], env, tmp_path)
+    assert result.returncode == 0, explain(result)
+    assert "warning" not in result.stderr
 
 
 # --- db upgrade ----------------------------------------------------------------------------

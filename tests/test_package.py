@@ -38,40 +38,10 @@ def test_the_wheel_installed_elsewhere_checks_the_token_and_refunds(
             ".git", ".venv", "node_modules", "build", "*.egg-info", "__pycache__", "tests"
         ),
     )
-    dist = tmp_path / "dist"
-    built = run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "-w",
-            str(dist),
-            str(source),
-        ],
-        cwd=tmp_path,
-    )
-    assert built.returncode == 0, built.stderr[-2000:]
-    (wheel,) = dist.glob("relay-*.whl")
+    wheel, python = install_wheel(source, tmp_path)
     with zipfile.ZipFile(wheel) as archive:
         assert {"relay/abi/USDC.abi.json", "relay/abi/TestUSDC.json"} <= set(archive.namelist())
-
-    # A fresh virtualenv: the wheel installed into it, its dependencies borrowed from this
-    # environment's site-packages (as a plain path, so the checkout's editable install is
-    # not picked up).
-    venv = tmp_path / "venv"
-    made = run([sys.executable, "-m", "venv", str(venv)], cwd=tmp_path)
-    assert made.returncode == 0, made.stderr
-    python = venv / "bin" / "python"
-    purelib = run(
-        [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], cwd=tmp_path
-    )
-    (Path(purelib.stdout.strip()) / "borrowed.pth").write_text(site.getsitepackages()[0] + "\n")
-    installed = run(
-        [str(python), "-m", "pip", "install", "--no-deps", "--no-index", str(wheel)], cwd=tmp_path
-    )
-    assert installed.returncode == 0, installed.stderr[-2000:]
+    venv = python.parent.parent
 
     outside = tmp_path / "elsewhere"
     outside.mkdir()
@@ -115,3 +85,29 @@ def test_the_wheel_installed_elsewhere_checks_the_token_and_refunds(
     assert refund.returncode == 0, refund.stdout + refund.stderr
     assert json.loads(refund.stdout.strip().splitlines()[-1])["state"] == "confirmed"
     assert chain.usdc_balance(payer.address) == AMOUNT
+
+
+def install_wheel(source: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """Build the wheel from ``source`` and install it into a fresh virtualenv; the wheel and
+    the virtualenv's python. Its dependencies are borrowed from this environment's
+    site-packages (as a plain path, so the checkout's editable install is not picked up)."""
+    dist = tmp_path / "dist"
+    built = run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(dist), str(source)],
+        cwd=tmp_path,
+    )
+    assert built.returncode == 0, built.stderr[-2000:]
+    (wheel,) = dist.glob("relay-*.whl")
+    venv = tmp_path / "venv"
+    made = run([sys.executable, "-m", "venv", str(venv)], cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    python = venv / "bin" / "python"
+    purelib = run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], cwd=tmp_path
+    )
+    (Path(purelib.stdout.strip()) / "borrowed.pth").write_text(site.getsitepackages()[0] + "\n")
+    installed = run(
+        [str(python), "-m", "pip", "install", "--no-deps", "--no-index", str(wheel)], cwd=tmp_path
+    )
+    assert installed.returncode == 0, installed.stderr[-2000:]
+    return wheel, python
