@@ -83,14 +83,13 @@ def _invalid(message: str, reason: str) -> InvalidInput:
 
 
 def mask(e164: str) -> str:
-    """A log-safe form: "+13012576365" -> "+1301*****65" (country code kept, rest mostly hidden)."""
+    """A log-safe form: "+13012576365" -> "+1********65": the country code and the last two
+    digits, nothing that narrows down a region or a subscriber."""
     country = _country_code(e164)
     if country is None:
         return "*" * max(len(e164) - 2, 0) + e164[-2:]
     rest = e164[len(country) + 1 :]
-    shown = min(3, max(0, len(rest) - 7))
-    hidden = max(len(rest) - shown - 2, 0)
-    return f"+{country}{rest[:shown]}{'*' * hidden}{rest[shown + hidden :]}"
+    return f"+{country}{'*' * max(len(rest) - 2, 0)}{rest[-2:]}"
 
 
 def _country_code(e164: str) -> str | None:

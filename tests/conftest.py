@@ -173,7 +173,7 @@ def pg_url() -> Iterator[str]:
 #: Values no log record of any library may ever contain: every key a test wallet holds
 #: (added by new_wallet) and the anvil accounts' keys.
 KNOWN_SECRETS: set[str] = {account.private_key.removeprefix("0x") for account in dev_accounts()}
-#: A phone number written out whole (masked ones read like +1301*****65).
+#: A phone number written out whole (masked ones read like +1********65).
 FULL_PHONE = re.compile(r"\+\d{9,15}\b")
 #: user:password@ in a URL.
 URL_CREDENTIALS = re.compile(r"://[^/\s:@]+:(?!\*\*\*@)[^/\s@]+@")

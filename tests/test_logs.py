@@ -90,7 +90,7 @@ def test_the_procfile_web_line_logs_json_lines_with_request_ids(tmp_path: Path) 
     quoted = [line for line in lines if line["logger"] == "relay.flows.quoting"]
     assert quoted, stderr.read_text()
     assert quoted[0]["request_id"] == "req-7f3a"
-    assert quoted[0]["level"] == "INFO" and quoted[0]["message"].startswith("quoted +1301")
+    assert quoted[0]["level"] == "INFO" and quoted[0]["message"].startswith("quoted +1********65")
     assert "Log my quote" not in stderr.read_text()  # never a message body
 
 
