@@ -1,40 +1,37 @@
 """Machine-readable documentation: GET /openapi.json (OpenAPI 3.1) and GET /llms.txt.
 
-Both are built from Python data at request time. The error-code enum, the code -> status
-table and the retryable flags come from ``relay.errors``; the request limits from
-``relay.inputs``; prices, network, asset and payTo from the running settings. Nothing here
-can drift from the code it documents without ``tests/test_docs.py`` failing.
+What is written here is what only a person can say: the operations (paths, parameters,
+which status and error code each answers, what each code means to a caller). Every schema
+is generated from the models in ``relay.wire`` (and ``relay.errors.ErrorBody``); the code ->
+status table and the retryable flags come from ``relay.errors``; llms.txt is the template
+``relay/templates/llms.txt`` filled with the running settings. ``tests/test_docs.py`` checks
+the document against the answers the app actually sends.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
+from functools import cache
 from importlib.metadata import PackageNotFoundError, version
+from importlib.resources import files
 from typing import Any
 
+import jinja2
 import simplejson
 from flask import Blueprint, Response, current_app
+from pydantic import BaseModel
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaMode, models_json_schema
 
+from relay import wire
 from relay.errors import RelayError, all_error_classes
-from relay.inputs import MAX_TO_CHARS, MAX_TOKEN_CHARS
 from relay.settings import Settings
-from relay.states import PaymentState, RefundState
+from relay.states import MessageState
 
 docs = Blueprint("docs", __name__)
 
 OPENAPI_VERSION = "3.1.0"
-MESSAGE_STATUSES = ("queued", "dispatched", "delivered", "failed", "refunded")
-MODERATION_CATEGORIES = (
-    "ok",
-    "spam",
-    "phishing",
-    "fraud",
-    "shaft",
-    "political",
-    "harassment",
-    "illegal",
-    "other",
-)
+REF_TEMPLATE = "#/components/schemas/{model}"
 
 # Codes any request can meet, whatever the operation.
 GLOBAL_CODES = ("not_found", "method_not_allowed", "internal_error")
@@ -145,6 +142,41 @@ def operation_codes() -> dict[str, tuple[str, ...]]:
 # Schemas -----------------------------------------------------------------------------
 
 
+class _Untitled(GenerateJsonSchema):
+    """JSON Schema without a title on every property (the names say it)."""
+
+    def field_title_should_be_set(self, schema: Any) -> bool:
+        """Never: a property's name is its title."""
+        return False
+
+
+@cache
+def component_schemas(max_message_chars: int) -> dict[str, Any]:
+    """components.schemas, generated from the wire models (once per message bound; the
+    result is shared, callers copy before changing it)."""
+    quote_request, send_request = wire.request_models(max_message_chars)
+    models: list[tuple[type[BaseModel], JsonSchemaMode]] = [
+        (quote_request, "validation"),
+        (send_request, "validation"),
+        *((model, "serialization") for model in wire.ANSWERS),
+    ]
+    _, top = models_json_schema(models, ref_template=REF_TEMPLATE, schema_generator=_Untitled)
+    schemas: dict[str, Any] = top["$defs"]
+    schemas["ErrorBody"]["properties"]["error"]["description"] += "\n\n" + _code_table()
+    return schemas
+
+
+def _code_table() -> str:
+    return "\n".join(
+        f"- `{code}` ({cls.status}{', retryable' if cls.retryable else ''}): {_when(cls)}"
+        for code, cls in _error_classes().items()
+    )
+
+
+def _when(cls: type[RelayError]) -> str:
+    return WHEN.get(cls.code, cls.default_message)
+
+
 def _ref(kind: str, name: str) -> dict[str, str]:
     return {"$ref": f"#/components/{kind}/{name}"}
 
@@ -153,384 +185,7 @@ def _schema(name: str) -> dict[str, str]:
     return _ref("schemas", name)
 
 
-def _obj(properties: dict[str, Any], required: Iterable[str] = (), **more: Any) -> dict[str, Any]:
-    schema: dict[str, Any] = {"type": "object", "properties": properties}
-    required = list(required)
-    if required:
-        schema["required"] = required
-    schema.update(more)
-    return schema
-
-
-def _extends_error(description: str, properties: dict[str, Any]) -> dict[str, Any]:
-    return {"description": description, "allOf": [_schema("Error"), _obj(properties)]}
-
-
 STR: dict[str, Any] = {"type": "string"}
-INT: dict[str, Any] = {"type": "integer"}
-USD: dict[str, Any] = {
-    "type": "number",
-    "minimum": 0,
-    "description": "US dollars, exact decimal with at most 6 decimals (written from Decimal).",
-}
-ATOMIC: dict[str, Any] = {
-    "type": "string",
-    "pattern": "^[0-9]+$",
-    "description": "USDC atomic units (10^-6 USD) as a decimal integer string.",
-}
-ADDRESS: dict[str, Any] = {"type": "string", "pattern": "^0x[0-9a-fA-F]{40}$"}
-TX_HASH: dict[str, Any] = {"type": ["string", "null"], "description": "Transaction hash."}
-TIMESTAMP: dict[str, Any] = {"type": "number", "description": "Unix time in seconds."}
-
-
-def _request_schemas(settings: Settings) -> dict[str, Any]:
-    message = {
-        "type": "string",
-        "minLength": 1,
-        "maxLength": settings.max_message_chars,
-        "description": "The SMS text. Priced as submitted; the opt-out line is added at dispatch.",
-    }
-    to = {
-        "type": "string",
-        "minLength": 1,
-        "maxLength": MAX_TO_CHARS,
-        "description": "Destination in any common format; normalised to E.164 (default region US).",
-        "examples": ["+13012576365", "(301) 257-6365"],
-    }
-    smart = {
-        "type": "boolean",
-        "default": False,
-        "description": "Replace typographic look-alikes (curly quotes, dashes, ellipsis, odd "
-        "spaces) with GSM-7 characters when that makes the message GSM-7.",
-    }
-    token = {
-        "type": "string",
-        "maxLength": MAX_TOKEN_CHARS,
-        "description": "The quote_token of POST /api/quote. Omit it for a one-shot send: the "
-        "server quotes the message itself and challenges for that price.",
-    }
-    return {
-        "QuoteRequest": _obj(
-            {"message": message, "to": to, "smart_encoding": smart},
-            ["message", "to"],
-            additionalProperties=False,
-        ),
-        "SendRequest": _obj(
-            {"message": message, "to": to, "quote_token": token, "smart_encoding": smart},
-            ["message", "to"],
-            additionalProperties=False,
-        ),
-    }
-
-
-def _quote_schemas() -> dict[str, Any]:
-    usage = _obj(
-        {
-            "model": STR,
-            "input_tokens": INT,
-            "output_tokens": INT,
-            "thinking_tokens": INT,
-            "cached": {
-                "type": "boolean",
-                "description": "The verdict came from the cache; moderation_cost_usd is 0.",
-            },
-        },
-        ["model", "input_tokens", "output_tokens", "thinking_tokens", "cached"],
-    )
-    payment = _obj(
-        {
-            "protocol": {"const": "x402"},
-            "network": {**STR, "description": "CAIP-2 network, e.g. eip155:84532."},
-            "amount_usd": USD,
-            "amount_atomic": ATOMIC,
-            "asset": ADDRESS,
-            "recipient": ADDRESS,
-        },
-        ["protocol", "network", "amount_usd", "amount_atomic", "asset", "recipient"],
-    )
-    next_step = _obj(
-        {
-            "method": {"const": "POST"},
-            "path": {"const": "/api/send"},
-            "body": _obj(
-                {"message": STR, "to": STR, "quote_token": STR}, ["message", "to", "quote_token"]
-            ),
-            "payment": payment,
-        },
-        ["method", "path", "body", "payment"],
-    )
-    smart = _obj(
-        {
-            "applied": {"type": "boolean"},
-            "text": {**STR, "description": "The text that will be sent."},
-            "encoding_before": {"enum": ["GSM-7", "UCS-2"]},
-            "segments_before": INT,
-            "segments_saved": INT,
-            "savings_usd": USD,
-        },
-        ["applied", "text", "encoding_before", "segments_before", "segments_saved", "savings_usd"],
-    )
-    quote = _obj(
-        {
-            "approved": {"const": True},
-            "category": {"enum": list(MODERATION_CATEGORIES)},
-            "confidence": {"type": "number", "minimum": 0, "maximum": 1},
-            "segments": {"type": "integer", "minimum": 1},
-            "encoding": {"enum": ["GSM-7", "UCS-2"]},
-            "sms_price_usd": USD,
-            "moderation_cost_usd": USD,
-            "price_usd": {**USD, "description": "sms_price_usd + moderation_cost_usd, 6 dp."},
-            "price_atomic": {**ATOMIC, "description": "The authoritative x402 amount."},
-            "moderation_usage": usage,
-            "to_normalized": {**STR, "description": "E.164; the value the token is bound to."},
-            "quote_token": STR,
-            "expires_in_seconds": INT,
-            "next_step": next_step,
-            "smart_encoding": {**smart, "description": "Present when smart_encoding was asked."},
-        },
-        [
-            "approved",
-            "category",
-            "confidence",
-            "segments",
-            "encoding",
-            "sms_price_usd",
-            "moderation_cost_usd",
-            "price_usd",
-            "price_atomic",
-            "moderation_usage",
-            "to_normalized",
-            "quote_token",
-            "expires_in_seconds",
-            "next_step",
-        ],
-    )
-    return {"Quote": quote}
-
-
-def _send_schemas() -> dict[str, Any]:
-    sent = _obj(
-        {
-            "sent": {"const": True},
-            "message_id": {**STR, "description": "Use with GET /api/messages/{message_id}."},
-            "status": {"enum": list(MESSAGE_STATUSES)},
-            "to": STR,
-            "segments": INT,
-            "price_usd": USD,
-            "paid_by": ADDRESS,
-            "transaction": {**STR, "description": "The settlement transaction hash."},
-        },
-        ["sent", "message_id", "status", "to", "segments", "price_usd", "paid_by", "transaction"],
-    )
-    refund = {
-        "type": ["object", "null"],
-        "properties": {
-            "transaction": TX_HASH,
-            "amount_atomic": ATOMIC,
-            "state": {"enum": [state.value for state in RefundState]},
-        },
-    }
-    status = _obj(
-        {
-            "message_id": STR,
-            "status": {"enum": list(MESSAGE_STATUSES)},
-            "to": {**STR, "description": "Masked destination."},
-            "segments": INT,
-            "provider": STR,
-            "created_at": TIMESTAMP,
-            "updated_at": TIMESTAMP,
-            "events": {
-                "type": "array",
-                "items": _obj(
-                    {"status": STR, "at": TIMESTAMP, "detail": {"type": ["string", "null"]}},
-                    ["status", "at"],
-                ),
-            },
-            "payment": _obj(
-                {
-                    "payer": {"type": ["string", "null"]},
-                    "amount_atomic": STR,
-                    "price_usd": USD,
-                    "network": {"type": ["string", "null"]},
-                    "transaction": TX_HASH,
-                    "state": {"enum": [*(state.value for state in PaymentState), None]},
-                }
-            ),
-            "refund": refund,
-        },
-        ["message_id", "status", "to", "segments", "created_at", "updated_at", "events"],
-    )
-    return {"SendResult": sent, "MessageStatus": status, "Refund": refund}
-
-
-def _x402_schemas() -> dict[str, Any]:
-    v1 = _obj(
-        {
-            "scheme": {"const": "exact"},
-            "network": {**STR, "description": "v1 network name, e.g. base-sepolia."},
-            "maxAmountRequired": ATOMIC,
-            "resource": STR,
-            "description": STR,
-            "mimeType": STR,
-            "payTo": ADDRESS,
-            "maxTimeoutSeconds": INT,
-            "asset": ADDRESS,
-            "extra": {"type": "object"},
-        },
-        ["scheme", "network", "maxAmountRequired", "payTo", "asset"],
-    )
-    accepts_v2 = _obj(
-        {
-            "scheme": {"const": "exact"},
-            "network": {**STR, "description": "CAIP-2 network, e.g. eip155:84532."},
-            "amount": ATOMIC,
-            "asset": ADDRESS,
-            "payTo": ADDRESS,
-            "maxTimeoutSeconds": INT,
-            "extra": _obj(
-                {"name": STR, "version": STR, "paymentFlow": {"const": "upfront"}},
-                description="EIP-712 domain of the token, and the payment flow.",
-            ),
-        },
-        ["scheme", "network", "amount", "asset", "payTo"],
-    )
-    required = _obj(
-        {
-            "x402Version": {"const": 2},
-            "error": {"type": ["string", "null"]},
-            "resource": _obj({"url": STR, "description": STR, "mimeType": STR}),
-            "accepts": {"type": "array", "items": accepts_v2},
-            "extensions": {
-                "type": "object",
-                "description": "Declares payment-identifier: put a 16-128 character id "
-                "([A-Za-z0-9_-]) in the payload's extensions.payment-identifier.info.id.",
-            },
-        },
-        ["x402Version", "accepts"],
-        description="The JSON inside the base64 PAYMENT-REQUIRED header (x402 v2).",
-    )
-    return {"X402AcceptV1": v1, "X402PaymentRequired": required}
-
-
-def _error_schemas() -> dict[str, Any]:
-    classes = _error_classes()
-    table = "\n".join(
-        f"- `{code}` ({cls.status}{', retryable' if cls.retryable else ''}): "
-        f"{WHEN.get(code, cls.default_message)}"
-        for code, cls in classes.items()
-    )
-    error = _obj(
-        {
-            "error": {
-                "type": "string",
-                "enum": list(classes),
-                "description": "Stable code; branch on this, never on message.\n\n" + table,
-            },
-            "message": STR,
-            "retryable": {"type": "boolean"},
-            "retry_after_seconds": {
-                "type": ["integer", "null"],
-                "description": "Also sent as the Retry-After header when set.",
-            },
-            "details": {"type": "object"},
-        },
-        ["error", "message", "retryable", "retry_after_seconds", "details"],
-        description="Every error has this shape; some codes add fields (see the responses).",
-    )
-    return {
-        "Error": error,
-        "PaymentRequiredError": _extends_error(
-            "402: the challenge (payment_required) or a failed payment. The body carries x402 "
-            "v1 fields (x402Version 1, accepts) for v1 clients; v2 clients read the "
-            "PAYMENT-REQUIRED header.",
-            {
-                "protocol": {"const": "x402"},
-                "price_usd": USD,
-                "how_to_pay": STR,
-                "x402Version": {"const": 1},
-                "accepts": {"type": "array", "items": _schema("X402AcceptV1")},
-                "price_rule": _obj(
-                    {
-                        "per_segment_usd": USD,
-                        "plus": STR,
-                        "max_segments": INT,
-                        "how_to_quote": STR,
-                    },
-                    description="Only on a bare probe (POST /api/send with no body).",
-                ),
-                "reason": {
-                    **STR,
-                    "description": "Facilitator reason, e.g. "
-                    "invalid_exact_evm_insufficient_balance.",
-                },
-            },
-        ),
-        "RejectedError": _extends_error(
-            "422. For `rejected`, the moderation verdict is repeated at the top level.",
-            {
-                "approved": {"const": False},
-                "category": {"enum": list(MODERATION_CATEGORIES)},
-                "confidence": {"type": "number", "minimum": 0, "maximum": 1},
-                "reason": {"type": ["string", "null"]},
-            },
-        ),
-        "SettlementPendingError": _extends_error(
-            "202 settlement_pending: repeat the same request after Retry-After; never pay again.",
-            {"transaction": TX_HASH},
-        ),
-        "DispatchFailedError": _extends_error(
-            "502 sinch_send_failed_after_payment: the payment settled but no SMS left.",
-            {"transaction": TX_HASH, "refund": _schema("Refund"), "message_id": STR},
-        ),
-    }
-
-
-def _misc_schemas() -> dict[str, Any]:
-    pricing = _obj(
-        {
-            "price_per_segment_usd": USD,
-            "max_segments": INT,
-            "segment_sizes": {
-                "type": "object",
-                "description": "[single-segment size, size per segment when split]",
-                "additionalProperties": {"type": "array", "items": INT},
-            },
-            "network": STR,
-            "asset": ADDRESS,
-            "pay_to": ADDRESS,
-            "quote_ttl_seconds": INT,
-            "moderation": _obj(
-                {
-                    "provider": {"enum": ["gemini", "rules"]},
-                    "model": STR,
-                    "input_per_million_usd": USD,
-                    "output_per_million_usd": USD,
-                }
-            ),
-            "opt_out_line": STR,
-        },
-        ["price_per_segment_usd", "max_segments", "network", "asset", "pay_to"],
-    )
-    health = _obj(
-        {
-            "status": {"enum": ["ok", "degraded"]},
-            "ready": {"type": "boolean"},
-            "checks": {"type": "object", "additionalProperties": STR},
-        },
-        ["status", "ready", "checks"],
-    )
-    return {"Pricing": pricing, "Health": health}
-
-
-def _schemas(settings: Settings) -> dict[str, Any]:
-    return {
-        **_request_schemas(settings),
-        **_quote_schemas(),
-        **_send_schemas(),
-        **_x402_schemas(),
-        **_error_schemas(),
-        **_misc_schemas(),
-    }
 
 
 # Headers and responses ---------------------------------------------------------------
@@ -583,14 +238,11 @@ def _error_responses(codes: Iterable[str], special: dict[int, str] | None = None
     special = special or {}
     responses: dict[str, Any] = {}
     for status, found in sorted(by_status.items()):
-        base = _schema(special.get(status, "Error"))
+        base = _schema(special.get(status, "ErrorBody"))
+        narrowed = {"type": "object", "properties": {"error": {"enum": found}}}
         response: dict[str, Any] = {
-            "description": "; ".join(
-                f"`{c}`: {WHEN.get(c, classes[c].default_message)}" for c in found
-            ),
-            "content": {
-                "application/json": {"schema": {"allOf": [base, _obj({"error": {"enum": found}})]}}
-            },
+            "description": "; ".join(f"`{c}`: {_when(classes[c])}" for c in found),
+            "content": {"application/json": {"schema": {"allOf": [base, narrowed]}}},
         }
         if any(classes[c].retryable or c in RETRY_AFTER_CODES for c in found):
             response["headers"] = {"Retry-After": _ref("headers", "RetryAfter")}
@@ -740,17 +392,11 @@ def _webhook_operation() -> dict[str, Any]:
             "content": {"application/json": {"schema": {"type": "object"}}},
         },
         "responses": {
-            "200": {
-                "description": "Applied; or, with `duplicate`, a replay of a signed call "
-                "already applied, acknowledged and not applied again.",
-                "content": {
-                    "application/json": {
-                        "schema": _obj(
-                            {"ok": {"const": True}, "duplicate": {"const": True}}, ["ok"]
-                        )
-                    }
-                },
-            },
+            "200": _json(
+                "WebhookAck",
+                "Applied; or, with `duplicate`, a replay of a signed call already applied, "
+                "acknowledged and not applied again.",
+            ),
             **_error_responses(WEBHOOK_CODES),
         },
     }
@@ -854,7 +500,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
             **_plain_operations(),
         },
         "components": {
-            "schemas": _schemas(settings),
+            "schemas": copy.deepcopy(component_schemas(settings.max_message_chars)),
             "headers": _headers(),
             "parameters": _parameters(),
             "securitySchemes": {
@@ -878,119 +524,39 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
 # llms.txt ----------------------------------------------------------------------------
 
 
-def _error_lines() -> list[str]:
-    lines = ["| code | HTTP | retryable | when |", "|---|---|---|---|"]
-    for code, cls in _error_classes().items():
-        retry = "yes" if cls.retryable else "no"
-        lines.append(
-            f"| `{code}` | {cls.status} | {retry} | {WHEN.get(code, cls.default_message)} |"
-        )
-    return lines
+@cache
+def _llms_template() -> jinja2.Template:
+    source = files("relay").joinpath("templates/llms.txt").read_text(encoding="utf-8")
+    plain_text = jinja2.Environment(
+        autoescape=False,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    return plain_text.from_string(source)
 
 
 def llms_txt(settings: Settings) -> str:
     """The plain-text guide for agents (llmstxt.org style), for these settings."""
-    base = (settings.public_base_url or "").rstrip("/")
-    price = settings.price_per_segment_usd
-    password = "required here" if settings.pay_password else "not set here, so optional"
-    moderation = settings.gemini_model if settings.moderation_provider == "gemini" else "rules"
-    lines = [
-        "# x402 SMS relay",
-        "",
-        "> Send one SMS per request and pay for it in USDC over x402. Every message is "
-        "moderated by an LLM before anyone pays; payment is settled on-chain before the "
-        "SMS leaves. No account, no API key: the payment is the authorisation.",
-        "",
-        f"- OpenAPI 3.1 (source of truth): {base}/openapi.json",
-        f"- Price list: {base}/api/pricing",
-        "",
-        "## Flow",
-        "",
-        '1. `POST /api/quote {"message", "to"}` -> 200 with `price_usd`, `price_atomic`, '
-        f"`quote_token` (valid {settings.quote_ttl_seconds} s), `to_normalized` and `next_step`;",
-        "   or 422 `rejected` (moderation said no; nothing to pay).",
-        '2. `POST /api/send {"message", "to", "quote_token"}` without payment -> 402 with '
-        "the `PAYMENT-REQUIRED` header",
-        "   (base64 JSON, x402 v2: `accepts[0]` has scheme exact, network, amount, asset, "
-        "payTo, extra {name, version}).",
-        "3. Sign an EIP-3009 `transferWithAuthorization` for exactly `amount` to `payTo` and "
-        "repeat the SAME request",
-        "   with `PAYMENT-SIGNATURE: <base64 PaymentPayload>` (v1 clients: `X-PAYMENT`).",
-        "4. 200 `{sent, message_id, status, to, segments, price_usd, paid_by, transaction}` "
-        "with `PAYMENT-RESPONSE`",
-        "   (v1: `X-PAYMENT-RESPONSE`). Track it: `GET /api/messages/{message_id}`.",
-        "",
-        "One-shot: omit `quote_token`. The server quotes the text itself and challenges for "
-        "that price, so a stock",
-        "x402 client (`@x402/fetch` wrapFetchWithPayment, PyPI `x402` httpx/requests) sends "
-        "in a single call.",
-        "A bare `POST /api/send` with no body answers 402 with the price rule.",
-        "",
-        "## Headers",
-        "",
-        "- `PAYMENT-REQUIRED` (response, 402): base64 x402 v2 challenge. The JSON body also "
-        "has v1 `x402Version: 1, accepts`.",
-        "- `PAYMENT-SIGNATURE` (request): base64 x402 v2 PaymentPayload. `X-PAYMENT`: the "
-        "v1 equivalent.",
-        "- `PAYMENT-RESPONSE` / `X-PAYMENT-RESPONSE` (response): base64 settlement result "
-        "(v2 / v1).",
-        f"- `X-Pay-Password` (request): operator's shared password, {password}; send it on "
-        "/api/send (both passes)",
-        "  and /api/messages. Wrong or missing: 401 `unauthorized`; repeated failures lock "
-        "you out (Retry-After).",
-        "- `Retry-After` (response): seconds to wait, on 429, 503, 409 `request_in_progress`, "
-        "202 `settlement_pending`.",
-        "",
-        "## Price",
-        "",
-        f"- price_usd = segments x {price} USD + the moderation call's token cost, rounded "
-        "half-up to 6 decimals;",
-        "  amount (atomic) = price_usd x 10^6. The token cost is 0 when the verdict is "
-        "cached; a one-shot send",
-        "  always charges it, so the unpaid and paid requests agree.",
-        f"- network `{settings.x402_network}`, asset (USDC) `{settings.usdc_address}`, "
-        f"payTo `{settings.pay_to_address}`",
-        "- Segments: GSM-7 160 chars (153 per part when split), otherwise UCS-2 70 (67). "
-        f"At most {settings.max_segments} segments.",
-        "- `smart_encoding: true` swaps curly quotes, dashes and the like for GSM-7 "
-        "characters to save segments.",
-        f"- Moderation ({moderation}) runs at quote time, before any payment.",
-        f'- Every SMS ends with the opt-out line "{settings.opt_out_line}"; it is not billed.',
-        "",
-        "## Idempotency and retries",
-        "",
-        "- Resending the same payment payload returns the stored response (body and "
-        "PAYMENT-RESPONSE): never a",
-        "  second charge or SMS. While the first is still running: 409 `request_in_progress` "
-        "with Retry-After.",
-        "- x402 `payment-identifier` extension (advertised in PAYMENT-REQUIRED): put an id "
-        "(16-128 of [A-Za-z0-9_-])",
-        '  in `extensions["payment-identifier"].info.id` of your payload. Same id + same '
-        "payload -> stored response;",
-        "  same id + another payload -> 409 `idempotency_key_reused`.",
-        "- 202 `settlement_pending`: the transaction is broadcast but unconfirmed. Repeat the "
-        "SAME request (do not",
-        "  sign a new payment) after Retry-After, or poll /api/messages.",
-        "- One quote pays for one SMS: reusing it is 409 `quote_already_used`. Quote again "
-        "after 400 `quote_expired`.",
-        "- 502 `sinch_send_failed_after_payment`: paid, not sent; the body has the "
-        "transaction and any refund.",
-        "",
-        "## Errors",
-        "",
-        'Every error: `{"error": code, "message", "retryable", "retry_after_seconds", "details"}`.',
-        "Branch on `error`, never on `message`. The status of each code is fixed:",
-        "",
-        *_error_lines(),
-        "",
-        "## Other endpoints",
-        "",
-        "- `GET /api/pricing`: the price list. `GET /health`: liveness and readiness.",
-        "- `GET /api/messages/{message_id}`: queued, dispatched, delivered, failed or refunded, "
-        "with history.",
-        "- `GET /openapi.json`: every request and response schema. `GET /llms.txt`: this file.",
-    ]
-    return "\n".join(lines) + "\n"
+    return _llms_template().render(
+        base=(settings.public_base_url or "").rstrip("/"),
+        quote_ttl_seconds=settings.quote_ttl_seconds,
+        price_per_segment_usd=settings.price_per_segment_usd,
+        password=bool(settings.pay_password),
+        network=settings.x402_network,
+        asset=settings.usdc_address,
+        pay_to=settings.pay_to_address,
+        max_segments=settings.max_segments,
+        moderation=settings.gemini_model if settings.moderation_provider == "gemini" else "rules",
+        opt_out_line=settings.opt_out_line,
+        sent_fields=list(wire.SendResult.model_fields),
+        message_states=[state.value for state in MessageState],
+        errors=[
+            {"code": cls.code, "status": cls.status, "retryable": cls.retryable, "when": _when(cls)}
+            for cls in _error_classes().values()
+        ],
+    )
 
 
 # Routes ------------------------------------------------------------------------------

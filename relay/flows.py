@@ -67,9 +67,19 @@ from relay.states import (
     ANSWERED_STATES,
     SETTLING,
     UNFINISHED,
+    MessageState,
 )
 from relay.states import PaymentState as P
 from relay.states import RefundState as R
+from relay.wire import (
+    Event,
+    MessageStatus,
+    PaymentRequiredError,
+    PaymentSummary,
+    PriceRule,
+    Refund,
+    SendResult,
+)
 
 log = logging.getLogger(__name__)
 
@@ -276,6 +286,7 @@ def challenge(
     requirements: PaymentRequirements,
     amount_atomic: int,
     resource_url: str,
+    price_rule: PriceRule | None = None,
 ) -> Outcome:
     """The 402: v2 PAYMENT-REQUIRED header, v1 accepts and the reference's fields in the body."""
     price = from_atomic(amount_atomic)
@@ -285,16 +296,16 @@ def challenge(
         description=f"One SMS, moderated and sent via Sinch: {price} USDC",
         error="Payment required",
     )
-    body = PaymentRequired(
-        details={"amount_atomic": str(amount_atomic)},
-        extra={
-            "protocol": "x402",
-            "price_usd": price,
-            "how_to_pay": HOW_TO_PAY,
-            **v1,
-        },
-    ).body()
-    return Outcome(402, body, {"PAYMENT-REQUIRED": header})
+    body = PaymentRequiredError(
+        **PaymentRequired(details={"amount_atomic": str(amount_atomic)}).body(),
+        protocol="x402",
+        price_usd=price,
+        how_to_pay=HOW_TO_PAY,
+        x402Version=v1["x402Version"],
+        accepts=v1["accepts"],
+        price_rule=price_rule,
+    )
+    return Outcome(402, body.model_dump(), {"PAYMENT-REQUIRED": header})
 
 
 HOW_TO_PAY = (
@@ -699,16 +710,16 @@ def dispatched(
 
 def sent_body(row: dict[str, Any], message_id: str, transaction: str) -> dict[str, Any]:
     """The 200 of a paid send: the message handed to the provider."""
-    return {
-        "sent": True,
-        "message_id": message_id,
-        "status": "queued",
-        "to": row["destination"],
-        "segments": row["segments"],
-        "price_usd": from_atomic(row["amount_atomic"]),
-        "paid_by": row["payer"],
-        "transaction": transaction,
-    }
+    return SendResult(
+        sent=True,
+        message_id=message_id,
+        status=MessageState.QUEUED,
+        to=row["destination"],
+        segments=row["segments"],
+        price_usd=from_atomic(row["amount_atomic"]),
+        paid_by=row["payer"],
+        transaction=transaction,
+    ).model_dump()
 
 
 def payment_headers(services: Services, settlement: Settlement, version: int) -> dict[str, str]:
@@ -831,11 +842,7 @@ def refund_payment(services: Services, row: dict[str, Any]) -> dict[str, Any] | 
     assert record is not None
     if record["state"] == R.CONFIRMED:
         services.ledger.update_message_status(payment_id, P.REFUNDED, record["updated_at"])
-    return {
-        "transaction": record["tx_hash"],
-        "amount_atomic": str(row["amount_atomic"]),
-        "state": record["state"],
-    }
+    return refund_summary(record).model_dump()
 
 
 def new_refund(
@@ -917,16 +924,14 @@ def probe(services: Services, resource_url: str) -> Outcome:
     """A bare POST /api/send: a 402 at the one-segment price, describing the price rule."""
     settings = services.settings
     per_segment = to_atomic(settings.price_per_segment_usd)
-    outcome = challenge(
-        services, services.payments.requirements(per_segment), per_segment, resource_url
+    rule = PriceRule(
+        per_segment_usd=settings.price_per_segment_usd,
+        plus="the moderation call's token cost",
+        max_segments=settings.max_segments,
+        how_to_quote="POST /api/quote {message, to}, or POST /api/send {message, to}",
     )
-    outcome.body["price_rule"] = {
-        "per_segment_usd": settings.price_per_segment_usd,
-        "plus": "the moderation call's token cost",
-        "max_segments": settings.max_segments,
-        "how_to_quote": "POST /api/quote {message, to}, or POST /api/send {message, to}",
-    }
-    return outcome
+    requirements = services.payments.requirements(per_segment)
+    return challenge(services, requirements, per_segment, resource_url, price_rule=rule)
 
 
 def message_status(services: Services, message_id: str) -> dict[str, Any] | None:
@@ -936,31 +941,35 @@ def message_status(services: Services, message_id: str) -> dict[str, Any] | None
         return None
     payment = services.ledger.payment(message["payment_id"]) or {}
     refund = services.ledger.refund(message["payment_id"])
-    return {
-        "message_id": message_id,
-        "status": message["status"],
-        "to": mask(message["destination"]),
-        "segments": message["segments"],
-        "provider": message["provider"],
-        "created_at": message["created_at"],
-        "updated_at": message["updated_at"],
-        "events": message["events"],
-        "payment": {
-            "payer": payment.get("payer"),
-            "amount_atomic": str(payment.get("amount_atomic")),
-            "price_usd": from_atomic(int(payment.get("amount_atomic") or 0)),
-            "network": payment.get("network"),
-            "transaction": payment.get("tx_hash"),
-            "state": payment.get("state"),
-        },
-        "refund": None
-        if refund is None
-        else {
-            "transaction": refund["tx_hash"],
-            "amount_atomic": str(refund["amount_atomic"]),
-            "state": refund["state"],
-        },
-    }
+    atomic = int(payment.get("amount_atomic") or 0)
+    return MessageStatus(
+        message_id=message_id,
+        status=message["status"],
+        to=mask(message["destination"]),
+        segments=message["segments"],
+        provider=message["provider"],
+        created_at=message["created_at"],
+        updated_at=message["updated_at"],
+        events=[Event(**event) for event in message["events"]],
+        payment=PaymentSummary(
+            payer=payment.get("payer"),
+            amount_atomic=str(atomic),
+            price_usd=from_atomic(atomic),
+            network=payment.get("network"),
+            transaction=payment.get("tx_hash"),
+            state=payment.get("state"),
+        ),
+        refund=None if refund is None else refund_summary(refund),
+    ).model_dump()
+
+
+def refund_summary(refund: dict[str, Any]) -> Refund:
+    """What an answer says about a refund record."""
+    return Refund(
+        transaction=refund["tx_hash"],
+        amount_atomic=str(refund["amount_atomic"]),
+        state=refund["state"],
+    )
 
 
 def sinch_callback(

@@ -140,7 +140,7 @@ def test_servers_come_from_public_base_url(make_settings: Callable[..., Settings
 
 
 def test_error_codes_are_generated_from_relay_errors(spec: dict[str, Any]) -> None:
-    error = spec["components"]["schemas"]["Error"]
+    error = spec["components"]["schemas"]["ErrorBody"]
     assert set(error["properties"]["error"]["enum"]) == set(CODES)
     assert spec["x-error-codes"] == {code: cls.status for code, cls in CODES.items()}
     assert set(error["required"]) == {
@@ -296,7 +296,7 @@ def test_send_answers_match_the_document(make_settings: Callable[..., Settings])
 
 
 def test_a_mismatch_is_caught(spec: dict[str, Any]) -> None:
-    error = {"$ref": "#/components/schemas/Error"}
+    error = {"$ref": "#/components/schemas/ErrorBody"}
     good = {
         "error": "not_found",
         "message": "x",

@@ -4,7 +4,7 @@ import time
 import pytest
 
 from relay.errors import InvalidInput
-from relay.inputs import MAX_JSON_DEPTH, MessageRequest, parse_json_object, parse_message_request
+from relay.inputs import MAX_JSON_DEPTH, parse_json_object, parse_message_request
 from relay.settings import Settings
 
 CHARS = Settings().max_message_chars  # ten segments by default: 1600
@@ -76,9 +76,12 @@ def test_quote_token_not_accepted_on_quote() -> None:
 
 def test_good_request() -> None:
     data = {"message": "hi", "to": "+1", "quote_token": "t", "smart_encoding": True}
-    assert parse_message_request(data, allow_token=True, max_message_chars=CHARS) == MessageRequest(
-        "hi", "+1", "t", True
+    request = parse_message_request(data, allow_token=True, max_message_chars=CHARS)
+    assert request.model_dump() == data
+    quote = parse_message_request(
+        {"message": "hi", "to": "+1"}, allow_token=False, max_message_chars=CHARS
     )
+    assert (quote.message, quote.to, quote.quote_token) == ("hi", "+1", None)
 
 
 def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
