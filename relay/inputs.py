@@ -99,24 +99,24 @@ def _invalid(model: type[BaseModel], errors: list[ErrorDetails]) -> InvalidInput
             f"Unknown field(s): {', '.join(unknown)}.",
             details={"fields": unknown, "reason": "unknown_field"},
         )
-    error = errors[0]
-    name, kind, value = str(error["loc"][0]), error["type"], error["input"]
+    return _field_problem(model, errors[0])
+
+
+def _field_problem(model: type[BaseModel], error: ErrorDetails) -> InvalidInput:
+    name, value = str(error["loc"][0]), error["input"]
     field = model.model_fields[name]
-    if kind == "missing" or (value is None and field.is_required()):
+    if error["type"] == "missing" or (value is None and field.is_required()):
         return _field(name, "missing", f"'{name}' is required.")
-    if kind == "bool_type":
+    if error["type"] == "bool_type":
         return _field(name, "wrong_type", f"'{name}' must be true or false.")
     limit = next((m.max_length for m in field.metadata if isinstance(m, MaxLen)), None)
     if isinstance(value, str) and limit is not None and len(value) > limit:
         return _field(name, "too_long", f"'{name}' is longer than {limit} characters.")
     surrogate = _LONE_SURROGATE.search(value) if isinstance(value, str) else None
-    if kind == "string_unicode" and surrogate is not None:
-        return _field(
-            name,
-            "lone_surrogate",
-            f"'{name}' contains an unpaired surrogate (U+{ord(surrogate.group()):04X}).",
-            position=surrogate.start(),
-        )
+    if surrogate is not None:  # strings that cannot be UTF-8 (pydantic: string_unicode)
+        codepoint = f"U+{ord(surrogate.group()):04X}"
+        message = f"'{name}' contains an unpaired surrogate ({codepoint})."
+        return _field(name, "lone_surrogate", message, position=surrogate.start())
     return _field(name, "wrong_type", f"'{name}' must be a string.")
 
 
