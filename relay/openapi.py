@@ -112,7 +112,7 @@ def error_codes() -> dict[str, int]:
 
 
 def operation_codes() -> dict[str, tuple[str, ...]]:
-    """The error codes each documented operation can answer (for tests and llms.txt)."""
+    """The error codes each documented operation can answer."""
     return {
         "POST /api/quote": QUOTE_CODES,
         "POST /api/send": SEND_CODES,

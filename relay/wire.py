@@ -1,5 +1,5 @@
 """Every JSON body on the wire, as one model each: requests are parsed with them, answers
-built with them, and the OpenAPI components generated from them (relay/docs.py), so the
+built with them, and the OpenAPI components generated from them (relay/openapi.py), so the
 document cannot drift from the code.
 
 The error shape every failure carries is ``relay.errors.ErrorBody``; the models here that
