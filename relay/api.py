@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
+from relay import wire
 from relay.errors import NotFound, Unauthorized
 from relay.flows import answers, quoting, sending
 from relay.flows.status import message_status, sinch_callback
 from relay.inputs import parse_json_object, parse_message_request
+from relay.moderation import Category
 from relay.payments import PAYMENT_HEADERS
 from relay.pricing import token_prices
 from relay.ratelimit import rate_key
+from relay.segments import MULTI_SEGMENT_UNITS, SINGLE_SEGMENT_UNITS
 from relay.services import Services
 
 api = Blueprint("relay", __name__)
@@ -52,64 +55,61 @@ def post_quote() -> Response:
 
 def quote_body(svc: Services, q: quoting.Quote) -> dict[str, Any]:
     """The JSON of an approved quote."""
-    settings = svc.settings
     v = q.verdict
-    body: dict[str, Any] = {
-        "approved": True,
-        "category": v.category,
-        "confidence": v.confidence,
-        "segments": q.segments.segments,
-        "encoding": q.segments.encoding,
-        "sms_price_usd": q.price.sms_usd,
-        "moderation_cost_usd": q.price.moderation_usd,
-        "price_usd": q.price.total_usd,
-        "price_atomic": str(q.price.atomic),
-        "moderation_usage": {
-            "model": v.model,
-            "input_tokens": v.input_tokens,
-            "output_tokens": v.output_tokens,
-            "thinking_tokens": v.thinking_tokens,
-            "cached": v.cached,
-        },
-        "to_normalized": q.to,
-        "quote_token": q.token,
-        "expires_in_seconds": settings.quote_ttl_seconds,
-        "next_step": next_step(svc, q),
-    }
-    if q.claims.smart_encoding:
-        body["smart_encoding"] = smart_encoding_body(svc, q)
-    return body
+    return wire.Quote(
+        approved=True,
+        category=cast(Category, v.category),  # checked by the model
+        confidence=v.confidence,
+        segments=q.segments.segments,
+        encoding=q.segments.encoding,
+        sms_price_usd=q.price.sms_usd,
+        moderation_cost_usd=q.price.moderation_usd,
+        price_usd=q.price.total_usd,
+        price_atomic=str(q.price.atomic),
+        moderation_usage=wire.ModerationUsage(
+            model=v.model,
+            input_tokens=v.input_tokens,
+            output_tokens=v.output_tokens,
+            thinking_tokens=v.thinking_tokens,
+            cached=v.cached,
+        ),
+        to_normalized=q.to,
+        quote_token=q.token,
+        expires_in_seconds=svc.settings.quote_ttl_seconds,
+        next_step=next_step(svc, q),
+        smart_encoding=smart_encoding_body(svc, q) if q.claims.smart_encoding else None,
+    ).model_dump()
 
 
-def next_step(svc: Services, q: quoting.Quote) -> dict[str, Any]:
+def next_step(svc: Services, q: quoting.Quote) -> wire.NextStep:
     """How to pay for this quote."""
     settings = svc.settings
-    return {
-        "method": "POST",
-        "path": "/api/send",
-        "body": {"message": q.message, "to": q.to, "quote_token": q.token},
-        "payment": {
-            "protocol": "x402",
-            "network": settings.x402_network,
-            "amount_usd": q.price.total_usd,
-            "amount_atomic": str(q.price.atomic),
-            "asset": settings.usdc_address,
-            "recipient": settings.pay_to_address,
-        },
-    }
+    return wire.NextStep(
+        method="POST",
+        path="/api/send",
+        body=wire.NextStepBody(message=q.message, to=q.to, quote_token=q.token),
+        payment=wire.PaymentInstructions(
+            protocol="x402",
+            network=settings.x402_network,
+            amount_usd=q.price.total_usd,
+            amount_atomic=str(q.price.atomic),
+            asset=settings.usdc_address,
+            recipient=settings.pay_to_address,
+        ),
+    )
 
 
-def smart_encoding_body(svc: Services, q: quoting.Quote) -> dict[str, Any]:
+def smart_encoding_body(svc: Services, q: quoting.Quote) -> wire.SmartEncoding:
     """What smart encoding changed and saved."""
     saved = q.original_segments.segments - q.segments.segments
-    return {
-        "applied": q.text != q.message,
-        "text": q.text,
-        "encoding_before": q.original_segments.encoding,
-        "segments_before": q.original_segments.segments,
-        "segments_saved": saved,
-        "savings_usd": saved * svc.settings.price_per_segment_usd,
-    }
+    return wire.SmartEncoding(
+        applied=q.text != q.message,
+        text=q.text,
+        encoding_before=q.original_segments.encoding,
+        segments_before=q.original_segments.segments,
+        segments_saved=saved,
+        savings_usd=saved * svc.settings.price_per_segment_usd,
+    )
 
 
 @api.get("/api/pricing")
@@ -119,24 +119,24 @@ def get_pricing() -> Response:
     prices = token_prices(
         settings.gemini_model, settings.gemini_price_input_per_m, settings.gemini_price_output_per_m
     )
-    return jsonify(
-        {
-            "price_per_segment_usd": settings.price_per_segment_usd,
-            "max_segments": settings.max_segments,
-            "segment_sizes": {"GSM-7": [160, 153], "UCS-2": [70, 67]},
-            "network": settings.x402_network,
-            "asset": settings.usdc_address,
-            "pay_to": settings.pay_to_address,
-            "quote_ttl_seconds": settings.quote_ttl_seconds,
-            "moderation": {
-                "provider": settings.moderation_provider,
-                "model": settings.gemini_model,
-                "input_per_million_usd": prices.input_per_m,
-                "output_per_million_usd": prices.output_per_m,
-            },
-            "opt_out_line": settings.opt_out_line,
-        }
+    sizes = {e: [SINGLE_SEGMENT_UNITS[e], MULTI_SEGMENT_UNITS[e]] for e in SINGLE_SEGMENT_UNITS}
+    pricing = wire.Pricing(
+        price_per_segment_usd=settings.price_per_segment_usd,
+        max_segments=settings.max_segments,
+        segment_sizes=sizes,
+        network=settings.x402_network,
+        asset=settings.usdc_address,
+        pay_to=settings.pay_to_address,
+        quote_ttl_seconds=settings.quote_ttl_seconds,
+        moderation=wire.ModerationPrices(
+            provider=settings.moderation_provider,
+            model=settings.gemini_model,
+            input_per_million_usd=prices.input_per_m,
+            output_per_million_usd=prices.output_per_m,
+        ),
+        opt_out_line=settings.opt_out_line,
     )
+    return jsonify(pricing.model_dump())
 
 
 @api.get("/health")
@@ -147,22 +147,23 @@ def get_health() -> Response:
     dependency is ready (for load balancers that should route around a node).
     """
     svc = services()
-    checks = {
-        "database": _check(svc.ledger.ping),
-        "chain": _check(svc.payments.ping),
-        "rate_limit_storage": _check(svc.quote_limiter.ping),
-    }
-    ready = all(state == "ok" for state in checks.values())
-    checks["moderation"] = svc.settings.moderation_provider
-    checks["sms"] = svc.settings.sms_provider
+    checks = wire.HealthChecks(
+        database=_check(svc.ledger.ping),
+        chain=_check(svc.payments.ping),
+        rate_limit_storage=_check(svc.quote_limiter.ping),
+        moderation=svc.settings.moderation_provider,
+        sms=svc.settings.sms_provider,
+    )
+    ready = "ok" == checks.database == checks.chain == checks.rate_limit_storage
     strict = request.args.get("strict") in ("1", "true")
-    response = jsonify({"status": "ok" if ready else "degraded", "ready": ready, "checks": checks})
-    alive = checks["database"] == "ok"
+    health = wire.Health(status="ok" if ready else "degraded", ready=ready, checks=checks)
+    response = jsonify(health.model_dump())
+    alive = checks.database == "ok"
     response.status_code = 200 if (ready if strict else alive) else 503
     return response
 
 
-def _check(probe: Callable[[], None]) -> str:
+def _check(probe: Callable[[], None]) -> wire.Reachability:
     try:
         probe()
     except Exception:  # any failure means not ready; details stay in the log
@@ -234,4 +235,4 @@ def sinch_webhook(secret: str) -> Response:
         raise NotFound()
     raw = request.get_data()
     applied = sinch_callback(svc, parse_json_object(raw), raw, dict(request.headers))
-    return jsonify({"ok": True} if applied else {"ok": True, "duplicate": True})
+    return jsonify(wire.WebhookAck(ok=True, duplicate=None if applied else True).model_dump())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from pydantic import BaseModel, ConfigDict, Field
+
 
 class RelayError(Exception):
     """Base of every error the relay turns into a JSON response."""
@@ -31,15 +33,14 @@ class RelayError(Exception):
 
     def body(self) -> dict[str, Any]:
         """The JSON body every error response carries (SPEC §4)."""
-        body: dict[str, Any] = dict(self.extra)
-        body.update(
+        return ErrorBody(
             error=self.code,
             message=self.message,
             retryable=self.retryable,
             retry_after_seconds=self.retry_after,
             details=self.details,
-        )
-        return body
+            **self.extra,
+        ).model_dump()
 
     def response_headers(self) -> dict[str, str]:
         """Headers to send with the error, including Retry-After when set."""
@@ -190,3 +191,25 @@ def all_error_classes() -> list[type[RelayError]]:
         seen.setdefault(cls.code, cls)
         stack.extend(cls.__subclasses__())
     return sorted(seen.values(), key=lambda c: (c.status, c.code))
+
+
+def _every_code(schema: dict[str, Any]) -> None:
+    schema["enum"] = [cls.code for cls in all_error_classes()]
+
+
+class ErrorBody(BaseModel):
+    """Every error has this shape; some codes add fields (see the responses)."""
+
+    # Lax and open: an error must always be answerable; relay.wire names the added fields.
+    model_config = ConfigDict(extra="allow")
+
+    error: str = Field(
+        description="Stable code; branch on this, never on message.",
+        json_schema_extra=_every_code,
+    )
+    message: str
+    retryable: bool
+    retry_after_seconds: int | None = Field(
+        description="Also sent as the Retry-After header when set."
+    )
+    details: dict[str, Any]

@@ -1,32 +1,27 @@
-"""Strict parsing of request bodies: JSON objects with known fields of the right types."""
+"""Strict parsing of request bodies: hostile bytes refused before any JSON parser runs,
+then the decoded object validated by the request models of relay.wire."""
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from relay.errors import InvalidInput
+from annotated_types import MaxLen
+from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
-MAX_TO_CHARS = 64
-MAX_TOKEN_CHARS = 2048
+from relay.errors import InvalidInput
+from relay.wire import MessageRequest, request_models
+
+__all__ = ["MAX_JSON_DEPTH", "MessageRequest", "parse_json_object", "parse_message_request"]
+
 MAX_JSON_DEPTH = 32
 #: The bytes that matter to nesting: quotes, backslashes and brackets.
 _SIGNIFICANT = re.compile(rb'["\\\[\]{}]')
 _QUOTE, _BACKSLASH = ord('"'), ord("\\")
 _OPEN = frozenset(b"[{")
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-@dataclass(frozen=True)
-class MessageRequest:
-    """The body of /api/quote and /api/send."""
-
-    message: str
-    to: str
-    quote_token: str | None = None
-    smart_encoding: bool = False
 
 
 def _fail(message: str, **details: Any) -> NoReturn:
@@ -83,44 +78,47 @@ def _nesting_depth(raw: bytes) -> int:
     return deepest
 
 
-def _string(data: dict[str, Any], name: str, limit: int, *, required: bool) -> str | None:
-    value = data.get(name)
-    if value is None and not required:
-        return None
-    if value is None:
-        _fail(f"'{name}' is required.", field=name, reason="missing")
-    if not isinstance(value, str):
-        _fail(f"'{name}' must be a string.", field=name, reason="wrong_type")
-    if len(value) > limit:
-        _fail(f"'{name}' is longer than {limit} characters.", field=name, reason="too_long")
-    surrogate = _LONE_SURROGATE.search(value)
-    if surrogate is not None:
-        _fail(
-            f"'{name}' contains an unpaired surrogate (U+{ord(surrogate.group()):04X}).",
-            field=name,
-            reason="lone_surrogate",
-            position=surrogate.start(),
-        )
-    return value
-
-
 def parse_message_request(
     data: dict[str, Any], *, allow_token: bool, max_message_chars: int
 ) -> MessageRequest:
     """Validate the fields of a quote (allow_token=False) or send request; ``message`` may
     be as long as the longest message MAX_SEGMENTS allows (Settings.max_message_chars)."""
-    allowed = {"message", "to", "smart_encoding"} | ({"quote_token"} if allow_token else set())
-    unknown = sorted(set(data) - allowed)
+    quote_model, send_model = request_models(max_message_chars)
+    model: type[MessageRequest] = send_model if allow_token else quote_model
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise _invalid(model, exc.errors(include_url=False)) from None
+
+
+def _invalid(model: type[BaseModel], errors: list[ErrorDetails]) -> InvalidInput:
+    """The first problem, as invalid_input with the field and reason clients branch on."""
+    unknown = sorted(str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden")
     if unknown:
-        _fail(f"Unknown field(s): {', '.join(unknown)}.", fields=unknown, reason="unknown_field")
-    smart = data.get("smart_encoding", False)
-    if not isinstance(smart, bool):
-        _fail(
-            "'smart_encoding' must be true or false.", field="smart_encoding", reason="wrong_type"
+        return InvalidInput(
+            f"Unknown field(s): {', '.join(unknown)}.",
+            details={"fields": unknown, "reason": "unknown_field"},
         )
-    return MessageRequest(
-        message=_string(data, "message", max_message_chars, required=True) or "",
-        to=_string(data, "to", MAX_TO_CHARS, required=True) or "",
-        quote_token=_string(data, "quote_token", MAX_TOKEN_CHARS, required=False),
-        smart_encoding=smart,
-    )
+    return _field_problem(model, errors[0])
+
+
+def _field_problem(model: type[BaseModel], error: ErrorDetails) -> InvalidInput:
+    name, value = str(error["loc"][0]), error["input"]
+    field = model.model_fields[name]
+    if error["type"] == "missing" or (value is None and field.is_required()):
+        return _field(name, "missing", f"'{name}' is required.")
+    if error["type"] == "bool_type":
+        return _field(name, "wrong_type", f"'{name}' must be true or false.")
+    limit = next((m.max_length for m in field.metadata if isinstance(m, MaxLen)), None)
+    if isinstance(value, str) and limit is not None and len(value) > limit:
+        return _field(name, "too_long", f"'{name}' is longer than {limit} characters.")
+    surrogate = _LONE_SURROGATE.search(value) if isinstance(value, str) else None
+    if surrogate is not None:  # strings that cannot be UTF-8 (pydantic: string_unicode)
+        codepoint = f"U+{ord(surrogate.group()):04X}"
+        message = f"'{name}' contains an unpaired surrogate ({codepoint})."
+        return _field(name, "lone_surrogate", message, position=surrogate.start())
+    return _field(name, "wrong_type", f"'{name}' must be a string.")
+
+
+def _field(name: str, reason: str, message: str, **more: Any) -> InvalidInput:
+    return InvalidInput(message, details={"field": name, "reason": reason, **more})

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Self
 
-from relay.states import PaymentState, RefundState
+from relay.states import MessageState, PaymentState, RefundState
 
 
 class _Record:
@@ -77,9 +77,12 @@ class PaymentRecord(_Record):
 class MessageEvent(_Record):
     """One status a message went through."""
 
-    status: str
+    status: MessageState
     at: float
     detail: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "status", MessageState(self.status))
 
 
 @dataclass(frozen=True)
@@ -90,11 +93,14 @@ class MessageRecord(_Record):
     payment_id: str
     destination: str
     segments: int
-    status: str
+    status: MessageState
     provider: str
     created_at: float
     updated_at: float
     events: tuple[MessageEvent, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "status", MessageState(self.status))
 
 
 @dataclass(frozen=True)

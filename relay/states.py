@@ -41,6 +41,17 @@ class RefundState(StrEnum):
     FAILED = "failed"
 
 
+class MessageState(StrEnum):
+    """Where an SMS stands (a message's status): queued with the provider, dispatched,
+    delivered, failed, or refunded (its payment went back)."""
+
+    QUEUED = "queued"
+    DISPATCHED = "dispatched"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    REFUNDED = "refunded"
+
+
 P = PaymentState
 
 #: Every move a step may make: state → the states it may move to (itself included where a

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import copy
+import json
 import re
+import tomllib
 from collections.abc import Callable
 from decimal import Decimal
+from fnmatch import fnmatch
 from typing import Any
 
 import pytest
@@ -12,12 +17,28 @@ from flask import Flask
 from flask.testing import FlaskClient
 from jsonschema import Draft202012Validator
 from openapi_spec_validator import OpenAPIV31SpecValidator
+from sqlalchemy import update
 
 from relay.app import create_app
-from relay.docs import CLIENT_ONLY_CODES, GLOBAL_CODES, docs, openapi_document, operation_codes
+from relay.dev.chain import DevChain
+from relay.docs import docs
 from relay.errors import all_error_classes
+from relay.ledger import payments, refunds
+from relay.openapi import CLIENT_ONLY_CODES, GLOBAL_CODES, openapi_document, operation_codes
 from relay.services import build_services
 from relay.settings import Settings
+from relay.states import MessageState, PaymentState, RefundState
+from tests.conftest import (
+    SINCH_PLAN,
+    SINCH_TOKEN,
+    Wallet,
+    new_wallet,
+    services_of,
+    sinch_overrides,
+)
+from tests.fake_sinch import FakeSinch
+from tests.processes import REPO
+from tests.x402_helpers import pay
 
 US = "+13012576365"
 OTHER_PAY_TO = "0x1111111111111111111111111111111111111111"
@@ -85,6 +106,27 @@ def assert_answer_documented(spec: dict[str, Any], method: str, path: str, respo
     assert_matches(spec, schema, response.get_json())
 
 
+def documented_path(spec: dict[str, Any], url: str) -> str:
+    """The path template of the document that ``url`` (a path) falls under."""
+    (path,) = [
+        template
+        for template in spec["paths"]
+        if re.fullmatch(re.sub(r"{[^}]+}", "[^/]+", template), url.split("?")[0])
+    ]
+    return path
+
+
+def checked(spec: dict[str, Any], client: FlaskClient) -> Callable[..., Any]:
+    """``client.open`` that asserts every answer is documented for its operation."""
+
+    def call(method: str, url: str, **kwargs: Any) -> Any:
+        response = client.open(url, method=method, **kwargs)
+        assert_answer_documented(spec, method.lower(), documented_path(spec, url), response)
+        return response
+
+    return call
+
+
 def codes_of(response: dict[str, Any]) -> list[str]:
     """The error codes a documented error response narrows its schema to ([] if none)."""
     schema = response.get("content", {}).get("application/json", {}).get("schema", {})
@@ -140,7 +182,7 @@ def test_servers_come_from_public_base_url(make_settings: Callable[..., Settings
 
 
 def test_error_codes_are_generated_from_relay_errors(spec: dict[str, Any]) -> None:
-    error = spec["components"]["schemas"]["Error"]
+    error = spec["components"]["schemas"]["ErrorBody"]
     assert set(error["properties"]["error"]["enum"]) == set(CODES)
     assert spec["x-error-codes"] == {code: cls.status for code, cls in CODES.items()}
     assert set(error["required"]) == {
@@ -296,7 +338,7 @@ def test_send_answers_match_the_document(make_settings: Callable[..., Settings])
 
 
 def test_a_mismatch_is_caught(spec: dict[str, Any]) -> None:
-    error = {"$ref": "#/components/schemas/Error"}
+    error = {"$ref": "#/components/schemas/ErrorBody"}
     good = {
         "error": "not_found",
         "message": "x",
@@ -314,6 +356,80 @@ def test_a_mismatch_is_caught(spec: dict[str, Any]) -> None:
         assert_matches(
             spec, narrowed["content"]["application/json"]["schema"], {**good, "error": "rejected"}
         )
+
+
+def test_the_state_enums_are_the_codes(spec: dict[str, Any]) -> None:
+    schemas = spec["components"]["schemas"]
+    for enum in (MessageState, PaymentState, RefundState):
+        assert schemas[enum.__name__]["enum"] == [state.value for state in enum]
+    send = schemas["SendResult"]["properties"]["status"]
+    assert send == {"$ref": "#/components/schemas/MessageState"}
+    refund = schemas["Refund"]["properties"]["state"]
+    assert refund == {"$ref": "#/components/schemas/RefundState"}
+
+
+def test_the_checked_client_catches_an_undocumented_answer(
+    spec: dict[str, Any], docs_client: FlaskClient
+) -> None:
+    assert checked(spec, docs_client)("GET", "/api/pricing").status_code == 200
+    drifted = copy.deepcopy(spec)
+    del drifted["components"]["schemas"]["Pricing"]["properties"]["pay_to"]
+    with pytest.raises(AssertionError):
+        checked(drifted, docs_client)("GET", "/api/pricing")
+
+
+SINCH_HOOK = "/webhooks/sinch/callback-secret-123"
+
+
+def paid_send(call: Callable[..., Any], spec: dict[str, Any], payer: Wallet) -> Any:
+    """A one-shot send: the 402 (its PAYMENT-REQUIRED header checked too), then paid."""
+    body = {"message": "Your order has shipped", "to": US}
+    challenge = call("POST", "/api/send", json=body)
+    assert challenge.status_code == 402
+    required = json.loads(base64.b64decode(challenge.headers["PAYMENT-REQUIRED"]))
+    assert_matches(spec, {"$ref": "#/components/schemas/X402PaymentRequired"}, required)
+    signature = pay(challenge.headers["PAYMENT-REQUIRED"], payer.key)
+    return call("POST", "/api/send", json=body, headers={"PAYMENT-SIGNATURE": signature})
+
+
+def test_answers_in_every_state_match_the_document(
+    paid_settings: Callable[..., Settings], chain: DevChain
+) -> None:
+    """Real answers, each checked against the operation it answers: a paid send, every
+    message status the code writes (queued, delivery reports, refunded), a 502 with its
+    refund, and the status document with the payment and refund in each of their states."""
+    refunder = new_wallet(chain, 5_000_000)
+    chain.set_eth_balance(refunder.address, 10**18)
+    with FakeSinch(plan_id=SINCH_PLAN, token=SINCH_TOKEN) as fake:
+        settings = paid_settings(**sinch_overrides(fake.base_url), refund_private_key=refunder.key)
+        app = with_docs(create_app(services=build_services(settings)))
+        client = app.test_client()
+        spec = client.get("/openapi.json").get_json()
+        call = checked(spec, client)
+        sent = paid_send(call, spec, new_wallet(chain, 1_000_000)).get_json()
+        seen = [call("GET", f"/api/messages/{sent['message_id']}").get_json()["status"]]
+        for report in ("Dispatched", "Delivered", "Failed"):
+            hook = {"type": "recipient_delivery_report_sms", "batch_id": sent["message_id"]}
+            hook |= {"recipient": US.lstrip("+"), "status": report, "code": 0}
+            assert call("POST", SINCH_HOOK, json=hook).get_json() == {"ok": True}
+            seen.append(call("GET", f"/api/messages/{sent['message_id']}").get_json()["status"])
+        fake.script({"status": 400, "code": "syntax_invalid_parameter_format", "text": "bad"})
+        failed = paid_send(call, spec, new_wallet(chain, 1_000_000))
+    assert failed.status_code == 502
+    assert failed.get_json()["refund"]["state"] == RefundState.CONFIRMED
+    message_id = failed.get_json()["message_id"]
+    seen.append(call("GET", f"/api/messages/{message_id}").get_json()["status"])
+    assert seen == [state.value for state in MessageState]
+    ledger = services_of(app).ledger
+    for table, key, part, states in (
+        (refunds, refunds.c.payment_id, "refund", RefundState),
+        (payments, payments.c.id, "payment", PaymentState),
+    ):
+        for state in states:
+            with ledger.begin() as conn:
+                conn.execute(update(table).where(key == message_id).values(state=state))
+            status = call("GET", f"/api/messages/{message_id}").get_json()
+            assert status[part]["state"] == state
 
 
 # llms.txt ----------------------------------------------------------------------------
@@ -350,6 +466,14 @@ def test_llms_txt_explains_flow_headers_and_idempotency(llms: str) -> None:
     ):
         assert phrase in llms, phrase
     assert len(llms.splitlines()) <= 150
+
+
+def test_the_llms_template_ships_in_the_wheel() -> None:
+    """package-data names the template, so an installed relay can serve /llms.txt."""
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())
+    patterns = config["tool"]["setuptools"]["package-data"]["relay"]
+    assert any(fnmatch("templates/llms.txt", pattern) for pattern in patterns)
+    assert (REPO / "relay" / "templates" / "llms.txt").is_file()
 
 
 def test_llms_txt_price_rule_comes_from_settings(make_settings: Callable[..., Settings]) -> None:

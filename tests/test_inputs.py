@@ -4,7 +4,7 @@ import time
 import pytest
 
 from relay.errors import InvalidInput
-from relay.inputs import MAX_JSON_DEPTH, MessageRequest, parse_json_object, parse_message_request
+from relay.inputs import MAX_JSON_DEPTH, parse_json_object, parse_message_request
 from relay.settings import Settings
 
 CHARS = Settings().max_message_chars  # ten segments by default: 1600
@@ -55,6 +55,52 @@ def test_bad_fields(data: dict[str, object], field: str, reason: str) -> None:
     assert details == {"field": field, "reason": reason}
 
 
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"to": "+1"}, "'message' is required."),
+        ({"message": None, "to": "+1"}, "'message' is required."),
+        ({"message": "hi", "to": 1}, "'to' must be a string."),
+        ({"message": "hi", "to": "1" * 65}, "'to' is longer than 64 characters."),
+        (
+            {"message": "x" * CHARS + "\ud800", "to": "+1"},
+            "'message' is longer than 1600 characters.",
+        ),
+        ({"message": "a\ud800", "to": "+1"}, "'message' contains an unpaired surrogate (U+D800)."),
+        ({"message": "hi", "to": "+1", "quote_token": 7}, "'quote_token' must be a string."),
+        (
+            {"message": "hi", "to": "+1", "smart_encoding": None},
+            "'smart_encoding' must be true or false.",
+        ),
+        (
+            {"message": "hi", "to": "+1", "smart_encoding": 1},
+            "'smart_encoding' must be true or false.",
+        ),
+    ],
+)
+def test_messages_say_what_is_wrong(data: dict[str, object], message: str) -> None:
+    with pytest.raises(InvalidInput) as info:
+        parse_message_request(data, allow_token=True, max_message_chars=CHARS)
+    assert info.value.message == message
+
+
+def test_a_null_quote_token_is_no_token() -> None:
+    data = {"message": "hi", "to": "+1", "quote_token": None}
+    assert (
+        parse_message_request(data, allow_token=True, max_message_chars=CHARS).quote_token is None
+    )
+
+
+def test_the_message_bound_follows_the_setting() -> None:
+    data = {"message": "x" * 200, "to": "+1"}
+    assert (
+        parse_message_request(data, allow_token=False, max_message_chars=200).message == "x" * 200
+    )
+    with pytest.raises(InvalidInput) as info:
+        parse_message_request(data, allow_token=False, max_message_chars=199)
+    assert info.value.details == {"field": "message", "reason": "too_long"}
+
+
 def test_unknown_fields_are_named() -> None:
     with pytest.raises(InvalidInput) as info:
         parse_message_request(
@@ -65,20 +111,25 @@ def test_unknown_fields_are_named() -> None:
     assert info.value.details["fields"] == ["b", "extra"]
 
 
-def test_quote_token_not_accepted_on_quote() -> None:
-    with pytest.raises(InvalidInput):
+@pytest.mark.parametrize("token", ["t", None])
+def test_quote_token_not_accepted_on_quote(token: str | None) -> None:
+    with pytest.raises(InvalidInput) as info:
         parse_message_request(
-            {"message": "hi", "to": "+1", "quote_token": "t"},
+            {"message": "hi", "to": "+1", "quote_token": token},
             allow_token=False,
             max_message_chars=CHARS,
         )
+    assert info.value.details == {"fields": ["quote_token"], "reason": "unknown_field"}
 
 
 def test_good_request() -> None:
     data = {"message": "hi", "to": "+1", "quote_token": "t", "smart_encoding": True}
-    assert parse_message_request(data, allow_token=True, max_message_chars=CHARS) == MessageRequest(
-        "hi", "+1", "t", True
+    request = parse_message_request(data, allow_token=True, max_message_chars=CHARS)
+    assert request.model_dump() == data
+    quote = parse_message_request(
+        {"message": "hi", "to": "+1"}, allow_token=False, max_message_chars=CHARS
     )
+    assert (quote.message, quote.to, quote.quote_token) == ("hi", "+1", None)
 
 
 def test_brackets_inside_strings_do_not_count_as_nesting() -> None:

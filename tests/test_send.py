@@ -486,6 +486,7 @@ def test_health_reports_readiness(
     assert strict.get_json()["checks"] == {
         "database": "ok",
         "chain": "unreachable",
+        "rate_limit_storage": "ok",
         "moderation": "rules",
         "sms": "outbox",
     }

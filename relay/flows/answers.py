@@ -17,7 +17,9 @@ from relay.payments import Settlement
 from relay.pricing import from_atomic, to_atomic
 from relay.records import PaymentRecord
 from relay.services import Services
+from relay.states import MessageState
 from relay.states import PaymentState as P
+from relay.wire import PaymentRequiredError, PriceRule, SendResult
 
 HOW_TO_PAY = (
     "Resubmit POST /api/send with the same body and a PAYMENT-SIGNATURE (x402 v2) or "
@@ -46,6 +48,7 @@ def challenge(
     requirements: PaymentRequirements,
     amount_atomic: int,
     resource_url: str,
+    price_rule: PriceRule | None = None,
 ) -> Outcome:
     """The 402: v2 PAYMENT-REQUIRED header, v1 accepts and the reference's fields in the body."""
     price = from_atomic(amount_atomic)
@@ -55,32 +58,30 @@ def challenge(
         description=f"One SMS, moderated and sent via Sinch: {price} USDC",
         error="Payment required",
     )
-    body = PaymentRequired(
-        details={"amount_atomic": str(amount_atomic)},
-        extra={
-            "protocol": "x402",
-            "price_usd": price,
-            "how_to_pay": HOW_TO_PAY,
-            **v1,
-        },
-    ).body()
-    return Outcome(402, body, {"PAYMENT-REQUIRED": header})
+    body = PaymentRequiredError(
+        **PaymentRequired(details={"amount_atomic": str(amount_atomic)}).body(),
+        protocol="x402",
+        price_usd=price,
+        how_to_pay=HOW_TO_PAY,
+        x402Version=v1["x402Version"],
+        accepts=v1["accepts"],
+        price_rule=price_rule,
+    )
+    return Outcome(402, body.model_dump(), {"PAYMENT-REQUIRED": header})
 
 
 def probe(services: Services, resource_url: str) -> Outcome:
     """A bare POST /api/send: a 402 at the one-segment price, describing the price rule."""
     settings = services.settings
     per_segment = to_atomic(settings.price_per_segment_usd)
-    outcome = challenge(
-        services, services.payments.requirements(per_segment), per_segment, resource_url
+    rule = PriceRule(
+        per_segment_usd=settings.price_per_segment_usd,
+        plus="the moderation call's token cost",
+        max_segments=settings.max_segments,
+        how_to_quote="POST /api/quote {message, to}, or POST /api/send {message, to}",
     )
-    outcome.body["price_rule"] = {
-        "per_segment_usd": settings.price_per_segment_usd,
-        "plus": "the moderation call's token cost",
-        "max_segments": settings.max_segments,
-        "how_to_quote": "POST /api/quote {message, to}, or POST /api/send {message, to}",
-    }
-    return outcome
+    requirements = services.payments.requirements(per_segment)
+    return challenge(services, requirements, per_segment, resource_url, price_rule=rule)
 
 
 def sent(
@@ -93,16 +94,16 @@ def sent(
 
 def sent_body(payment: PaymentRecord, message_id: str, transaction: str) -> dict[str, Any]:
     """The body of a paid send's 200."""
-    return {
-        "sent": True,
-        "message_id": message_id,
-        "status": "queued",
-        "to": payment.destination,
-        "segments": payment.segments,
-        "price_usd": from_atomic(payment.amount_atomic),
-        "paid_by": payment.payer,
-        "transaction": transaction,
-    }
+    return SendResult(
+        sent=True,
+        message_id=message_id,
+        status=MessageState.QUEUED,
+        to=payment.destination,
+        segments=payment.segments,
+        price_usd=from_atomic(payment.amount_atomic),
+        paid_by=payment.payer,
+        transaction=transaction,
+    ).model_dump()
 
 
 def payment_headers(services: Services, settlement: Settlement, version: int) -> dict[str, str]:

@@ -21,6 +21,7 @@ from relay.phone import mask
 from relay.records import MessageRecord, PaymentRecord
 from relay.services import Services
 from relay.sinch import SmsDispatchError, compose_body
+from relay.states import MessageState as M
 from relay.states import PaymentState as P
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ def dispatched(
 ) -> Outcome:
     """Record the accepted message and store the 200 that every replay will get."""
     now = services.clock()
-    services.ledger.record_message(message_record(payment, message_id, provider, "queued", now))
+    services.ledger.record_message(message_record(payment, message_id, provider, M.QUEUED, now))
     log.info(
         "sent %s message_id=%s tx=%s", mask(payment.destination), message_id, settlement.transaction
     )
@@ -91,7 +92,7 @@ def dispatched(
 
 
 def message_record(
-    payment: PaymentRecord, message_id: str, provider: str, status: str, now: float
+    payment: PaymentRecord, message_id: str, provider: str, status: M, now: float
 ) -> MessageRecord:
     """The message of a payment."""
     return MessageRecord(
@@ -134,7 +135,7 @@ def dispatch_failed(
         error=exc.message[:200],
     ):
         raise busy()
-    failed = message_record(payment, payment.id, "none", "failed", services.clock())
+    failed = message_record(payment, payment.id, "none", M.FAILED, services.clock())
     ledger.record_message(failed)
     error = failed_after_payment(settlement.transaction, payment.id, provider_status=exc.status)
     return refunded_answer(services, payment, Outcome.of_error(error, headers))

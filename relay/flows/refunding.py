@@ -24,8 +24,10 @@ from relay.flows.leases import hold
 from relay.payments import ParsedPayment, SignedRefund
 from relay.records import PaymentRecord, RefundRecord
 from relay.services import Services
+from relay.states import MessageState
 from relay.states import PaymentState as P
 from relay.states import RefundState as R
+from relay.wire import Refund
 
 #: Refunds that will never be mined: a new one is signed in their place.
 _DEAD = (R.REVERTED, R.REPLACED, R.FAILED)
@@ -48,7 +50,7 @@ def finish_refund(
 def refunded_answer(services: Services, payment: PaymentRecord, outcome: Outcome) -> Outcome:
     """Refund the payment (if a refund key is set) and store the 502 with the refund."""
     refund = refund_payment(services, payment)
-    summary = None if refund is None else refund_summary(refund)
+    summary = None if refund is None else refund_summary(refund).model_dump()
     body = dict(outcome.body)
     body["refund"] = summary
     body["details"] = {**(body.get("details") or {}), "refund": summary}
@@ -57,13 +59,13 @@ def refunded_answer(services: Services, payment: PaymentRecord, outcome: Outcome
     return finish(services, payment.id, (P.DISPATCH_FAILED,), state, answer)
 
 
-def refund_summary(refund: RefundRecord) -> dict[str, Any]:
+def refund_summary(refund: RefundRecord) -> Refund:
     """A refund as answers and the status document show it."""
-    return {
-        "transaction": refund.tx_hash,
-        "amount_atomic": str(refund.amount_atomic),
-        "state": refund.state,
-    }
+    return Refund(
+        transaction=refund.tx_hash,
+        amount_atomic=str(refund.amount_atomic),
+        state=refund.state,
+    )
 
 
 def refund_payment(services: Services, payment: PaymentRecord) -> RefundRecord | None:
@@ -88,7 +90,7 @@ def refund_payment(services: Services, payment: PaymentRecord) -> RefundRecord |
             break
     assert record is not None
     if record.state == R.CONFIRMED:
-        services.ledger.update_message_status(payment.id, P.REFUNDED, record.updated_at)
+        services.ledger.update_message_status(payment.id, MessageState.REFUNDED, record.updated_at)
     return record
 
 

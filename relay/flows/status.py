@@ -13,6 +13,7 @@ from relay.flows.refunding import refund_summary
 from relay.ledger import Ledger
 from relay.phone import mask
 from relay.pricing import from_atomic
+from relay.records import PaymentRecord
 from relay.services import Services
 from relay.sinch import (
     SIGNATURE_TOLERANCE_SECONDS,
@@ -22,6 +23,7 @@ from relay.sinch import (
     parse_callback,
     verify_signature,
 )
+from relay.wire import Event, MessageStatus, PaymentSummary
 
 log = logging.getLogger(__name__)
 
@@ -33,26 +35,39 @@ def message_status(ledger: Ledger, message_id: str) -> dict[str, Any] | None:
         return None
     payment = ledger.payment(message.payment_id)
     refund = ledger.refund(message.payment_id)
-    amount = None if payment is None else payment.amount_atomic
-    return {
-        "message_id": message_id,
-        "status": message.status,
-        "to": mask(message.destination),
-        "segments": message.segments,
-        "provider": message.provider,
-        "created_at": message.created_at,
-        "updated_at": message.updated_at,
-        "events": [dataclasses.asdict(event) for event in message.events],
-        "payment": {
-            "payer": payment and payment.payer,
-            "amount_atomic": str(amount),
-            "price_usd": from_atomic(amount or 0),
-            "network": payment and payment.network,
-            "transaction": payment and payment.tx_hash,
-            "state": payment and payment.state,
-        },
-        "refund": None if refund is None else refund_summary(refund),
-    }
+    return MessageStatus(
+        message_id=message_id,
+        status=message.status,
+        to=mask(message.destination),
+        segments=message.segments,
+        provider=message.provider,
+        created_at=message.created_at,
+        updated_at=message.updated_at,
+        events=[Event(**dataclasses.asdict(event)) for event in message.events],
+        payment=payment_summary(payment),
+        refund=None if refund is None else refund_summary(refund),
+    ).model_dump()
+
+
+def payment_summary(payment: PaymentRecord | None) -> PaymentSummary:
+    """The payment behind a message, as its status document shows it."""
+    if payment is None:
+        return PaymentSummary(
+            payer=None,
+            amount_atomic="0",
+            price_usd=from_atomic(0),
+            network=None,
+            transaction=None,
+            state=None,
+        )
+    return PaymentSummary(
+        payer=payment.payer,
+        amount_atomic=str(payment.amount_atomic),
+        price_usd=from_atomic(payment.amount_atomic),
+        network=payment.network,
+        transaction=payment.tx_hash,
+        state=payment.state,
+    )
 
 
 def sinch_callback(
