@@ -11,7 +11,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from relay import flows
 from relay.errors import NotFound, Unauthorized
 from relay.inputs import parse_json_object, parse_message_request
-from relay.payments import PAYMENT_HEADERS
+from relay.payment_headers import PAYMENT_HEADERS
 from relay.pricing import token_prices
 from relay.ratelimit import rate_key
 from relay.services import Services

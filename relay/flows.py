@@ -30,17 +30,12 @@ from relay.errors import (
     SinchSendFailedAfterPayment,
     Unauthorized,
 )
+from relay.facilitator import recording_broadcasts
 from relay.inputs import MessageRequest
 from relay.ledger import Conflict
 from relay.moderation import Verdict
-from relay.payments import (
-    NOT_PAID,
-    ParsedPayment,
-    Settlement,
-    SignedRefund,
-    recording_broadcasts,
-    settlement_pending,
-)
+from relay.payment_headers import ParsedPayment
+from relay.payments import NOT_PAID, Settlement, settlement_pending
 from relay.phone import mask, normalize_destination
 from relay.pricing import (
     Price,
@@ -51,14 +46,14 @@ from relay.pricing import (
     token_prices,
 )
 from relay.quote_tokens import QuoteClaims, message_sha256
+from relay.refunds import SignedRefund
 from relay.segments import SegmentInfo, count_segments, smart_encode, validate_text
 from relay.services import Services
-from relay.sinch import (
+from relay.sinch import SmsDispatchError, compose_body
+from relay.sinch_webhooks import (
     SIGNATURE_TOLERANCE_SECONDS,
     DeliveryReport,
     InboundMessage,
-    SmsDispatchError,
-    compose_body,
     opt_out_action,
     parse_callback,
     verify_signature,
