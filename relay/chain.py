@@ -14,9 +14,9 @@ from web3.exceptions import TransactionNotFound
 from web3.types import TxReceipt
 
 from relay.abi import load_abi
+from relay.configs import ChainConfig
 from relay.errors import ChainUnavailable
 from relay.payment_headers import ParsedPayment
-from relay.settings import ChainConfig
 
 log = logging.getLogger(__name__)
 

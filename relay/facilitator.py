@@ -27,8 +27,8 @@ from x402.mechanisms.evm.exact import register_exact_evm_facilitator
 from x402.mechanisms.evm.types import TransactionReceipt
 
 from relay.chain import RECEIPT_POLL_SECONDS, web3_for
+from relay.configs import ChainConfig, PaymentConfig
 from relay.nonces import NonceStore, reserve_nonce
-from relay.settings import ChainConfig, PaymentConfig
 
 HTTP_TIMEOUT_SECONDS = 60.0
 

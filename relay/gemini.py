@@ -17,9 +17,9 @@ from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
 
+from relay.configs import GeminiConfig
 from relay.moderation import CATEGORIES, Verdict, unavailable, verdict_id_for
 from relay.retry import Backoff, retry
-from relay.settings import GeminiConfig
 from relay.transport import closed_with
 
 log = logging.getLogger(__name__)

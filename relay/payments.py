@@ -73,6 +73,7 @@ from relay.chain import (
     chain_unavailable,
     paying_transfer,
 )
+from relay.configs import PaymentConfig
 from relay.errors import (
     InternalError,
     PaymentSettlementFailed,
@@ -83,7 +84,6 @@ from relay.errors import (
 from relay.facilitator import build_facilitator, waited_receipt
 from relay.nonces import NonceStore
 from relay.payment_headers import ParsedPayment, as_json, parse_payment, parse_stored
-from relay.settings import PaymentConfig
 from relay.transport import never_sent
 
 log = logging.getLogger(__name__)

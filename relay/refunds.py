@@ -17,9 +17,9 @@ from web3.types import Nonce, TxParams
 
 from relay.abi import load_abi
 from relay.chain import RECEIPT_POLL_SECONDS, chain_unavailable, web3_for
+from relay.configs import RefundConfig
 from relay.errors import InternalError
 from relay.nonces import NonceStore, reserve_nonce
-from relay.settings import RefundConfig
 
 log = logging.getLogger(__name__)
 

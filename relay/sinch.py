@@ -14,10 +14,10 @@ from urllib.parse import quote
 
 import httpx
 
+from relay.configs import SinchConfig
 from relay.ledger import Ledger
 from relay.phone import mask
 from relay.retry import Backoff, retry
-from relay.settings import SinchConfig
 from relay.transport import closed_with, never_sent
 
 log = logging.getLogger(__name__)

@@ -3,17 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from relay.settings import (
-    ChainConfig,
-    GeminiConfig,
-    PaymentConfig,
-    RefundConfig,
-    Settings,
-    SettingsError,
-    SinchConfig,
-    load_settings,
-    variable_names,
-)
+from relay.configs import ChainConfig, GeminiConfig, PaymentConfig, RefundConfig, SinchConfig
+from relay.settings import Settings, SettingsError, load_settings, variable_names
 
 PAY_TO = "0x85F37873f97afa61263A27107f2e7b0B672d7CFF"
 GOOD = {

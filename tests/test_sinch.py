@@ -17,8 +17,9 @@ from typing import Any
 import httpx
 import pytest
 
+from relay.configs import SinchConfig
 from relay.phone import mask
-from relay.settings import Settings, SettingsError, SinchConfig
+from relay.settings import Settings, SettingsError
 from relay.sinch import SendResult, SinchSender, SmsDispatchError, compose_body
 from relay.sinch_webhooks import (
     DeliveryReport,
