@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from eth_typing import HexStr
+from eth_typing import ChecksumAddress, HexStr
 from web3 import Web3
 from web3.exceptions import TransactionNotFound
 from web3.types import TxReceipt
@@ -140,7 +140,7 @@ class ChainReader:
                 return ("used" if used else "canceled"), _hex(entry["transactionHash"])
         return None
 
-    def _token_address(self) -> Any:
+    def _token_address(self) -> ChecksumAddress:
         return Web3.to_checksum_address(self._chain.usdc_address)
 
 
