@@ -302,7 +302,14 @@ def test_slow_answer_times_out_within_the_timeout(
     assert fake.request_count == 1  # a timeout is not retried
 
 
-def test_unreachable_server_is_retried_then_unavailable(sleeps: list[float]) -> None:
+@pytest.mark.parametrize("backend", [None, "httpx2"])
+def test_unreachable_server_is_retried_then_unavailable(
+    sleeps: list[float], monkeypatch: pytest.MonkeyPatch, backend: str | None
+) -> None:
+    """The SDK sends through our httpx client even when its environment variable asks for
+    another library, so its transport errors are always the ones we classify."""
+    if backend is not None:
+        monkeypatch.setenv("GOOGLE_GENAI_HTTP_CLIENT", backend)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
