@@ -14,7 +14,7 @@ from relay.flows import answers, quoting, sending
 from relay.flows.status import message_status, sinch_callback
 from relay.inputs import parse_json_object, parse_message_request
 from relay.moderation import Category
-from relay.payments import PAYMENT_HEADERS
+from relay.payment_headers import PAYMENT_HEADERS
 from relay.pricing import token_prices
 from relay.ratelimit import rate_key
 from relay.segments import MULTI_SEGMENT_UNITS, SINGLE_SEGMENT_UNITS

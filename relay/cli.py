@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-import requests
+import httpx
 from sqlalchemy import make_url
 from sqlalchemy.exc import DBAPIError
 
@@ -118,8 +118,8 @@ def quote(args: argparse.Namespace) -> int:
     """Ask a relay for a quote."""
     from relay.client import RelayClient
 
-    client = RelayClient(load_client_settings().relay_url)
-    show(client.quote(args.message, args.to, smart_encoding=args.smart_encoding))
+    with RelayClient(load_client_settings().relay_url) as client:
+        show(client.quote(args.message, args.to, smart_encoding=args.smart_encoding))
     return 0
 
 
@@ -131,16 +131,16 @@ def send(args: argparse.Namespace) -> int:
     if not config.payer_private_key:
         say("PAYER_PRIVATE_KEY must be set to the key of the wallet that pays")
         return 2
-    client = RelayClient(
+    with RelayClient(
         config.relay_url,
         config.payer_private_key,
         pay_password=config.pay_password,
         on_step=lambda step: say(f"... {step}"),
-    )
-    say(f"paying from {client.address}, at most {args.max_price} USD")
-    result = client.send(
-        args.message, args.to, max_price_usd=args.max_price, smart_encoding=args.smart_encoding
-    )
+    ) as client:
+        say(f"paying from {client.address}, at most {args.max_price} USD")
+        result = client.send(
+            args.message, args.to, max_price_usd=args.max_price, smart_encoding=args.smart_encoding
+        )
     show(result)
     return 0
 
@@ -371,15 +371,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DBAPIError as exc:  # the database is away, refuses us, or does not exist
         print(f"database: {database_problem(exc)}", file=sys.stderr)
         return 1
-    except requests.RequestException as exc:
-        url = getattr(exc.request, "url", None) or "the relay"
-        print(f"relay_unreachable: cannot reach {url} ({type(exc).__name__})", file=sys.stderr)
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        where = _requested_url(exc)
+        print(f"relay_unreachable: cannot reach {where} ({type(exc).__name__})", file=sys.stderr)
         return 1
     except RelayError as exc:
         print(f"{exc.code}: {exc.message}", file=sys.stderr)
         if exc.details:
             print(json.dumps(exc.details, default=str), file=sys.stderr)
         return 1
+
+
+def _requested_url(error: httpx.HTTPError | httpx.InvalidURL) -> str:
+    """The URL a failed request went to; "the relay" when it failed before it was made."""
+    try:
+        return str(error.request.url) if isinstance(error, httpx.HTTPError) else "the relay"
+    except RuntimeError:  # httpx raises it for an error that carries no request
+        return "the relay"
 
 
 if __name__ == "__main__":

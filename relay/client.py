@@ -8,7 +8,7 @@ from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
-import requests
+import httpx
 from eth_account import Account
 from x402 import PaymentRequired, x402ClientSync
 from x402.extensions.payment_identifier import append_payment_identifier_to_extensions
@@ -18,10 +18,14 @@ from x402.mechanisms.evm.exact import register_exact_evm_client
 
 from relay.errors import InvalidInput, PriceLimitExceeded, RelayError, error_for_code
 from relay.pricing import from_atomic, to_atomic
+from relay.retry import Backoff, retry
+from relay.transport import closed_with
 
 RETRYABLE_CODES = {"settlement_pending", "request_in_progress", "rate_limited"}
 RETRYABLE_CODES |= {"chain_unavailable", "moderation_unavailable", "internal_error"}
 DEFAULT_TIMEOUT = 60.0
+#: Waits between paid attempts without a Retry-After: up to 2, 4, 8... seconds.
+FIRST_WAIT_SECONDS = 2.0
 
 
 class RelayClient:
@@ -35,7 +39,7 @@ class RelayClient:
         pay_password: str | None = None,
         max_attempts: int = 8,
         max_wait_seconds: float = 30.0,
-        session: requests.Session | None = None,
+        http: httpx.Client | None = None,
         sleep: Callable[[float], None] = time.sleep,
         on_step: Callable[[str], None] | None = None,
     ) -> None:
@@ -46,10 +50,21 @@ class RelayClient:
         if self._account is not None:
             register_exact_evm_client(self._x402, EthAccountSigner(self._account))
         self._password = pay_password
-        self._max_attempts = max_attempts
-        self._max_wait = max_wait_seconds
-        self._session = session or requests.Session()
+        self._backoff = Backoff(max_attempts, FIRST_WAIT_SECONDS, max_wait_seconds)
+        self._owns_http = http is None
+        self._http = closed_with(self, httpx.Client()) if http is None else http
         self._sleep = sleep
+
+    def close(self) -> None:
+        """Release the HTTP connections (those of a client passed in stay its owner's)."""
+        if self._owns_http:
+            self._http.close()
+
+    def __enter__(self) -> RelayClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     @property
     def address(self) -> str | None:
@@ -91,7 +106,7 @@ class RelayClient:
         self._on_step(f"payment signed by {self.address}; settling on-chain")
         return self._paid_retry(body, header)
 
-    def _pay(self, challenge: requests.Response, cap: int) -> str:
+    def _pay(self, challenge: httpx.Response, cap: int) -> str:
         """Sign the challenge's exact requirement, never above the cap."""
         required = decode_payment_required_header(challenge.headers["PAYMENT-REQUIRED"])
         assert isinstance(required, PaymentRequired)
@@ -106,34 +121,33 @@ class RelayClient:
     def _paid_retry(self, body: dict[str, Any], header: str) -> dict[str, Any]:
         """Send the one signed payment, repeating the identical request while retryable."""
         headers = {**self._auth(), "PAYMENT-SIGNATURE": header}
-        for attempt in range(1, self._max_attempts + 1):
-            try:
-                response = self._post("/api/send", body, headers)
-            except (requests.ConnectionError, requests.Timeout):
-                if attempt == self._max_attempts:
-                    raise
-                self._sleep(min(2.0**attempt, self._max_wait))
-                continue
-            if not _retryable(response) or attempt == self._max_attempts:
-                return self._ok(response)
-            self._on_step(f"{_json(response).get('error')}; retrying the same payment")
-            self._sleep(self._wait(response, attempt))
-        raise AssertionError("unreachable")
 
-    def _wait(self, response: requests.Response, attempt: int) -> float:
-        retry_after = response.headers.get("Retry-After", "")
-        seconds = float(retry_after) if retry_after.isdigit() else 2.0**attempt
-        return min(seconds, self._max_wait)
+        def attempt(number: int) -> httpx.Response:
+            response = self._post("/api/send", body, headers)
+            if _retryable(response) and number < self._backoff.attempts:
+                self._on_step(f"{_json(response).get('error')}; retrying the same payment")
+                raise _AnswerWorthRepeating(response)
+            return response
+
+        return self._ok(
+            retry(
+                attempt,
+                self._backoff,
+                retryable=_worth_repeating,
+                asked=_asked_wait,
+                sleep=self._sleep,
+            )
+        )
 
     def _auth(self) -> dict[str, str]:
         return {"X-Pay-Password": self._password} if self._password else {}
 
-    def _post(self, path: str, body: dict[str, Any], headers: dict[str, str]) -> requests.Response:
-        return self._session.post(
+    def _post(self, path: str, body: dict[str, Any], headers: dict[str, str]) -> httpx.Response:
+        return self._http.post(
             self.base_url + path, json=body, headers=headers, timeout=DEFAULT_TIMEOUT
         )
 
-    def _ok(self, response: requests.Response) -> dict[str, Any]:
+    def _ok(self, response: httpx.Response) -> dict[str, Any]:
         """The JSON of a 200, or the typed RelayError of its error code."""
         data = _json(response)
         if response.status_code == 200:
@@ -153,8 +167,8 @@ def send(
     smart_encoding: bool = False,
 ) -> dict[str, Any]:
     """Quote, pay and send one SMS in one call; never pays more than ``max_price_usd``."""
-    client = RelayClient(base_url, private_key, pay_password=pay_password)
-    return client.send(message, to, max_price_usd=max_price_usd, smart_encoding=smart_encoding)
+    with RelayClient(base_url, private_key, pay_password=pay_password) as client:
+        return client.send(message, to, max_price_usd=max_price_usd, smart_encoding=smart_encoding)
 
 
 def _check_cap(amount_atomic: int, cap_atomic: int) -> None:
@@ -166,7 +180,35 @@ def _check_cap(amount_atomic: int, cap_atomic: int) -> None:
         )
 
 
-def _json(response: requests.Response) -> dict[str, Any]:
+class _AnswerWorthRepeating(Exception):
+    """An answer to the paid request that asks for the identical request again."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        super().__init__(response.status_code)
+        self.response = response
+
+
+def _worth_repeating(error: Exception) -> bool:
+    """A retryable answer, or no answer at all (refused, timed out or cut off): the relay
+    settles one payment once, so the identical request is always safe to repeat."""
+    return isinstance(
+        error,
+        _AnswerWorthRepeating
+        | httpx.TimeoutException
+        | httpx.NetworkError
+        | httpx.RemoteProtocolError,
+    )
+
+
+def _asked_wait(error: Exception) -> float | None:
+    """The answer's Retry-After, in whole seconds."""
+    if not isinstance(error, _AnswerWorthRepeating):
+        return None
+    retry_after = error.response.headers.get("Retry-After", "")
+    return float(retry_after) if retry_after.isdigit() else None
+
+
+def _json(response: httpx.Response) -> dict[str, Any]:
     try:
         data = response.json()
     except ValueError:
@@ -176,16 +218,14 @@ def _json(response: requests.Response) -> dict[str, Any]:
     return data
 
 
-def _retryable(response: requests.Response) -> bool:
+def _retryable(response: httpx.Response) -> bool:
     """Worth repeating the identical paid request: pending, busy, or a gateway hiccup."""
     if response.status_code == 200:
         return False
     return str(_json(response).get("error", "")) in RETRYABLE_CODES
 
 
-def _as_error(
-    cls: type[RelayError], data: dict[str, Any], response: requests.Response
-) -> RelayError:
+def _as_error(cls: type[RelayError], data: dict[str, Any], response: httpx.Response) -> RelayError:
     known = {"error", "message", "retryable", "retry_after_seconds", "details"}
     retry_after = data.get("retry_after_seconds")
     return cls(

@@ -42,6 +42,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from relay.moderation import Verdict
 from relay.records import MessageEvent, MessageRecord, PaymentRecord, RefundRecord
+from relay.retry import Backoff, retry
 from relay.states import check_move
 
 SCHEMA_VERSION = 2
@@ -52,6 +53,9 @@ UPGRADE_ATTEMPTS = 5
 NONCE_GAP_SECONDS = 15.0
 MAX_NONCE_AHEAD = 256
 NONCE_ATTEMPTS = 100
+#: A reservation lost to another process is tried again a random moment later, so that the
+#: two do not collide again.
+NONCE_BACKOFF = Backoff(NONCE_ATTEMPTS, 0.002, 0.05)
 
 metadata = MetaData()
 
@@ -554,11 +558,14 @@ class Ledger:
         NONCE_GAP_SECONDS was never broadcast, or was dropped: it is handed out again,
         judged by its own age, however busy the account is.
         """
-        for _ in range(NONCE_ATTEMPTS):
+
+        def attempt(_number: int) -> int:
             nonce = self._try_reserve(address, pending, latest, now)
-            if nonce is not None:
-                return nonce
-        raise RuntimeError("no transaction nonce could be reserved")
+            if nonce is None:
+                raise NonceRace("no transaction nonce could be reserved")
+            return nonce
+
+        return retry(attempt, NONCE_BACKOFF, retryable=lambda error: isinstance(error, NonceRace))
 
     def _try_reserve(self, address: str, pending: int, latest: int, now: float) -> int | None:
         table, marks = nonce_reservations, settler_nonces
@@ -834,6 +841,10 @@ class Conflict(Exception):
         super().__init__(kind)
         self.kind = kind
         self.existing = existing
+
+
+class NonceRace(RuntimeError):
+    """Another process reserved the nonce this one was about to take."""
 
 
 class LedgerVerdictCache:

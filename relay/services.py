@@ -1,4 +1,5 @@
-"""The bundle of collaborators every flow uses, built in exactly one place."""
+"""The bundle of collaborators every flow uses, built in exactly one place: each adapter gets
+the small configuration it needs from the settings here."""
 
 from __future__ import annotations
 
@@ -6,13 +7,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from relay.gemini import GeminiModerator
 from relay.ledger import Ledger, LedgerVerdictCache
-from relay.moderation import Moderator, build_moderator
-from relay.payments import Payments, Refunder
+from relay.moderation import Moderator
+from relay.payments import Payments
+from relay.phishing_rules import LayeredModerator, RulesModerator
 from relay.quote_tokens import QuoteSigner
 from relay.ratelimit import Limiter, lockout_rule
+from relay.refunds import Refunder
 from relay.settings import Settings
-from relay.sinch import SmsSender, build_sender
+from relay.sinch import OutboxSender, SinchSender, SmsSender
+from relay.verdict_cache import CachingModerator, MemoryVerdictCache, VerdictCache
 
 
 @dataclass
@@ -44,6 +49,7 @@ def build_services(
     lockout = lockout_rule(
         settings.pay_password_max_failures, settings.pay_password_lockout_seconds
     )
+    refunds = settings.refunds()
     return Services(
         settings=settings,
         ledger=ledger,
@@ -53,8 +59,30 @@ def build_services(
         ),
         quote_limiter=Limiter(settings.rate_limit_storage_url, settings.quote_rate_limit),
         password_limiter=Limiter(settings.rate_limit_storage_url, lockout),
-        payments=Payments(settings, nonces=ledger),
+        payments=Payments(settings.payments(), ledger),
         sms=build_sender(settings, ledger),
-        refunder=Refunder.from_settings(settings, ledger),
+        refunder=None if refunds is None else Refunder(refunds, ledger),
         clock=clock,
     )
+
+
+def build_moderator(settings: Settings, cache: VerdictCache | None = None) -> Moderator:
+    """Rules alone in development mode; otherwise rules, then Gemini, behind the cache."""
+    if settings.moderation_provider == "rules":
+        return RulesModerator()
+    gemini = settings.gemini()
+    layered = LayeredModerator(RulesModerator(), GeminiModerator(gemini))
+    longest = gemini.timeout_seconds * max(1, gemini.max_attempts) + 10.0
+    return CachingModerator(
+        layered,
+        MemoryVerdictCache() if cache is None else cache,
+        gemini.model,
+        wait_seconds=longest,
+    )
+
+
+def build_sender(settings: Settings, ledger: Ledger) -> SmsSender:
+    """The SMS provider chosen by SMS_PROVIDER."""
+    if settings.sms_provider == "outbox":
+        return OutboxSender(ledger)
+    return SinchSender(settings.sinch())

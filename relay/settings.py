@@ -1,4 +1,6 @@
-"""The one settings object, loaded from the environment (and an optional .env) at start-up."""
+"""The one settings object, loaded from the environment (and an optional .env) at start-up;
+``Settings.chain()``, ``payments()``, ``refunds()``, ``gemini()`` and ``sinch()`` build the
+small configuration each adapter takes (``relay.configs``): no adapter sees the whole of it."""
 
 from __future__ import annotations
 
@@ -16,8 +18,8 @@ from eth_account import Account
 from eth_utils.address import is_address, to_checksum_address
 from limits import parse_many
 from x402.mechanisms.evm.default_assets import DEFAULT_ASSETS
-from x402.mechanisms.evm.v1.constants import V1_NETWORK_CHAIN_IDS
 
+from relay.configs import ChainConfig, GeminiConfig, PaymentConfig, RefundConfig, SinchConfig
 from relay.ratelimit import STORAGE_SCHEMES
 
 DEFAULT_RPC_URLS = {
@@ -103,11 +105,6 @@ class Settings:
             object.__setattr__(self, "database_url", url)
 
     @property
-    def chain_id(self) -> int:
-        """The EVM chain id of the configured CAIP-2 network."""
-        return int(self.x402_network.split(":", 1)[1])
-
-    @property
     def max_message_chars(self) -> int:
         """A bound on `message` derived from MAX_SEGMENTS: no text longer than 160
         characters a segment can fit (a character is at least one septet), so anything
@@ -125,20 +122,6 @@ class Settings:
     def cors_origin_list(self) -> tuple[str, ...]:
         """The browser origins allowed to call the API ("*" is any; empty is none)."""
         return tuple(o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip())
-
-    @property
-    def v1_network(self) -> str:
-        """The x402 v1 network name (e.g. base-sepolia) of the configured network."""
-        names = {chain: name for name, chain in V1_NETWORK_CHAIN_IDS.items()}
-        return names.get(self.chain_id, self.x402_network)
-
-    @property
-    def usdc_eip712(self) -> tuple[str, str]:
-        """The token's EIP-712 domain name and version."""
-        for asset in DEFAULT_ASSETS.get(self.x402_network, []):
-            if asset["asset"].lower() == self.usdc_address.lower():
-                return asset["name"], asset["version"]
-        return "USD Coin", "2"
 
     @property
     def sinch_base(self) -> str:
@@ -161,9 +144,51 @@ class Settings:
         found = {v for value in values for v in (value, value.removeprefix("0x"))}
         return sorted((v for v in found if len(v) >= 6), key=len, reverse=True)
 
-    def replace(self, **changes: Any) -> Settings:
-        """A copy with some fields changed (tests and the dev stack use it)."""
-        return dataclasses.replace(self, **changes)
+    def chain(self) -> ChainConfig:
+        """What every adapter that reads or writes the chain takes."""
+        return ChainConfig(
+            self.x402_network, self.rpc_url, self.usdc_address, self.settlement_timeout_seconds
+        )
+
+    def payments(self) -> PaymentConfig:
+        """What taking x402 payments takes."""
+        return PaymentConfig(
+            self.chain(),
+            self.pay_to_address,
+            self.facilitator,
+            self.facilitator_url,
+            self.settler_private_key,
+        )
+
+    def refunds(self) -> RefundConfig | None:
+        """What refunding takes; None without REFUND_PRIVATE_KEY (no automatic refunds)."""
+        if not self.refund_private_key:
+            return None
+        return RefundConfig(self.chain(), self.refund_private_key)
+
+    def gemini(self) -> GeminiConfig:
+        """What the Gemini moderator takes; SettingsError without GEMINI_API_KEY."""
+        if not self.gemini_api_key:
+            raise SettingsError(["GEMINI_API_KEY is required for Gemini moderation"])
+        return GeminiConfig(
+            self.gemini_api_key,
+            self.gemini_model,
+            self.gemini_base_url,
+            self.gemini_timeout_seconds,
+            self.gemini_max_attempts,
+        )
+
+    def sinch(self) -> SinchConfig:
+        """What the Sinch sender takes; SettingsError naming every credential missing."""
+        plan, token, sender = self.sinch_service_plan_id, self.sinch_api_token, self.sinch_from
+        if not (plan and token and sender):
+            named = {"SINCH_SERVICE_PLAN_ID": plan, "SINCH_API_TOKEN": token, "SINCH_FROM": sender}
+            raise SettingsError([f"{n} is required for Sinch" for n, v in named.items() if not v])
+        callback = None
+        if self.public_base_url and self.sinch_callback_secret:
+            base = self.public_base_url.rstrip("/")
+            callback = f"{base}/webhooks/sinch/{self.sinch_callback_secret}"
+        return SinchConfig(plan, token, sender, self.sinch_base, callback)
 
     def problems(self) -> list[str]:
         """Every inconsistency between the fields, as human-readable lines."""

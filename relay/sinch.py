@@ -1,31 +1,28 @@
-"""Sinch SMS: the SmsSender protocol, a thin REST client, and pure webhook helpers."""
+"""Sinch SMS (SPEC §10): the SmsSender protocol, a thin REST client over httpx, and the
+development outbox. Sinch's callbacks are read in ``relay.sinch_webhooks``."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import logging
 import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
+from urllib.parse import quote
 
-import requests
-from urllib3.exceptions import NewConnectionError
+import httpx
 
+from relay.configs import SinchConfig
 from relay.ledger import Ledger
 from relay.phone import mask
-from relay.settings import Settings
+from relay.retry import Backoff, retry
+from relay.transport import closed_with, never_sent
 
 log = logging.getLogger(__name__)
 
 PROVIDER = "sinch"
-SIGNATURE_TOLERANCE_SECONDS = 300
-DeliveryStatus = Literal["dispatched", "delivered", "failed"]
-OptOutAction = Literal["stop", "start"]
 
 _LOOKUP_PAGE_SIZE = 100
 _LOOKUP_MARGIN_SECONDS = 300  # clock skew between us and Sinch
@@ -86,14 +83,26 @@ def compose_body(text: str, opt_out_line: str) -> str:
     return f"{text}\n{opt_out_line}" if opt_out_line else text
 
 
+def sinch_client(
+    base_url: str, service_plan_id: str, api_token: str, timeout: httpx.Timeout
+) -> httpx.Client:
+    """The HTTP client of Sinch's SMS REST API: the service plan's ``batches`` under
+    ``base_url``, with its bearer token; close() it after use."""
+    plan = quote(service_plan_id, safe="")
+    return httpx.Client(
+        base_url=f"{base_url.rstrip('/')}/xms/v1/{plan}/",
+        headers={"Authorization": f"Bearer {api_token}", "Accept": "application/json"},
+        timeout=timeout,
+    )
+
+
 class SinchSender:
     """Sends one SMS as a Sinch batch, retrying only where that cannot send it twice."""
 
     def __init__(
         self,
-        settings: Settings,
+        config: SinchConfig,
         *,
-        session: requests.Session | None = None,
         connect_timeout: float = 5.0,
         read_timeout: float = 20.0,
         max_attempts: int = 3,
@@ -101,25 +110,17 @@ class SinchSender:
         max_wait_seconds: float = 10.0,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        plan, token = settings.sinch_service_plan_id, settings.sinch_api_token
-        if not (plan and token and settings.sinch_from):
-            raise ValueError("SINCH_SERVICE_PLAN_ID, SINCH_API_TOKEN and SINCH_FROM are required")
-        self._batches_url = f"{settings.sinch_base.rstrip('/')}/xms/v1/{plan}/batches"
-        self._sender = settings.sinch_from
-        self._callback_url = _callback_url(settings)
-        self._session = session or requests.Session()
-        self._session.headers.update(
-            {"Authorization": f"Bearer {token}", "Accept": "application/json"}
-        )
-        self._timeout = (connect_timeout, read_timeout)
-        self._max_attempts = max(max_attempts, 1)
-        self._backoff = backoff_seconds
-        self._max_wait = max_wait_seconds
+        self._sender = config.sender
+        self._callback_url = config.callback_url
+        timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
+        http = sinch_client(config.base_url, config.service_plan_id, config.api_token, timeout)
+        self._http = closed_with(self, http)
+        self._backoff = Backoff(max(max_attempts, 1), backoff_seconds, max_wait_seconds)
         self._sleep = sleep
 
     def close(self) -> None:
         """Release pooled connections."""
-        self._session.close()
+        self._http.close()
 
     def __enter__(self) -> SinchSender:
         return self
@@ -140,18 +141,25 @@ class SinchSender:
         lease there, or raises to stop).
         """
         payload = self._payload(to, body, client_reference)
-        attempt = 0
-        while True:
-            attempt += 1
+
+        def attempt(number: int) -> SendResult:
             if keep_alive is not None:
                 keep_alive()
             try:
                 return self._post(payload, to, client_reference)
-            except SmsDispatchError as exc:
-                self._log_failure(exc, to, client_reference, attempt)
-                found = self._recover(exc, client_reference, attempt, keep_alive)
-            if found is not None:
-                return found
+            except SmsDispatchError as error:
+                self._log_failure(error, to, client_reference, number)
+                if error.retryable and error.maybe_sent:
+                    return self._recover(error, client_reference, number, keep_alive)
+                raise
+
+        return retry(
+            attempt,
+            self._backoff,
+            retryable=_worth_posting_again,
+            asked=_asked_wait,
+            sleep=self._sleep,
+        )
 
     def _recover(
         self,
@@ -159,17 +167,13 @@ class SinchSender:
         client_reference: str,
         attempt: int,
         keep_alive: Callable[[], None] | None,
-    ) -> SendResult | None:
-        """Wait, then either find the batch a maybe-sent attempt created or give up: Sinch's
-        list may lag behind its answer, so a batch missing from it is no proof that none
-        was created, and a maybe-sent message is never posted again here (the reconciler
-        looks once more, later, before any second hand-over or refund)."""
-        last = attempt >= self._max_attempts
-        if not error.retryable or (last and not error.maybe_sent):
-            raise error
-        self._sleep(self._delay(error, attempt))
-        if not error.maybe_sent:
-            return None
+    ) -> SendResult:
+        """Wait, then find the batch a maybe-sent attempt created or give up: Sinch's list
+        may lag behind its answer, so a batch missing from it is no proof that none was
+        created, and a maybe-sent message is never posted again here (the reconciler looks
+        once more, later, before any second hand-over or refund)."""
+        # The whole wait, not a random part of it: it gives the list time to catch up.
+        self._sleep(self._backoff.longest(attempt, error.retry_after))
         if keep_alive is not None:
             keep_alive()
         found = self.lookup(client_reference)
@@ -185,7 +189,7 @@ class SinchSender:
             mask(to),
             client_reference,
             attempt,
-            self._max_attempts,
+            self._backoff.attempts,
             error,
         )
 
@@ -197,7 +201,7 @@ class SinchSender:
         """
         try:
             return self._find(client_reference, since)
-        except (requests.RequestException, ValueError) as exc:
+        except (httpx.HTTPError, ValueError) as exc:
             raise SmsDispatchError(
                 "Sinch did not confirm the message and could not be asked; it may have been sent.",
                 maybe_sent=True,
@@ -228,11 +232,10 @@ class SinchSender:
 
     def _post(self, payload: dict[str, Any], to: str, client_reference: str) -> SendResult:
         try:
-            response = self._session.post(self._batches_url, json=payload, timeout=self._timeout)
-        except requests.RequestException as exc:
+            response = self._http.post("batches", json=payload)
+        except httpx.RequestError as exc:
             raise _transport_error(exc) from exc
-        with response:
-            result = _created(response)
+        result = _created(response)
         log.info(
             "sinch batch %s created for %s (ref %s)",
             result.message_id,
@@ -251,9 +254,9 @@ class SinchSender:
         }
         if since is not None:
             params["start_date"] = _iso8601(since - _LOOKUP_MARGIN_SECONDS)
-        with self._session.get(self._batches_url, params=params, timeout=self._timeout) as response:
-            response.raise_for_status()
-            data = response.json()
+        response = self._http.get("batches", params=params)
+        response.raise_for_status()
+        data = response.json()
         if not isinstance(data, dict) or not isinstance(data.get("batches", []), list):
             raise ValueError("unexpected batch list from Sinch")
         batches = [b for b in data.get("batches", []) if isinstance(b, dict)]
@@ -261,13 +264,14 @@ class SinchSender:
         more = bool(batches) and isinstance(count, int) and (page + 1) * _LOOKUP_PAGE_SIZE < count
         return batches, more
 
-    def _delay(self, error: SmsDispatchError, attempt: int) -> float:
-        wait = (
-            error.retry_after
-            if error.retry_after is not None
-            else self._backoff * 2 ** (attempt - 1)
-        )
-        return min(max(wait, 0.0), self._max_wait)
+
+def _worth_posting_again(error: Exception) -> bool:
+    """Only a failure that cannot have created the batch is posted again."""
+    return isinstance(error, SmsDispatchError) and error.retryable and not error.maybe_sent
+
+
+def _asked_wait(error: Exception) -> float | None:
+    return error.retry_after if isinstance(error, SmsDispatchError) else None
 
 
 def _iso8601(epoch: float) -> str:
@@ -276,28 +280,14 @@ def _iso8601(epoch: float) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _callback_url(settings: Settings) -> str | None:
-    if not (settings.public_base_url and settings.sinch_callback_secret):
-        return None
-    return f"{settings.public_base_url.rstrip('/')}/webhooks/sinch/{settings.sinch_callback_secret}"
-
-
-def _transport_error(exc: requests.RequestException) -> SmsDispatchError:
-    if _never_reached_sinch(exc):
+def _transport_error(exc: httpx.RequestError) -> SmsDispatchError:
+    if never_sent(exc):
         return SmsDispatchError("Could not connect to Sinch.", retryable=True)
-    kind = "timed out" if isinstance(exc, requests.Timeout) else "broke off"
+    kind = "timed out" if isinstance(exc, httpx.TimeoutException) else "broke off"
     return SmsDispatchError(f"The request to Sinch {kind}.", retryable=True, maybe_sent=True)
 
 
-def _never_reached_sinch(exc: requests.RequestException) -> bool:
-    """True when the connection was never made, so Sinch cannot have created the batch."""
-    if isinstance(exc, requests.ConnectTimeout | requests.exceptions.SSLError):
-        return True
-    reason = getattr(exc.args[0], "reason", None) if exc.args else None
-    return isinstance(exc, requests.ConnectionError) and isinstance(reason, NewConnectionError)
-
-
-def _created(response: requests.Response) -> SendResult:
+def _created(response: httpx.Response) -> SendResult:
     if response.status_code in (200, 201):
         batch_id = _json(response).get("id")
         if isinstance(batch_id, str) and batch_id:
@@ -308,7 +298,7 @@ def _created(response: requests.Response) -> SendResult:
     raise _http_error(response)
 
 
-def _http_error(response: requests.Response) -> SmsDispatchError:
+def _http_error(response: httpx.Response) -> SmsDispatchError:
     status = response.status_code
     code = _provider_code(_json(response))
     server_side = status >= 500
@@ -322,7 +312,7 @@ def _http_error(response: requests.Response) -> SmsDispatchError:
     )
 
 
-def _json(response: requests.Response) -> dict[str, Any]:
+def _json(response: httpx.Response) -> dict[str, Any]:
     try:
         data = response.json()
     except ValueError:
@@ -345,152 +335,6 @@ def _retry_after(raw: str | None) -> float | None:
         return float(raw) if raw is not None else None
     except ValueError:
         return None
-
-
-# Webhooks: pure functions, no I/O.
-
-
-@dataclass(frozen=True)
-class DeliveryReport:
-    """A per-recipient delivery report (type recipient_delivery_report_sms)."""
-
-    batch_id: str
-    recipient: str
-    status: DeliveryStatus
-    provider_status: str
-    code: int | None
-    at: str | None
-    client_reference: str | None
-
-
-@dataclass(frozen=True)
-class InboundMessage:
-    """A text someone sent to our number (type mo_text)."""
-
-    message_id: str | None
-    sender: str
-    to: str
-    body: str
-    received_at: str | None
-
-
-_STATUSES: dict[str, DeliveryStatus] = {
-    "queued": "dispatched",
-    "dispatched": "dispatched",
-    "unknown": "dispatched",
-    "delivered": "delivered",
-    "aborted": "failed",
-    "cancelled": "failed",
-    "failed": "failed",
-    "expired": "failed",
-    "rejected": "failed",
-    "deleted": "failed",
-}
-_STOP_WORDS = frozenset({"stop", "stopall", "unsubscribe", "cancel", "end", "quit"})
-_START_WORDS = frozenset({"start", "unstop", "yes"})
-
-
-def parse_callback(payload: Mapping[str, Any]) -> DeliveryReport | InboundMessage | None:
-    """A Sinch callback as a DeliveryReport or InboundMessage; None for anything else."""
-    if not isinstance(payload, Mapping):
-        return None
-    kind = payload.get("type")
-    if kind == "recipient_delivery_report_sms":
-        return _delivery_report(payload)
-    if kind == "mo_text":
-        return _inbound(payload)
-    return None
-
-
-def _delivery_report(payload: Mapping[str, Any]) -> DeliveryReport | None:
-    batch_id, recipient, raw = (_text(payload, k) for k in ("batch_id", "recipient", "status"))
-    status = _STATUSES.get(raw.casefold()) if raw else None
-    if not (batch_id and recipient and raw and status):
-        return None
-    code = payload.get("code")
-    return DeliveryReport(
-        batch_id=batch_id,
-        recipient=_plus(recipient),
-        status=status,
-        provider_status=raw,
-        code=code if isinstance(code, int) and not isinstance(code, bool) else None,
-        at=_text(payload, "at"),
-        client_reference=_text(payload, "client_reference"),
-    )
-
-
-def _inbound(payload: Mapping[str, Any]) -> InboundMessage | None:
-    sender, to, body = _text(payload, "from"), _text(payload, "to"), payload.get("body")
-    if not (sender and to and isinstance(body, str)):
-        return None
-    return InboundMessage(
-        message_id=_text(payload, "id"),
-        sender=_plus(sender),
-        to=to,
-        body=body,
-        received_at=_text(payload, "received_at"),
-    )
-
-
-def _text(payload: Mapping[str, Any], key: str) -> str | None:
-    value = payload.get(key)
-    return value if isinstance(value, str) and value else None
-
-
-def _plus(msisdn: str) -> str:
-    """Sinch often omits the + of E.164 in callbacks; put it back."""
-    return f"+{msisdn}" if msisdn.isdigit() else msisdn
-
-
-def opt_out_action(body: str) -> OptOutAction | None:
-    """stop or start when the whole message is an opt-out or opt-in keyword."""
-    word = body.strip().rstrip(".!").strip().casefold()
-    if word in _STOP_WORDS:
-        return "stop"
-    if word in _START_WORDS:
-        return "start"
-    return None
-
-
-def sign_callback(secret: str, body: bytes, nonce: str, timestamp: str) -> str:
-    """Sinch's callback signature: base64(HMAC-SHA256(secret, body.nonce.timestamp))."""
-    signed = body + b"." + nonce.encode() + b"." + timestamp.encode()
-    digest = hmac.new(secret.encode(), signed, hashlib.sha256).digest()
-    return base64.b64encode(digest).decode()
-
-
-def verify_signature(
-    secret: str,
-    body: bytes,
-    headers: Mapping[str, str],
-    now: float,
-    tolerance: float = SIGNATURE_TOLERANCE_SECONDS,
-) -> bool:
-    """Whether the x-sinch-webhook-signature headers sign this exact body, recently."""
-    lower = {k.lower(): v for k, v in headers.items()}
-    signature = lower.get("x-sinch-webhook-signature")
-    nonce = lower.get("x-sinch-webhook-signature-nonce")
-    timestamp = lower.get("x-sinch-webhook-signature-timestamp")
-    if not (secret and signature and nonce and timestamp):
-        return False
-    signed_at = _epoch(timestamp)
-    if signed_at is None or abs(now - signed_at) > tolerance:
-        return False
-    expected = sign_callback(secret, body, nonce, timestamp)
-    return hmac.compare_digest(expected.encode(), signature.encode())
-
-
-def _epoch(timestamp: str) -> float | None:
-    """Seconds since the epoch, or an ISO-8601 instant with a zone."""
-    try:
-        return float(int(timestamp))
-    except ValueError:
-        pass
-    try:
-        parsed = datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed.timestamp() if parsed.tzinfo else None
 
 
 class OutboxSender:
@@ -523,10 +367,3 @@ class OutboxSender:
         """The message stored under this client reference, if any (the outbox keeps all)."""
         found = self._ledger.outbox_find(client_reference)
         return None if found is None else SendResult(found["message_id"], "outbox")
-
-
-def build_sender(settings: Settings, ledger: Ledger) -> SmsSender:
-    """The SMS provider chosen by SMS_PROVIDER."""
-    if settings.sms_provider == "outbox":
-        return OutboxSender(ledger)
-    return SinchSender(settings)

@@ -9,7 +9,9 @@ that fails is ``200`` with ``isValid``/``success`` false; a request it cannot re
 ``fail_status`` makes every POST answer that status instead (outage and rejection tests).
 
     with FakeFacilitator(chain.rpc_url, settler_key) as facilitator:
-        settings = settings.replace(facilitator="remote", facilitator_url=facilitator.url)
+        settings = dataclasses.replace(
+            settings, facilitator="remote", facilitator_url=facilitator.url
+        )
 
     python -m tests.fake_facilitator --port 4021 --rpc-url http://127.0.0.1:8545 --key 0x...
 """
@@ -33,7 +35,8 @@ from x402 import (
 )
 from x402.mechanisms.evm import FacilitatorWeb3Signer
 
-from relay.payments import as_json, local_facilitator
+from relay.facilitator import local_facilitator
+from relay.payment_headers import as_json
 
 MAX_BODY_BYTES = 1024 * 1024
 

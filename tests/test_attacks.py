@@ -7,6 +7,7 @@ every payment ends with one SMS or one refund, and that nothing is sent unpaid.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -18,8 +19,8 @@ from flask import Flask
 from flask.testing import FlaskClient
 from x402.http import decode_payment_required_header
 
+import relay.chain
 import relay.ledger
-import relay.payments
 from relay.app import create_app
 from relay.dev.chain import DevChain
 from relay.flows.dispatching import DISPATCH_QUIET_SECONDS
@@ -168,7 +169,7 @@ def test_a_settlement_found_long_after_is_dispatched_not_failed(
 ) -> None:
     """Repair runs more than LOG_WINDOW_BLOCKS after the settlement (the window made small
     so that the chain need not mine thousands of blocks): the search starts at the claim."""
-    monkeypatch.setattr(relay.payments, "LOG_WINDOW_BLOCKS", 20)
+    monkeypatch.setattr(relay.chain, "LOG_WINDOW_BLOCKS", 20)
     app = create_app(services=build_services(paid_settings()))
     services = services_of(app)
     payment_id, signature, body = crashed_after_broadcast(app, chain, payer, "Found late")
@@ -262,7 +263,7 @@ def test_a_dispatch_that_cannot_be_looked_up_is_never_sent_blindly(
     (row,) = services.ledger.list_payments()
     rewind_payment(services, row.id, state="dispatch_unknown", message_id=None, updated_at=0.0)
     gone = create_app(
-        services=build_services(settings.replace(sinch_base_url="http://127.0.0.1:9"))
+        services=build_services(dataclasses.replace(settings, sinch_base_url="http://127.0.0.1:9"))
     )
     assert reconcile(services_of(gone)) == {row.id: "dispatch_unknown"}
     replay = send(gone.test_client(), body, signature)  # a replay meanwhile: a clean 502

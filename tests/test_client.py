@@ -6,8 +6,8 @@ import threading
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 
+import httpx
 import pytest
-import requests
 from werkzeug.serving import make_server
 
 from relay.app import create_app
@@ -50,34 +50,34 @@ def serve(paid_settings: Callable[..., Settings]) -> Iterator[Callable[..., Serv
         served.stop()
 
 
-class Recorder(requests.Session):
-    """A requests session that remembers every answer (to count the paid retries)."""
+class Recorder(httpx.Client):
+    """An HTTP client that remembers every answer (to count the paid retries)."""
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(event_hooks={"response": [self._remember]})
         self.answers: list[tuple[str, int, str | None]] = []
 
-    def request(
-        self, method: str | bytes, url: str | bytes, *args: object, **kwargs: object
-    ) -> requests.Response:  # type: ignore[override]
-        response = super().request(method, url, *args, **kwargs)  # type: ignore[arg-type]
-        headers = kwargs.get("headers") or {}
-        signature = headers.get("PAYMENT-SIGNATURE") if isinstance(headers, dict) else None
-        self.answers.append((str(url), response.status_code, signature))
-        return response
+    def _remember(self, response: httpx.Response) -> None:
+        signature = response.request.headers.get("PAYMENT-SIGNATURE")
+        self.answers.append((str(response.request.url), response.status_code, signature))
+
+
+@pytest.fixture
+def http() -> Iterator[Recorder]:
+    with Recorder() as recorder:
+        yield recorder
 
 
 def test_send_pays_once_and_returns_the_receipt(
-    serve: Callable[..., Served], chain: DevChain, payer: Wallet
+    serve: Callable[..., Served], chain: DevChain, payer: Wallet, http: Recorder
 ) -> None:
     served = serve()
-    session = Recorder()
-    client = RelayClient(served.url, payer.key, session=session)
+    client = RelayClient(served.url, payer.key, http=http)
     result = client.send("Hello from the client", US, max_price_usd=Decimal("0.10"))
     assert result["sent"] is True
     assert result["paid_by"] == payer.address.lower()
     assert chain.usdc_balance(payer.address) == 10_000_000 - PRICE
-    assert [(url.rsplit("/", 1)[-1], code) for url, code, _ in session.answers] == [
+    assert [(url.rsplit("/", 1)[-1], code) for url, code, _ in http.answers] == [
         ("quote", 200),
         ("send", 402),
         ("send", 200),
@@ -85,23 +85,22 @@ def test_send_pays_once_and_returns_the_receipt(
 
 
 def test_settlement_pending_is_retried_with_the_same_payment(
-    serve: Callable[..., Served], chain: DevChain, payer: Wallet
+    serve: Callable[..., Served], chain: DevChain, payer: Wallet, http: Recorder
 ) -> None:
     served = serve(settlement_timeout_seconds=0.3)
-    session = Recorder()
     waits: list[float] = []
 
     def sleep(seconds: float) -> None:
         waits.append(seconds)
         chain.mine()
 
-    client = RelayClient(served.url, payer.key, session=session, sleep=sleep)
+    client = RelayClient(served.url, payer.key, http=http, sleep=sleep)
     chain.set_automine(False)
     try:
         result = client.send("Slow chain ahead", US, max_price_usd="0.10")
     finally:
         chain.set_automine(True)
-    paid = [(code, signature) for _, code, signature in session.answers if signature]
+    paid = [(code, signature) for _, code, signature in http.answers if signature]
     assert [code for code, _ in paid] == [202, 200]
     assert paid[0][1] == paid[1][1]
     assert waits == [5]
@@ -110,22 +109,21 @@ def test_settlement_pending_is_retried_with_the_same_payment(
 
 
 def test_price_cap_is_checked_before_signing(
-    serve: Callable[..., Served], chain: DevChain, payer: Wallet
+    serve: Callable[..., Served], chain: DevChain, payer: Wallet, http: Recorder
 ) -> None:
     served = serve()
-    session = Recorder()
-    client = RelayClient(served.url, payer.key, session=session)
+    client = RelayClient(served.url, payer.key, http=http)
     with pytest.raises(PriceLimitExceeded) as info:
         client.send("Too dear", US, max_price_usd="0.049999")
     assert info.value.details == {"price_atomic": "50000", "max_atomic": "49999"}
-    assert [url.rsplit("/", 1)[-1] for url, _, _ in session.answers] == ["quote"]
+    assert [url.rsplit("/", 1)[-1] for url, _, _ in http.answers] == ["quote"]
     assert chain.usdc_balance(payer.address) == 10_000_000
 
 
 def test_errors_are_typed(serve: Callable[..., Served], payer: Wallet) -> None:
-    client = RelayClient(serve().url, payer.key)
-    with pytest.raises(Rejected) as rejected:
-        client.send("Verify your account at bit.ly/x", US, max_price_usd="1")
-    assert rejected.value.extra["approved"] is False
-    with pytest.raises(MessageTooLong):
-        client.send("a" * 1600, US, max_price_usd="1")
+    with RelayClient(serve().url, payer.key) as client:
+        with pytest.raises(Rejected) as rejected:
+            client.send("Verify your account at bit.ly/x", US, max_price_usd="1")
+        assert rejected.value.extra["approved"] is False
+        with pytest.raises(MessageTooLong):
+            client.send("a" * 1600, US, max_price_usd="1")

@@ -168,7 +168,7 @@ def test_chain_basics(chain: DevChain) -> None:
     assert [Web3.to_checksum_address(a) for a in chain.w3.eth.accounts] == [
         a.address for a in chain.accounts
     ]
-    assert chain.eth_balance(chain.accounts[0].address) > 10**21
+    assert chain.w3.eth.get_balance(chain.accounts[0].address) > 10**21
     assert len(chain.w3.eth.get_code(USDC_ADDRESS)) > 0
     assert len(chain.w3.eth.get_code(MULTICALL3_ADDRESS)) > 0
     assert chain.automine
@@ -382,7 +382,7 @@ def test_multicall3(chain: DevChain) -> None:
     (ok_balance, balance), (ok_name, _), (ok_transfer, _) = mc.functions.aggregate3(calls).call()
     assert ok_balance and ok_name and not ok_transfer
     assert int.from_bytes(balance, "big") == chain.usdc_balance(holder)
-    assert mc.functions.getEthBalance(holder).call() == chain.eth_balance(holder)
+    assert mc.functions.getEthBalance(holder).call() == chain.w3.eth.get_balance(holder)
 
 
 # ---------------------------------------------------------------- the x402 SDK against the chain

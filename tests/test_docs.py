@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import dataclasses
 import json
 import re
 import tomllib
@@ -331,7 +332,7 @@ def test_send_answers_match_the_document(make_settings: Callable[..., Settings])
         response = client.post("/api/send", json=body, headers=headers)
         assert response.status_code in (400, 422)
         assert_answer_documented(spec, "post", "/api/send", response)
-    locked = make_client(settings.replace(pay_password="secret-password"))
+    locked = make_client(dataclasses.replace(settings, pay_password="secret-password"))
     response = locked.post("/api/send", json=message)
     assert response.status_code == 401
     assert_answer_documented(spec, "post", "/api/send", response)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
 import socket
@@ -321,7 +322,7 @@ def test_wrong_sinch_token_is_rejected(green: Callable[..., Settings]) -> None:
 
 
 def test_configuration_problems_fail(green: Callable[..., Settings]) -> None:
-    status, _, rows = run(green().replace(quote_secret="short"))
+    status, _, rows = run(dataclasses.replace(green(), quote_secret="short"))
     assert status == 1
     assert rows["configuration"] == (
         "FAIL",
@@ -419,5 +420,5 @@ def test_requests_through_an_untrusted_proxy_fail_the_proxies_check(
     assert status == 1
     assert rows["proxies"][0] == "FAIL"
     assert "TRUSTED_PROXY_HOPS" in rows["proxies"][1]
-    trusted = settings.replace(trusted_proxy_hops=1)
+    trusted = dataclasses.replace(settings, trusted_proxy_hops=1)
     assert run(trusted)[2]["proxies"] == ("PASS", "TRUSTED_PROXY_HOPS=1")

@@ -13,15 +13,15 @@ import base64
 import json
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
-import requests
 from eth_account import Account
 from web3 import Web3
 from web3.logs import DISCARD
@@ -73,11 +73,12 @@ class Snapshot:
 
 @dataclass
 class Recorder:
-    """Every response a requests.Session received: (method, path, status, response)."""
+    """Every response a requests.Session or an httpx.Client received: (method, path, status,
+    response)."""
 
-    seen: list[tuple[str, str, int, requests.Response]] = field(default_factory=list)
+    seen: list[tuple[str, str, int, Any]] = field(default_factory=list)
 
-    def __call__(self, response: requests.Response, *args: Any, **kwargs: Any) -> None:
+    def __call__(self, response: Any, *args: Any, **kwargs: Any) -> None:
         path = urlsplit(str(response.request.url)).path
         self.seen.append((str(response.request.method), path, response.status_code, response))
 
@@ -89,7 +90,7 @@ class Recorder:
         data: dict[str, Any] = found.json()
         return data
 
-    def headers_of(self, path: str, status: int) -> requests.structures.CaseInsensitiveDict[str]:
+    def headers_of(self, path: str, status: int) -> Mapping[str, str]:
         (found,) = [r for _, p, s, r in self.seen if (p, s) == (path, status)]
         return found.headers
 
@@ -207,9 +208,8 @@ def test_our_client_quotes_pays_and_sends(stack: Stack) -> None:
     text = "Client one: your order 1001 has shipped"
     before = snapshot(stack, payer)
     recorder = Recorder()
-    with requests.Session() as session:
-        session.hooks["response"].append(recorder)
-        client = RelayClient(stack.relay.url, payer.key, pay_password=PASSWORD, session=session)
+    with httpx.Client(event_hooks={"response": [recorder]}) as http:
+        client = RelayClient(stack.relay.url, payer.key, pay_password=PASSWORD, http=http)
         body = client.send(text, "(301) 257-6365", max_price_usd="0.10")
 
     assert recorder.calls() == [
@@ -237,9 +237,8 @@ def test_our_client_refuses_a_price_above_its_cap(stack: Stack) -> None:
     text = "Client one: your table for two is ready"
     before = snapshot(stack, payer)
     recorder = Recorder()
-    with requests.Session() as session:
-        session.hooks["response"].append(recorder)
-        client = RelayClient(stack.relay.url, payer.key, pay_password=PASSWORD, session=session)
+    with httpx.Client(event_hooks={"response": [recorder]}) as http:
+        client = RelayClient(stack.relay.url, payer.key, pay_password=PASSWORD, http=http)
         with pytest.raises(PriceLimitExceeded) as raised:
             client.send(text, US, max_price_usd="0.05")
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import secrets
@@ -23,8 +24,8 @@ from sqlalchemy.exc import IntegrityError
 from relay.app import create_app
 from relay.dev.chain import DevChain
 from relay.flows.reconciling import reconcile
+from relay.gemini import user_turn
 from relay.ledger import Ledger, payments
-from relay.moderation import user_turn
 from relay.services import build_services
 from relay.settings import Settings
 from tests.conftest import (
@@ -287,7 +288,7 @@ def test_urls_with_credentials_are_secrets(
 ) -> None:
     rpc = "https://base-sepolia.example/v2/rpc0key0abcdef0123456789"
     database = "postgresql://relay:db-pass-987654@db.internal:5432/relay"
-    with_keys = make_settings().replace(rpc_url=rpc, database_url=database)
+    with_keys = dataclasses.replace(make_settings(), rpc_url=rpc, database_url=database)
     assert "rpc0key0abcdef0123456789" not in repr(with_keys)
     assert "db-pass-987654" not in repr(with_keys)
     assert {"rpc0key0abcdef0123456789", "db-pass-987654"} <= set(with_keys.secrets())

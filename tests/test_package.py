@@ -73,10 +73,10 @@ def test_the_wheel_installed_elsewhere_checks_the_token_and_refunds(
         f"""
         import json
         from relay.ledger import Ledger
-        from relay.payments import Refunder
+        from relay.refunds import Refunder
         from relay.settings import load_settings
         settings = load_settings()
-        refunder = Refunder.from_settings(settings, Ledger.open_existing(settings.database_url))
+        refunder = Refunder(settings.refunds(), Ledger.open_existing(settings.database_url))
         signed = refunder.sign({payer.address!r}, {AMOUNT})
         print(json.dumps({{"state": refunder.send(signed), "tx": signed.tx_hash}}))
         """

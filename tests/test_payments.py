@@ -1,4 +1,5 @@
-"""relay.payments on a real anvil chain with real EIP-3009 signatures from the SDK's client.
+"""relay.payments (and the header decoding, chain reading and refunds beside it) on a real
+anvil chain with real EIP-3009 signatures from the SDK's client.
 
 Every payment path runs against both facilitators: the in-process one (FACILITATOR=local)
 and a real HTTP facilitator (tests.fake_facilitator, FACILITATOR=remote).
@@ -7,12 +8,12 @@ and a real HTTP facilitator (tests.fake_facilitator, FACILITATOR=remote).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -32,14 +33,9 @@ from relay.errors import (
     SettlementPending,
 )
 from relay.ledger import Ledger
-from relay.payments import (
-    REQUIREMENTS_MISMATCH,
-    ParsedPayment,
-    Payments,
-    Refunder,
-    as_json,
-    raw_nonce,
-)
+from relay.payment_headers import ParsedPayment, as_json
+from relay.payments import REQUIREMENTS_MISMATCH, Payments
+from relay.refunds import Refunder, raw_nonce
 from relay.settings import Settings
 from tests.fake_facilitator import FakeFacilitator
 from tests.x402_helpers import header, pay, pay_payload, pay_v1, signed
@@ -67,7 +63,8 @@ def make_settings(chain: DevChain, **overrides: Any) -> Settings:
         settler_private_key=chain.accounts[0].private_key,
         moderation_provider="rules",
         sms_provider="outbox",
-    ).replace(**overrides)
+    )
+    settings = dataclasses.replace(settings, **overrides)
     assert settings.problems() == []
     return settings
 
@@ -77,20 +74,38 @@ def remote_settings(chain: DevChain, url: str) -> Settings:
 
 
 @pytest.fixture(scope="module")
+def nonces(tmp_path_factory: pytest.TempPathFactory) -> Ledger:
+    """The shared nonce store every Payments of this module settles through."""
+    ledger = Ledger.from_url(f"sqlite:///{tmp_path_factory.mktemp('nonces') / 'nonces.db'}")
+    ledger.upgrade()
+    return ledger
+
+
+@pytest.fixture(scope="module")
+def payments_of(nonces: Ledger) -> Callable[[Settings], Payments]:
+    """Payments for some settings, on the module's nonce store."""
+    return lambda settings: Payments(settings.payments(), nonces)
+
+
+@pytest.fixture(scope="module")
 def facilitator_server(chain: DevChain) -> Iterator[FakeFacilitator]:
     with FakeFacilitator(chain.rpc_url, chain.accounts[9].private_key) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
-def local(chain: DevChain) -> Iterator[Payments]:
-    with closing(Payments(make_settings(chain))) as payments:
+def local(chain: DevChain, payments_of: Callable[[Settings], Payments]) -> Iterator[Payments]:
+    with closing(payments_of(make_settings(chain))) as payments:
         yield payments
 
 
 @pytest.fixture(scope="module")
-def remote(chain: DevChain, facilitator_server: FakeFacilitator) -> Iterator[Payments]:
-    with closing(Payments(remote_settings(chain, facilitator_server.url))) as payments:
+def remote(
+    chain: DevChain,
+    facilitator_server: FakeFacilitator,
+    payments_of: Callable[[Settings], Payments],
+) -> Iterator[Payments]:
+    with closing(payments_of(remote_settings(chain, facilitator_server.url))) as payments:
         yield payments
 
 
@@ -327,7 +342,10 @@ def test_malformed_payment_is_invalid_input(
 
 
 def test_payment_for_other_terms_is_a_requirements_mismatch(
-    local: Payments, chain: DevChain, new_payer: Callable[..., tuple[str, str]]
+    local: Payments,
+    chain: DevChain,
+    new_payer: Callable[..., tuple[str, str]],
+    payments_of: Callable[[Settings], Payments],
 ) -> None:
     _, key = new_payer()
     req = local.requirements(AMOUNT)
@@ -336,7 +354,7 @@ def test_payment_for_other_terms_is_a_requirements_mismatch(
         local.match(parse(local, "PAYMENT-SIGNATURE", pay(cheaper, key)), req, time.time())
     assert reason_of(exc) == REQUIREMENTS_MISMATCH
 
-    with closing(Payments(make_settings(chain, pay_to_address=OTHER))) as elsewhere:
+    with closing(payments_of(make_settings(chain, pay_to_address=OTHER))) as elsewhere:
         _, other_pay_to, _ = challenge(elsewhere)
     with pytest.raises(PaymentVerifyFailed) as exc:
         local.match(parse(local, "PAYMENT-SIGNATURE", pay(other_pay_to, key)), req, time.time())
@@ -455,10 +473,11 @@ def test_concurrent_payments_all_settle(
 
 
 def test_unconfirmed_settlement_is_pending_then_settles_once(
-    chain: DevChain, new_payer: Callable[..., tuple[str, str]]
+    chain: DevChain,
+    new_payer: Callable[..., tuple[str, str]],
+    payments_of: Callable[[Settings], Payments],
 ) -> None:
-    settings = make_settings(chain)
-    payments = Payments(settings.replace(settlement_timeout_seconds=0.3))
+    payments = payments_of(make_settings(chain, settlement_timeout_seconds=0.3))
     payer, key = new_payer()
     req, value, _ = challenge(payments)
     parsed = parse(payments, "PAYMENT-SIGNATURE", pay(value, key))
@@ -492,10 +511,12 @@ def test_confirm_refuses_a_transaction_that_did_not_pay(
 
 
 def test_unconfirmed_remote_settlement_is_pending(
-    chain: DevChain, new_payer: Callable[..., tuple[str, str]]
+    chain: DevChain,
+    new_payer: Callable[..., tuple[str, str]],
+    payments_of: Callable[[Settings], Payments],
 ) -> None:
     fake = FakeFacilitator(chain.rpc_url, chain.accounts[8].private_key, receipt_timeout=0.3)
-    with fake, closing(Payments(remote_settings(chain, fake.url))) as payments:
+    with fake, closing(payments_of(remote_settings(chain, fake.url))) as payments:
         _, key = new_payer()
         req, value, _ = challenge(payments)
         parsed = parse(payments, "PAYMENT-SIGNATURE", pay(value, key))
@@ -510,10 +531,12 @@ def test_unconfirmed_remote_settlement_is_pending(
         assert payments.settle(parsed, req).transaction == exc.value.details["transaction"]
 
 
-def test_unreachable_remote_facilitator_is_retried(chain: DevChain) -> None:
+def test_unreachable_remote_facilitator_is_retried(
+    chain: DevChain, payments_of: Callable[[Settings], Payments]
+) -> None:
     with FakeFacilitator(chain.rpc_url, chain.accounts[8].private_key) as fake:
         url, port = fake.url, int(fake.url.rsplit(":", 1)[1])
-    with closing(Payments(remote_settings(chain, url))) as payments:
+    with closing(payments_of(remote_settings(chain, url))) as payments:
         with pytest.raises(ChainUnavailable) as exc:
             payments.requirements(AMOUNT)
         assert exc.value.retry_after
@@ -522,10 +545,12 @@ def test_unreachable_remote_facilitator_is_retried(chain: DevChain) -> None:
 
 
 def test_remote_facilitator_errors_are_translated(
-    chain: DevChain, new_payer: Callable[..., tuple[str, str]]
+    chain: DevChain,
+    new_payer: Callable[..., tuple[str, str]],
+    payments_of: Callable[[Settings], Payments],
 ) -> None:
     fake = FakeFacilitator(chain.rpc_url, chain.accounts[8].private_key)
-    with fake, closing(Payments(remote_settings(chain, fake.url))) as payments:
+    with fake, closing(payments_of(remote_settings(chain, fake.url))) as payments:
         _, key = new_payer()
         req, value, _ = challenge(payments)
         parsed = parse(payments, "PAYMENT-SIGNATURE", pay(value, key))
@@ -544,11 +569,14 @@ def test_remote_facilitator_errors_are_translated(
 
 
 def test_unreachable_rpc_is_chain_unavailable(
-    chain: DevChain, local: Payments, new_payer: Callable[..., tuple[str, str]]
+    chain: DevChain,
+    local: Payments,
+    new_payer: Callable[..., tuple[str, str]],
+    payments_of: Callable[[Settings], Payments],
 ) -> None:
     _, key = new_payer()
     req, value, _ = challenge(local)
-    offline = Payments(make_settings(chain, rpc_url=DEAD_URL))
+    offline = payments_of(make_settings(chain, rpc_url=DEAD_URL))
     parsed = parse(offline, "PAYMENT-SIGNATURE", pay(value, key))
     with pytest.raises(ChainUnavailable):
         offline.verify(parsed, req)
@@ -560,15 +588,12 @@ def test_unreachable_rpc_is_chain_unavailable(
 
 
 def test_refund_sends_the_usdc_back(
-    chain: DevChain, new_payer: Callable[..., tuple[str, str]], tmp_path: Path
+    chain: DevChain, new_payer: Callable[..., tuple[str, str]], nonces: Ledger
 ) -> None:
-    nonces = Ledger.from_url(f"sqlite:///{tmp_path / 'nonces.db'}")
-    nonces.upgrade()
-    assert Refunder.from_settings(make_settings(chain), nonces) is None
-    refunder = Refunder.from_settings(
-        make_settings(chain, refund_private_key=chain.accounts[7].private_key), nonces
-    )
-    assert refunder is not None and refunder.address == chain.accounts[7].address
+    config = make_settings(chain, refund_private_key=chain.accounts[7].private_key).refunds()
+    assert config is not None
+    refunder = Refunder(config, nonces)
+    assert refunder.address == chain.accounts[7].address
     chain.mint(refunder.address, AMOUNT)
     payer, _ = new_payer(0)
 

@@ -7,6 +7,7 @@ has), and lets `reconcile` finish it.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -117,7 +118,9 @@ def test_unsent_refund_is_sent(
     assert failed["error"] == "sinch_send_failed_after_payment"
     assert failed["refund"] is None
     assert chain.usdc_balance(payer.address) == 10_000_000 - PRICE
-    later = create_app(services=build_services(settings.replace(refund_private_key=refunder.key)))
+    later = create_app(
+        services=build_services(dataclasses.replace(settings, refund_private_key=refunder.key))
+    )
     services = services_of(later)
     payment_id = rewind(services, "dispatch_failed", response_status=502)
     assert reconcile(services) == {payment_id: "refunded"}
@@ -182,7 +185,9 @@ def test_an_unconfirmed_refund_is_sent_again_never_twice(
         settings = paid_settings(**sinch_overrides(fake.base_url))
         fake.script({"status": 400, "code": "syntax_invalid_parameter_format", "text": "no"})
         paid_send(create_app(services=build_services(settings)), payer.key)
-    refunding = settings.replace(refund_private_key=refunder.key, settlement_timeout_seconds=0.3)
+    refunding = dataclasses.replace(
+        settings, refund_private_key=refunder.key, settlement_timeout_seconds=0.3
+    )
     services = services_of(create_app(services=build_services(refunding)))
     payment_id = rewind(services, "dispatch_failed", response_status=502)
     chain.set_automine(False)

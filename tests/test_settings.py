@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+from relay.configs import ChainConfig, GeminiConfig, PaymentConfig, RefundConfig, SinchConfig
 from relay.ledger import Ledger
 from relay.settings import Settings, SettingsError, load_settings, read_settings, variable_names
 
@@ -19,8 +20,8 @@ def test_minimal_development_configuration() -> None:
     settings = load_settings(GOOD, env_file=None)
     assert settings.pay_to_address == PAY_TO
     assert settings.usdc_address == "0x036CbD53842c5426634e7929541eC2318f3dCF7e"
-    assert settings.usdc_eip712 == ("USDC", "2")
-    assert settings.v1_network == "base-sepolia"
+    assert settings.chain().usdc_eip712 == ("USDC", "2")
+    assert settings.chain().v1_network == "base-sepolia"
     assert settings.price_per_segment_usd == Decimal("0.05")
     assert settings.quote_ttl_seconds == 600
     assert settings.database_url == "sqlite:///relay.db"
@@ -29,8 +30,9 @@ def test_minimal_development_configuration() -> None:
 def test_mainnet_is_a_configuration_change() -> None:
     settings = load_settings({**GOOD, "X402_NETWORK": "eip155:8453"}, env_file=None)
     assert settings.usdc_address == "0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913"
-    assert settings.usdc_eip712 == ("USD Coin", "2")
-    assert settings.v1_network == "base"
+    assert settings.chain().usdc_eip712 == ("USD Coin", "2")
+    assert settings.chain().v1_network == "base"
+    assert settings.chain().chain_id == 8453
     assert settings.rpc_url == "https://mainnet.base.org"
 
 
@@ -139,3 +141,68 @@ def test_a_postgres_url_reaches_the_database(pg_url: str) -> None:
     ledger.ping()
     assert ledger.engine.dialect.name == "postgresql"
     ledger.engine.dispose()
+
+
+KEY = "0x" + "ab" * 32
+
+
+def test_each_adapter_gets_only_its_own_settings() -> None:
+    settings = Settings(
+        rpc_url="https://rpc.example/v2/rpc-key-0123456789abcdef",
+        facilitator="local",
+        settler_private_key=KEY,
+        refund_private_key=KEY,
+        pay_to_address=PAY_TO,
+        settlement_timeout_seconds=7.5,
+        gemini_api_key="gemini-key-abc",
+        gemini_base_url="http://127.0.0.1:9",
+        gemini_timeout_seconds=2.0,
+        gemini_max_attempts=4,
+        sinch_service_plan_id="plan",
+        sinch_api_token="sinch-token-xyz",
+        sinch_from="+12065550100",
+        sinch_region="eu",
+        public_base_url="https://relay.example/",
+        sinch_callback_secret="callback-secret",
+    )
+    chain = ChainConfig(
+        "eip155:84532",
+        "https://rpc.example/v2/rpc-key-0123456789abcdef",
+        "0x036CbD53842c5426634e7929541eC2318f3dCF7e",
+        7.5,
+    )
+    assert settings.chain() == chain
+    assert settings.payments() == PaymentConfig(
+        chain, PAY_TO, "local", "https://x402.org/facilitator", KEY
+    )
+    assert settings.refunds() == RefundConfig(chain, KEY)
+    assert settings.gemini() == GeminiConfig(
+        "gemini-key-abc", "gemini-2.5-flash", "http://127.0.0.1:9", 2.0, 4
+    )
+    assert settings.sinch() == SinchConfig(
+        "plan",
+        "sinch-token-xyz",
+        "+12065550100",
+        "https://eu.sms.api.sinch.com",
+        "https://relay.example/webhooks/sinch/callback-secret",
+    )
+    shown = repr([settings.payments(), settings.refunds(), settings.gemini(), settings.sinch()])
+    for secret in (KEY, "rpc-key-0123456789abcdef", "gemini-key-abc", "sinch-token-xyz"):
+        assert secret not in shown
+    assert "callback-secret" not in shown
+
+
+def test_missing_credentials_are_named_when_an_adapter_is_built() -> None:
+    assert Settings().refunds() is None
+    with pytest.raises(SettingsError, match="GEMINI_API_KEY"):
+        Settings(gemini_api_key=None).gemini()
+    with pytest.raises(SettingsError) as info:
+        Settings(sinch_service_plan_id="plan").sinch()
+    assert info.value.problems == [
+        "SINCH_API_TOKEN is required for Sinch",
+        "SINCH_FROM is required for Sinch",
+    ]
+    no_callback = Settings(
+        sinch_service_plan_id="p", sinch_api_token="t", sinch_from="+1", public_base_url=None
+    )
+    assert no_callback.sinch().callback_url is None

@@ -28,7 +28,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple, Self
 
-import requests
 from eth_account import Account
 from eth_account.hdaccount import key_from_seed, seed_from_mnemonic
 from eth_typing import ChecksumAddress
@@ -37,6 +36,8 @@ from web3.contract import Contract
 from web3.types import RPCEndpoint, TxReceipt
 
 from relay.abi import load_abi, load_artifact
+from relay.chain import web3_for
+from relay.retry import Backoff, retry
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -62,6 +63,8 @@ MINTER_ADDRESS: ChecksumAddress = Web3.to_checksum_address(
 
 _LISTENING = re.compile(rb"Listening on (\d+\.\d+\.\d+\.\d+):(\d+)")
 _STOP_GRACE_SECONDS = 5.0
+#: A bound on the polls of a starting anvil; the start-up timeout is the real limit.
+_READY_ATTEMPTS = 10_000
 
 
 class DevChainError(RuntimeError):
@@ -156,7 +159,6 @@ class DevChain:
         self.accounts = accounts
         self.block_time = block_time
         self.rpc_url = ""
-        self._session = requests.Session()
         self.w3 = Web3()
         self._token: Contract | None = None
         self._multicall: Contract | None = None
@@ -245,24 +247,27 @@ class DevChain:
             else:
                 time.sleep(0.02)
 
-        self.w3 = Web3(
-            Web3.HTTPProvider(self.rpc_url, request_kwargs={"timeout": 30}, session=self._session)
-        )
-        while True:
-            try:
-                chain_id = self.w3.eth.chain_id
-                break
-            except requests.RequestException:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise DevChainError(
-                        f"anvil at {self.rpc_url} did not answer:\n{self._log_tail()}"
-                    ) from None
-                time.sleep(0.05)
+        self.w3 = web3_for(self.rpc_url, timeout=30)
+        chain_id = self._first_answer(process, deadline)
         if chain_id != CHAIN_ID:
             raise DevChainError(f"anvil reports chain id {chain_id}, expected {CHAIN_ID}")
         node_accounts = [Web3.to_checksum_address(a) for a in self.w3.eth.accounts]
         if node_accounts != [account.address for account in self.accounts]:
             raise DevChainError("anvil's accounts differ from those derived from the mnemonic")
+
+    def _first_answer(self, process: subprocess.Popen[bytes], deadline: float) -> int:
+        """The chain id, asked until anvil answers, exits or the deadline passes."""
+
+        def alive(error: Exception) -> bool:  # web3 raises requests' errors: all OSErrors
+            return isinstance(error, OSError) and process.poll() is None
+
+        patience = Backoff(_READY_ATTEMPTS, 0.02, 0.1, budget=deadline - time.monotonic())
+        try:
+            return retry(lambda _: self.w3.eth.chain_id, patience, retryable=alive)
+        except OSError:
+            raise DevChainError(
+                f"anvil at {self.rpc_url} did not answer:\n{self._log_tail()}"
+            ) from None
 
     def _install_contracts(self) -> None:
         for address, name in ((USDC_ADDRESS, "TestUSDC"), (MULTICALL3_ADDRESS, "Multicall3")):
@@ -317,7 +322,6 @@ class DevChain:
                 if os.name == "posix":
                     with contextlib.suppress(ProcessLookupError, PermissionError):
                         os.killpg(process.pid, signal.SIGKILL)
-        self._session.close()
         self.log_path.unlink(missing_ok=True)
 
     @staticmethod
@@ -372,14 +376,6 @@ class DevChain:
         """Move the chain clock forward; takes effect from the next block."""
         self.rpc("evm_increaseTime", seconds)
 
-    def snapshot(self) -> str:
-        """Snapshot the chain state; pass the id to ``revert()``."""
-        return str(self.rpc("evm_snapshot"))
-
-    def revert(self, snapshot_id: str) -> bool:
-        """Return to a snapshot (which is consumed)."""
-        return bool(self.rpc("evm_revert", snapshot_id))
-
     def drop_transaction(self, tx_hash: str) -> None:
         """Remove a pending transaction from the mempool (simulates a lost broadcast)."""
         self.rpc("anvil_dropTransaction", tx_hash)
@@ -391,9 +387,6 @@ class DevChain:
     def set_eth_balance(self, address: str, wei: int) -> None:
         """Set an address's ETH balance (e.g. to starve a settler of gas)."""
         self.rpc("anvil_setBalance", Web3.to_checksum_address(address), hex(wei))
-
-    def eth_balance(self, address: str) -> int:
-        return int(self.w3.eth.get_balance(Web3.to_checksum_address(address)))
 
     # ------------------------------------------------------------------ token helpers
 

@@ -98,13 +98,14 @@ class DevStack:
         """Quote → 402 → sign → settle → SMS in the outbox, printing each step."""
         client = RelayClient(self.url, self.payer.key.hex(), on_step=lambda s: say(f"  {s}"))
         say(f"relay running at {self.url}; demo payer {self.payer.address}")
-        quote = client.quote(DEMO_MESSAGE, DEMO_TO)
-        say(
-            f"quote: {quote['segments']} segment(s), {quote['encoding']}, "
-            f"price {quote['price_usd']} USD ({quote['price_atomic']} atomic USDC)"
-        )
-        before = self.chain.usdc_balance(self.payer.address)
-        result = client.send(DEMO_MESSAGE, DEMO_TO, max_price_usd="0.10")
+        with client:
+            quote = client.quote(DEMO_MESSAGE, DEMO_TO)
+            say(
+                f"quote: {quote['segments']} segment(s), {quote['encoding']}, "
+                f"price {quote['price_usd']} USD ({quote['price_atomic']} atomic USDC)"
+            )
+            before = self.chain.usdc_balance(self.payer.address)
+            result = client.send(DEMO_MESSAGE, DEMO_TO, max_price_usd="0.10")
         paid = before - self.chain.usdc_balance(self.payer.address)
         say(f"settled on-chain: transaction {result['transaction']} ({paid} atomic USDC paid)")
         say(f"message id: {result['message_id']} (status {result['status']})")

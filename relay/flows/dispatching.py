@@ -16,7 +16,8 @@ from relay.flows.answers import (
 )
 from relay.flows.leases import busy, hold
 from relay.flows.refunding import refunded_answer
-from relay.payments import ParsedPayment, Settlement
+from relay.payment_headers import ParsedPayment
+from relay.payments import Settlement
 from relay.phone import mask
 from relay.records import MessageRecord, PaymentRecord
 from relay.services import Services

@@ -21,8 +21,9 @@ from relay.flows.answers import (
     stored_answer,
 )
 from relay.flows.leases import hold
-from relay.payments import ParsedPayment, SignedRefund
+from relay.payment_headers import ParsedPayment
 from relay.records import PaymentRecord, RefundRecord
+from relay.refunds import SignedRefund
 from relay.services import Services
 from relay.states import MessageState
 from relay.states import PaymentState as P

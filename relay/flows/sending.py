@@ -27,7 +27,8 @@ from relay.flows.refunding import finish_refund
 from relay.flows.settling import settle
 from relay.inputs import MessageRequest
 from relay.ledger import Conflict
-from relay.payments import ParsedPayment, settlement_pending
+from relay.payment_headers import ParsedPayment
+from relay.payments import settlement_pending
 from relay.phone import normalize_destination
 from relay.records import PaymentRecord
 from relay.segments import smart_encode

@@ -11,16 +11,12 @@ import logging
 from x402 import PaymentRequirements
 
 from relay.errors import PaymentSettlementFailed, RelayError, SettlementPending
+from relay.facilitator import recording_broadcasts
 from relay.flows.answers import Outcome, finish
 from relay.flows.leases import busy, hold
 from relay.ledger import Conflict
-from relay.payments import (
-    NOT_PAID,
-    ParsedPayment,
-    Settlement,
-    recording_broadcasts,
-    settlement_pending,
-)
+from relay.payment_headers import ParsedPayment
+from relay.payments import NOT_PAID, Settlement, settlement_pending
 from relay.records import PaymentRecord
 from relay.services import Services
 from relay.states import SETTLING

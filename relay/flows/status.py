@@ -15,7 +15,7 @@ from relay.phone import mask
 from relay.pricing import from_atomic
 from relay.records import PaymentRecord
 from relay.services import Services
-from relay.sinch import (
+from relay.sinch_webhooks import (
     SIGNATURE_TOLERANCE_SECONDS,
     DeliveryReport,
     InboundMessage,

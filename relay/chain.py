@@ -1,0 +1,206 @@
+"""The chain: the one way a Web3 client is built, and reading what the chain did — receipts,
+its height, and the fate of an EIP-3009 authorization found in the token's logs."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from eth_typing import ChecksumAddress, HexStr
+from web3 import Web3
+from web3.exceptions import TransactionNotFound
+from web3.types import TxReceipt
+
+from relay.abi import load_abi
+from relay.configs import ChainConfig
+from relay.errors import ChainUnavailable
+from relay.payment_headers import ParsedPayment
+
+log = logging.getLogger(__name__)
+
+#: Every RPC request's timeout (the doctor uses a shorter one).
+RPC_TIMEOUT_SECONDS = 10.0
+RETRY_AFTER_SECONDS = 5
+RECEIPT_POLL_SECONDS = 0.25
+LOG_WINDOW_BLOCKS = 10_000  # hours on Base, and within common RPC log-range limits
+BLOCK_CACHE_SECONDS = 5.0
+AUTHORIZATION_USED = Web3.keccak(text="AuthorizationUsed(address,bytes32)").to_0x_hex()
+AUTHORIZATION_CANCELED = Web3.keccak(text="AuthorizationCanceled(address,bytes32)").to_0x_hex()
+TRANSFER = Web3.keccak(text="Transfer(address,address,uint256)").to_0x_hex()
+
+
+def web3_for(rpc_url: str, *, timeout: float = RPC_TIMEOUT_SECONDS, retries: bool = True) -> Web3:
+    """A Web3 client of ``rpc_url``, every request bounded by ``timeout``; ``retries`` keeps
+    web3's own quick retries of read calls after a connection error."""
+    options: dict[str, Any] = {} if retries else {"exception_retry_configuration": None}
+    return Web3(Web3.HTTPProvider(rpc_url, request_kwargs={"timeout": timeout}, **options))
+
+
+def chain_unavailable() -> ChainUnavailable:
+    """503: the chain (or the facilitator) cannot be asked now; retry shortly."""
+    return ChainUnavailable(retry_after=RETRY_AFTER_SECONDS)
+
+
+@dataclass(frozen=True)
+class AuthorizationFate:
+    """What the chain says of an authorization: unused, used (by ``transaction``), canceled
+    by the payer, or used with no log found (settled-unknown: never treated as failed)."""
+
+    state: Literal["unused", "used", "canceled", "unknown"]
+    transaction: str | None = None
+
+
+class ChainReader:
+    """Reads one chain: receipts, its height and the token's authorization logs."""
+
+    def __init__(self, chain: ChainConfig) -> None:
+        self._chain = chain
+        self._w3 = web3_for(chain.rpc_url)
+        self._block: tuple[float, int] | None = None
+
+    def up(self) -> bool:
+        """Whether the RPC answers, for the configured chain."""
+        try:
+            return self._w3.eth.chain_id == self._chain.chain_id
+        except Exception:
+            return False
+
+    def receipt(self, transaction: str) -> TxReceipt | None:
+        """The receipt of a mined ``transaction``; None while it is not mined."""
+        try:
+            return self._w3.eth.get_transaction_receipt(HexStr(transaction))
+        except TransactionNotFound:
+            return None
+        except Exception as exc:
+            log.warning("receipt lookup failed: %s", type(exc).__name__)
+            raise chain_unavailable() from exc
+
+    def reverted(self, transaction: str) -> bool:
+        """Whether ``transaction`` was mined and reverted (so it moved nothing)."""
+        receipt = self.receipt(transaction)
+        return receipt is not None and receipt["status"] != 1
+
+    def block_number(self) -> int | None:
+        """The chain's height (cached a few seconds, so possibly a little lower); None when
+        the chain cannot be asked."""
+        now = time.monotonic()
+        cached = self._block
+        if cached is not None and now - cached[0] < BLOCK_CACHE_SECONDS:
+            return cached[1]
+        try:
+            number = int(self._w3.eth.block_number)
+        except Exception as exc:
+            log.warning("block number lookup failed: %s", type(exc).__name__)
+            return None
+        self._block = (now, number)
+        return number
+
+    def fate(self, parsed: ParsedPayment, from_block: int | None) -> AuthorizationFate:
+        """What the chain did with this payment's authorization, searching its logs from
+        ``from_block`` (without it, the last LOG_WINDOW_BLOCKS).
+
+        An authorization used but with no log found is "unknown", never a failure: money may
+        have moved. Raises ChainUnavailable when the chain cannot be asked.
+        """
+        token = self._w3.eth.contract(address=self._token_address(), abi=load_abi("USDC"))
+        payer = Web3.to_checksum_address(parsed.payer)
+        nonce = bytes.fromhex(parsed.nonce[2:])
+        try:
+            if not token.functions.authorizationState(payer, nonce).call():
+                return AuthorizationFate("unused")
+            latest = int(self._w3.eth.block_number)
+            start = max(0, latest - LOG_WINDOW_BLOCKS if from_block is None else from_block)
+            found = self._authorization_logs(parsed, start, latest)
+        except Exception as exc:
+            log.warning("authorization lookup failed: %s", type(exc).__name__)
+            raise chain_unavailable() from exc
+        if found is None:
+            log.warning("authorization of %s used without a log found", parsed.payer)
+            return AuthorizationFate("unknown")
+        kind, transaction = found
+        return AuthorizationFate(kind, transaction)
+
+    def _authorization_logs(
+        self, parsed: ParsedPayment, start: int, latest: int
+    ) -> tuple[Literal["used", "canceled"], str] | None:
+        """The AuthorizationUsed or AuthorizationCanceled log of (payer, nonce), searched in
+        windows of LOG_WINDOW_BLOCKS (common RPC limits) from ``start``."""
+        payer_topic = "0x" + parsed.payer.lower().removeprefix("0x").rjust(64, "0")
+        topics: Any = [[AUTHORIZATION_USED, AUTHORIZATION_CANCELED], payer_topic, parsed.nonce]
+        asset = self._token_address()
+        for low in range(start, latest + 1, LOG_WINDOW_BLOCKS):
+            high = min(low + LOG_WINDOW_BLOCKS - 1, latest)
+            logs = self._w3.eth.get_logs(
+                {"address": asset, "fromBlock": low, "toBlock": high, "topics": topics}
+            )
+            for entry in logs:
+                used = _hex(entry["topics"][0]) == AUTHORIZATION_USED
+                return ("used" if used else "canceled"), _hex(entry["transactionHash"])
+        return None
+
+    def _token_address(self) -> ChecksumAddress:
+        return Web3.to_checksum_address(self._chain.usdc_address)
+
+
+# ---------------------------------------------------------------------- receipt logs
+
+
+def _hex(value: Any) -> str:
+    if isinstance(value, bytes | bytearray):
+        return "0x" + bytes(value).hex()
+    if hasattr(value, "to_0x_hex"):
+        return str(value.to_0x_hex())
+    text = str(value).lower()
+    return text if text.startswith("0x") else "0x" + text
+
+
+def _topic_address(topic: Any) -> str:
+    return "0x" + _hex(topic)[-40:]
+
+
+def _is_event(entry: Any, token: str, topic: str, count: int) -> bool:
+    topics = entry["topics"]
+    return (
+        str(entry["address"]).lower() == token.lower()
+        and len(topics) == count
+        and _hex(topics[0]) == topic
+    )
+
+
+def authorization_log(logs: list[Any], token: str, parsed: ParsedPayment) -> int | None:
+    """The position in ``logs`` of the AuthorizationUsed log of this payment's (payer, nonce)."""
+    for position, entry in enumerate(logs):
+        if (
+            _is_event(entry, token, AUTHORIZATION_USED, 3)
+            and _topic_address(entry["topics"][1]) == parsed.payer.lower()
+            and _hex(entry["topics"][2]) == parsed.nonce.lower()
+        ):
+            return position
+    return None
+
+
+def paying_transfer(logs: list[Any], token: str, parsed: ParsedPayment, pay_to: str) -> int | None:
+    """The log index of the Transfer that this payment's own authorization produced, if it
+    paid ``pay_to`` exactly the amount from the payer; None otherwise.
+
+    The token emits AuthorizationUsed(payer, nonce) and then that call's Transfer as the next
+    log: any other Transfer in the transaction (a batch of several authorizations) pays for
+    something else.
+    """
+    position = authorization_log(logs, token, parsed)
+    if position is None or position + 1 >= len(logs):
+        return None
+    transfer = logs[position + 1]
+    if not _is_event(transfer, token, TRANSFER, 3):
+        return None
+    topics = transfer["topics"]
+    data = _hex(transfer["data"]).removeprefix("0x")
+    paid = (
+        _topic_address(topics[1]) == parsed.payer.lower()
+        and _topic_address(topics[2]) == pay_to.lower()
+        and len(data) == 64
+        and int(data, 16) == parsed.value
+    )
+    return int(transfer["logIndex"]) if paid else None

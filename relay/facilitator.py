@@ -1,0 +1,172 @@
+"""The x402 facilitator that verifies and settles: a remote one over HTTP (FACILITATOR_URL),
+or one in this process paying gas from SETTLER_PRIVATE_KEY through ``SettlerSigner``.
+
+Several processes (or hosts) may settle with one key; the SDK only coordinates nonces within
+a process, so ``SettlerSigner`` reserves them through the shared ``NonceStore`` instead, and
+records each transaction's hash before broadcasting it, so a crash or a lost answer never
+loses it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
+
+from eth_typing import HexStr
+from web3 import Web3
+from web3.middleware import ExtraDataToPOAMiddleware
+from x402 import FacilitatorClientSync, x402FacilitatorSync
+from x402.http import FacilitatorConfig, HTTPFacilitatorClientSync
+from x402.mechanisms.evm import FacilitatorEvmSigner, FacilitatorWeb3Signer
+from x402.mechanisms.evm.constants import TX_STATUS_SUCCESS
+from x402.mechanisms.evm.data_suffix import append_data_suffix
+from x402.mechanisms.evm.exact import register_exact_evm_facilitator
+from x402.mechanisms.evm.types import TransactionReceipt
+
+from relay.chain import RECEIPT_POLL_SECONDS, web3_for
+from relay.configs import ChainConfig, PaymentConfig
+from relay.nonces import NonceStore, reserve_nonce
+
+HTTP_TIMEOUT_SECONDS = 60.0
+
+#: Called with a settlement transaction's hash and target after signing, before broadcast.
+_on_broadcast: ContextVar[Callable[[str, str], None] | None] = ContextVar(
+    "relay_on_broadcast", default=None
+)
+#: Receipts the signer waited for within recording_broadcasts, by transaction hash, so the
+#: settlement is checked without asking the chain for the same receipt again.
+_receipts: ContextVar[dict[str, Any] | None] = ContextVar("relay_receipts", default=None)
+
+
+def build_facilitator(config: PaymentConfig, nonces: NonceStore) -> FacilitatorClientSync:
+    """The facilitator of FACILITATOR: in-process over RPC_URL (local) or FACILITATOR_URL."""
+    if config.facilitator == "remote":
+        return remote_facilitator(config.facilitator_url)
+    if not config.settler_private_key:
+        raise ValueError("SETTLER_PRIVATE_KEY is required with FACILITATOR=local")
+    signer = SettlerSigner(config.settler_private_key, config.chain, nonces)
+    return local_facilitator(config.chain.network, signer)
+
+
+def remote_facilitator(
+    url: str, timeout: float = HTTP_TIMEOUT_SECONDS
+) -> HTTPFacilitatorClientSync:
+    """The SDK's HTTP client of the facilitator at ``url``; close() it after use."""
+    return HTTPFacilitatorClientSync(FacilitatorConfig(url=url, timeout=timeout))
+
+
+def local_facilitator(
+    network: str, signer: FacilitatorEvmSigner, *, simulate_in_settle: bool = True
+) -> x402FacilitatorSync:
+    """An in-process exact-EVM facilitator: v2 on ``network``, v1 on the legacy names.
+
+    Simulating inside settle means a replay fails before broadcast instead of as a
+    reverted transaction that costs gas.
+    """
+    facilitator = x402FacilitatorSync()
+    register_exact_evm_facilitator(
+        facilitator, signer, network, simulate_in_settle=simulate_in_settle
+    )
+    return facilitator
+
+
+@contextmanager
+def recording_broadcasts(record: Callable[[str, str], None]) -> Iterator[None]:
+    """Within the block, every settlement transaction is passed to ``record(hash, to)``
+    (which stores it) before it is broadcast, so a crash or a lost answer never loses its
+    hash."""
+    token = _on_broadcast.set(record)
+    seen = _receipts.set({})
+    try:
+        yield
+    finally:
+        _on_broadcast.reset(token)
+        _receipts.reset(seen)
+
+
+def waited_receipt(transaction: str) -> Any | None:
+    """The receipt of ``transaction`` if the signer waited for it within recording_broadcasts."""
+    return (_receipts.get() or {}).get(transaction.lower())
+
+
+class SettlerSigner(FacilitatorWeb3Signer):
+    """The SDK's web3 signer on our Web3 client, its per-process nonce lock replaced by the
+    shared store, each transaction's hash recorded before it is broadcast."""
+
+    def __init__(self, private_key: str, chain: ChainConfig, nonces: NonceStore) -> None:
+        timeout = chain.receipt_timeout_seconds
+        super().__init__(private_key, chain.rpc_url, confirmation_timeout_seconds=timeout)
+        self._w3 = web3_for(chain.rpc_url)
+        # As on the SDK's own client: some testnets' blocks carry a long extraData.
+        self._w3.middleware_onion.inject(ExtraDataToPOAMiddleware, layer=0)
+        self._nonces = nonces
+
+    def wait_for_transaction_receipt(self, tx_hash: str) -> TransactionReceipt:
+        """The SDK's receipt wait, polling less often: many settlements wait at once."""
+        tx = tx_hash if tx_hash.startswith("0x") else "0x" + tx_hash
+        receipt = self._w3.eth.wait_for_transaction_receipt(
+            HexStr(tx),
+            timeout=self._confirmation_timeout_seconds,
+            poll_latency=RECEIPT_POLL_SECONDS,
+        )
+        seen = _receipts.get()
+        if seen is not None:
+            seen[tx.lower()] = receipt
+        return TransactionReceipt(
+            status=TX_STATUS_SUCCESS if receipt["status"] == 1 else 0,
+            block_number=receipt["blockNumber"],
+            tx_hash=tx,
+            logs=list(receipt.get("logs") or []),
+        )
+
+    def write_contract(
+        self,
+        address: str,
+        abi: list[dict[str, Any]],
+        function_name: str,
+        *args: Any,
+        data_suffix: str | None = None,
+    ) -> str:
+        """The SDK's contract call, recording the hash before broadcast."""
+        contract = self._w3.eth.contract(address=Web3.to_checksum_address(address), abi=abi)
+        call = getattr(contract.functions, function_name)(*args)
+
+        def build(params: dict[str, Any]) -> dict[str, Any]:
+            tx = dict(call.build_transaction(params))
+            if data_suffix:
+                data = tx["data"]
+                if isinstance(data, bytes | bytearray):
+                    data = "0x" + bytes(data).hex()
+                tx["data"] = append_data_suffix(data, data_suffix)
+            return tx
+
+        return self._broadcast(build)
+
+    def send_transaction(self, to: str, data: bytes) -> str:
+        """The SDK's raw call, recording the hash before broadcast."""
+        target = Web3.to_checksum_address(to)
+        return self._broadcast(lambda params: {**params, "to": target, "data": data})
+
+    def _broadcast(self, build: Callable[[dict[str, Any]], dict[str, Any]]) -> str:
+        """Reserve a nonce last (after every other chain call), build and sign; a nonce
+        that is never broadcast is given back at once."""
+        sender = self._account.address
+        params = {"from": sender, "gas": self._gas_limit, "gasPrice": self._w3.eth.gas_price}
+        params["nonce"] = nonce = reserve_nonce(self._w3, self._nonces, sender)
+        try:
+            tx = build(params)
+            signed = self._account.sign_transaction(tx)
+        except BaseException:
+            self._nonces.release_nonce(sender, nonce)
+            raise
+        tx_hash = str(signed.hash.to_0x_hex())
+        record = _on_broadcast.get()
+        if record is not None:
+            record(tx_hash, str(tx.get("to") or ""))
+        # The reservation's age counts from here: it is broadcast now, not abandoned.
+        self._nonces.touch_nonce(sender, int(tx["nonce"]), time.time())
+        self._w3.eth.send_raw_transaction(signed.raw_transaction)
+        return tx_hash
