@@ -199,11 +199,11 @@ def reconcile(args: argparse.Namespace) -> int:
     return 0
 
 
-def doctor(_args: argparse.Namespace) -> int:
+def doctor(args: argparse.Namespace) -> int:
     """Check configuration and reachability; non-zero when something fails."""
     from relay import doctor as checks
 
-    return checks.run_from_environment()
+    return checks.run_from_environment(dev=args.dev)
 
 
 def db_upgrade(_args: argparse.Namespace) -> int:
@@ -330,7 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="also payments leased to a live request (only with no server running)",
     )
     p.set_defaults(func=reconcile)
-    sub.add_parser("doctor", help="check configuration and reachability").set_defaults(func=doctor)
+    p = sub.add_parser("doctor", help="check configuration and reachability")
+    p.add_argument(
+        "--dev", action="store_true", help="accept the development providers (rules, outbox)"
+    )
+    p.set_defaults(func=doctor)
     db = sub.add_parser("db", help="database maintenance")
     dbsub = db.add_subparsers(dest="db_command", required=True)
     dbsub.add_parser("upgrade", help="create or migrate the schema").set_defaults(func=db_upgrade)

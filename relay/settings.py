@@ -261,6 +261,10 @@ def _check_payments(s: Settings) -> list[str]:
         out.append("FACILITATOR_URL must be an http(s) URL")
     if s.refund_private_key is not None and not _is_key(s.refund_private_key):
         out.append("REFUND_PRIVATE_KEY must be a 32-byte hex key")
+    for name in ("rpc_url", "gemini_base_url", "sinch_base_url", "public_base_url"):
+        value = getattr(s, name)
+        if value and not value.startswith(("http://", "https://")):
+            out.append(f"{name.upper()} must be an http(s) URL (it is {_scheme_of(value)})")
     floor = min_lease_seconds(s)
     if s.reconcile_after_seconds < floor:
         out.append(
@@ -268,6 +272,12 @@ def _check_payments(s: Settings) -> list[str]:
             "step: twice SETTLEMENT_TIMEOUT_SECONDS, and Sinch with its retries)"
         )
     return out
+
+
+def _scheme_of(url: str) -> str:
+    """What a URL starts with, safe to show: its scheme, or that it has none."""
+    scheme, found, _ = url.partition("://")
+    return f"{scheme}://..." if found else "without a scheme"
 
 
 #: The longest Sinch hand-over, with its retries and look-ups (SinchSender's defaults).

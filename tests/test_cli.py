@@ -432,7 +432,9 @@ def test_db_upgrade_lists_every_configuration_problem(tmp_path: Path) -> None:
 
 
 def test_doctor_passes_on_the_running_stack(stack: Stack) -> None:
-    result = stack.run("doctor", **stack.env)
+    loud = stack.run("doctor", **stack.env)  # the stack runs the development providers
+    assert loud.returncode == 1 and re.search(r"^providers\s+FAIL\b", loud.stdout, re.M)
+    result = stack.run("doctor", "--dev", **stack.env)
     assert result.returncode == 0, explain(result)
     out = result.stdout
     for name in ("configuration", "database", "rpc", "token", "payTo", "facilitator"):
@@ -446,10 +448,10 @@ def test_doctor_passes_on_the_running_stack(stack: Stack) -> None:
 
 def test_doctor_fails_when_the_rpc_is_closed(stack: Stack) -> None:
     env = {**stack.env, "RPC_URL": f"http://127.0.0.1:{free_port()}"}
-    result = stack.run("doctor", **env)
+    result = stack.run("doctor", "--dev", **env)
     assert result.returncode == 1, explain(result)
     out = result.stdout
-    assert re.search(r"^rpc\s+FAIL\s+connection refused", out, re.M), out
+    assert re.search(rf"^rpc\s+FAIL\s+RPC_URL={env['RPC_URL']}: connection refused", out, re.M), out
     assert re.search(r"^database\s+PASS\b", out, re.M), out
     assert re.search(r"checks failed: .*\brpc\b", out), out
 

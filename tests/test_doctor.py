@@ -28,6 +28,7 @@ from tests.fake_sinch import PLAN_ID, SENDER, TOKEN, FakeSinch
 
 NAMES = [
     "configuration",
+    "providers",
     "database",
     "rpc",
     "token",
@@ -36,6 +37,7 @@ NAMES = [
     "refund wallet",
     "gemini",
     "sinch",
+    "rate limits",
     "proxies",
 ]
 PAY_PASSWORD = "pay-password-do-not-print"
@@ -86,10 +88,10 @@ def green(
     return make
 
 
-def run(settings: Settings) -> tuple[int, str, dict[str, tuple[str, str]]]:
+def run(settings: Settings, *, dev: bool = False) -> tuple[int, str, dict[str, tuple[str, str]]]:
     """Exit status, the printed table and {check: (status, detail)}; asserts no secret leaked."""
     out = io.StringIO()
-    status = doctor.main(settings, out)
+    status = doctor.main(settings, out, dev=dev)
     text = out.getvalue()
     assert_no_secrets(text, settings)
     rows = {}
@@ -136,7 +138,7 @@ def test_all_green_configuration_passes_every_check(
     assert "an account without code" in rows["payTo"][1]
     assert "local; settler" in rows["facilitator"][1]
     assert "5 USDC" in rows["refund wallet"][1]
-    assert text.splitlines()[-1] == "all 10 checks passed (0 skipped)"
+    assert text.splitlines()[-1] == "all 12 checks passed (0 skipped)"
     # One tiny Gemini call with the key; one authorised Sinch listing, nothing sent.
     assert gemini.request_count == gemini_calls + 1
     assert gemini.requests[-1].headers["x-goog-api-key"] == FAKE_API_KEY
@@ -168,11 +170,15 @@ def test_development_modes_are_skipped_not_failed(
     Ledger.from_url(settings.database_url).upgrade()
     calls = gemini.request_count
     status, text, rows = run(settings)
+    assert status == 1 and failed(rows) == ["providers"], text  # loudly, without --dev
+    assert rows["providers"][1].startswith("MODERATION_PROVIDER=rules and SMS_PROVIDER=outbox")
+    status, text, rows = run(settings, dev=True)
     assert status == 0, text
+    assert rows["providers"][1].endswith("accepted with --dev")
     assert rows["gemini"][0] == rows["sinch"][0] == rows["refund wallet"][0] == "SKIP"
     assert failed(rows) == []
     assert gemini.request_count == calls
-    assert text.splitlines()[-1] == "all 7 checks passed (3 skipped)"
+    assert text.splitlines()[-1] == "all 9 checks passed (3 skipped)"
 
 
 def test_render_is_a_plain_table() -> None:
@@ -213,10 +219,11 @@ def test_rpc_with_nothing_listening_fails_without_showing_the_url_path(
     assert time.monotonic() - started < 10
     assert status == 1
     assert failed(rows) == ["rpc", "token", "facilitator", "refund wallet"], text
-    assert rows["rpc"][1] == "connection refused"
+    origin = rpc_url.rsplit("/v2/", 1)[0]
+    assert rows["rpc"][1] == f"RPC_URL={origin}/v2/***: connection refused"  # named, key masked
     assert rows["payTo"] == (
-        "PASS",
-        f"{rows['payTo'][1].split()[0]} (code not checked: RPC unavailable)",
+        "SKIP",  # a valid address whose code was not looked at is not a PASS
+        f"{rows['payTo'][1].split(':')[0]}: code not checked (RPC_URL={origin} unavailable)",
     )
     assert key_in_path not in text
 
@@ -307,9 +314,10 @@ def test_wrong_gemini_key_is_rejected(green: Callable[..., Settings]) -> None:
 
 
 def test_unreachable_gemini_fails(green: Callable[..., Settings]) -> None:
-    status, _, rows = run(green(gemini_base_url=f"http://127.0.0.1:{free_port()}"))
+    settings = green(gemini_base_url=f"http://127.0.0.1:{free_port()}")
+    status, _, rows = run(settings)
     assert status == 1 and failed(rows) == ["gemini"]
-    assert rows["gemini"][1] == "connection refused"
+    assert rows["gemini"][1] == f"GEMINI_BASE_URL={settings.gemini_base_url}: connection refused"
 
 
 def test_wrong_sinch_token_is_rejected(green: Callable[..., Settings]) -> None:
@@ -365,7 +373,7 @@ def test_remote_facilitator_not_listening_fails(green: Callable[..., Settings]) 
     url = f"http://127.0.0.1:{free_port()}/facilitator"
     status, _, rows = run(green(facilitator="remote", facilitator_url=url))
     assert status == 1 and failed(rows) == ["facilitator"]
-    assert rows["facilitator"][1] == "connection refused"
+    assert rows["facilitator"][1] == f"FACILITATOR_URL={url}: connection refused"
 
 
 # --- the checks themselves never raise or hang ---------------------------------------------
@@ -389,6 +397,7 @@ def test_a_hung_or_crashing_check_is_a_fail_without_its_message(
     assert time.monotonic() - started < 3
     assert [(c.name, c.status, c.detail) for c in checks] == [
         ("configuration", "PASS", "no problems found"),
+        ("providers", "PASS", "gemini, sinch"),
         ("hangs", "FAIL", "no answer within 0.5 s"),
         ("crashes", "FAIL", "unexpected error (ValueError)"),
     ]
@@ -403,7 +412,7 @@ def test_a_secret_in_a_detail_is_masked(
         return "FAIL", f"token {s.sinch_api_token} and key {s.settler_private_key}"
 
     monkeypatch.setattr(doctor, "PROBES", (("leaks", leaks),))
-    (_, leak) = doctor.run_checks(settings)
+    (_, _, leak) = doctor.run_checks(settings)
     assert leak.detail == "token *** and key ***"
 
 
@@ -422,3 +431,28 @@ def test_requests_through_an_untrusted_proxy_fail_the_proxies_check(
     assert "TRUSTED_PROXY_HOPS" in rows["proxies"][1]
     trusted = dataclasses.replace(settings, trusted_proxy_hops=1)
     assert run(trusted)[2]["proxies"] == ("PASS", "TRUSTED_PROXY_HOPS=1")
+
+
+def test_a_dead_or_misspelt_rate_limit_storage_fails(green: Callable[..., Settings]) -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    status, text, rows = run(green(rate_limit_storage_url=url))
+    assert status == 1 and failed(rows) == ["rate limits"], text
+    assert rows["rate limits"][1].startswith(f"RATE_LIMIT_STORAGE_URL={url}: ")
+    misspelt = dataclasses.replace(green(), rate_limit_storage_url="redsi://127.0.0.1:6379/0")
+    status, text, rows = run(misspelt)
+    assert status == 1
+    assert failed(rows) == ["configuration", "rate limits"], text
+    assert rows["rate limits"][1] == "RATE_LIMIT_STORAGE_URL scheme 'redsi' is not supported"
+    live = dataclasses.replace(green(), rate_limit_storage_url="redis://127.0.0.1:6379/0")
+    assert run(live)[2]["rate limits"] == ("PASS", "redis://127.0.0.1:6379 answers")
+
+
+def test_a_database_the_ledger_cannot_use_is_named(green: Callable[..., Settings]) -> None:
+    settings = dataclasses.replace(green(), database_url="mysql://root:pw-hidden@127.0.0.1/relay")
+    status, text, rows = run(settings)
+    assert status == 1
+    assert failed(rows) == ["configuration", "database"], text
+    assert rows["database"][1] == (
+        "DATABASE_URL=mysql://root:***@127.0.0.1/relay: scheme 'mysql' is not supported "
+        "(sqlite or postgresql)"
+    )

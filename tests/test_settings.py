@@ -206,3 +206,13 @@ def test_missing_credentials_are_named_when_an_adapter_is_built() -> None:
         sinch_service_plan_id="p", sinch_api_token="t", sinch_from="+1", public_base_url=None
     )
     assert no_callback.sinch().callback_url is None
+
+
+@pytest.mark.parametrize(
+    "name", ["RPC_URL", "GEMINI_BASE_URL", "SINCH_BASE_URL", "PUBLIC_BASE_URL"]
+)
+def test_service_urls_need_a_scheme(name: str) -> None:
+    _, problems = read_settings({name: "127.0.0.1:8545"}, env_file=None)
+    assert f"{name} must be an http(s) URL (it is without a scheme)" in problems
+    _, problems = read_settings({name: "ftp://x"}, env_file=None)
+    assert f"{name} must be an http(s) URL (it is ftp://...)" in problems

@@ -21,11 +21,12 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from sqlalchemy import make_url
 from web3.exceptions import BadFunctionCallOutput, ContractLogicError
 
 from relay.doctor.chain_checks import (
@@ -36,7 +37,14 @@ from relay.doctor.chain_checks import (
     check_token,
 )
 from relay.doctor.probe import HTTP_TIMEOUT_SECONDS, Probe, Problem, Status
-from relay.doctor.service_checks import check_database, check_gemini, check_proxies, check_sinch
+from relay.doctor.service_checks import (
+    check_database,
+    check_gemini,
+    check_proxies,
+    check_rate_limits,
+    check_sinch,
+)
+from relay.gemini import GEMINI_DEFAULT_BASE_URL
 from relay.settings import Settings, read_settings
 
 #: Deadline for all checks together (they run side by side).
@@ -51,8 +59,26 @@ PROBES: tuple[tuple[str, Probe], ...] = (
     ("refund wallet", check_refund_wallet),
     ("gemini", check_gemini),
     ("sinch", check_sinch),
+    ("rate limits", check_rate_limits),
     ("proxies", check_proxies),
 )
+
+#: The variable each check reaches, named with the value tried when the check fails.
+TRIED: dict[str, Callable[[Settings], tuple[str, str | None]]] = {
+    "database": lambda s: ("DATABASE_URL", s.database_url),
+    "rpc": lambda s: ("RPC_URL", s.rpc_url),
+    "token": lambda s: ("RPC_URL", s.rpc_url),
+    "payTo": lambda s: ("RPC_URL", s.rpc_url),
+    "facilitator": lambda s: (
+        ("RPC_URL", s.rpc_url)
+        if s.facilitator == "local"
+        else ("FACILITATOR_URL", s.facilitator_url)
+    ),
+    "refund wallet": lambda s: ("RPC_URL", s.rpc_url),
+    "gemini": lambda s: ("GEMINI_BASE_URL", s.gemini_base_url or GEMINI_DEFAULT_BASE_URL),
+    "sinch": lambda s: ("SINCH_BASE_URL", s.sinch_base),
+    "rate limits": lambda s: ("RATE_LIMIT_STORAGE_URL", s.rate_limit_storage_url),
+}
 
 
 @dataclass(frozen=True)
@@ -80,11 +106,17 @@ def run_checks(
     *,
     problems: Sequence[str] | None = None,
     timeout: float = CHECK_TIMEOUT_SECONDS,
+    dev: bool = False,
 ) -> list[Check]:
     """Every check, in report order. ``problems``: the configuration problems found while
-    reading the environment (``read_settings``); by default those of ``settings``."""
+    reading the environment (``read_settings``); by default those of ``settings``. ``dev``
+    accepts the development providers."""
     found = settings.problems() if problems is None else list(problems)
-    checks = [_configuration(found), *_run_probes(settings, PROBES, timeout)]
+    checks = [
+        _configuration(found),
+        _providers(settings, dev),
+        *_run_probes(settings, PROBES, timeout),
+    ]
     secrets = settings.secrets()
     return [_scrubbed(check, secrets) for check in checks]
 
@@ -102,9 +134,15 @@ def render(checks: Sequence[Check]) -> str:
     return "\n".join([*lines, "", _summary(checks)]) + "\n"
 
 
-def main(settings: Settings, out: TextIO, *, problems: Sequence[str] | None = None) -> int:
+def main(
+    settings: Settings,
+    out: TextIO,
+    *,
+    problems: Sequence[str] | None = None,
+    dev: bool = False,
+) -> int:
     """Run the checks, write the table to ``out``; 0 when nothing failed, else 1."""
-    checks = run_checks(settings, problems=problems)
+    checks = run_checks(settings, problems=problems, dev=dev)
     out.write(render(checks))
     out.flush()
     return 0 if all(check.ok for check in checks) else 1
@@ -115,10 +153,11 @@ def run_from_environment(
     *,
     environ: Mapping[str, str] | None = None,
     env_file: str | Path | None = ".env",
+    dev: bool = False,
 ) -> int:
     """The `relay doctor` command: load the settings leniently, check, print; exit status."""
     settings, problems = read_settings(environ, env_file)
-    return main(settings, out or sys.stdout, problems=problems)
+    return main(settings, out or sys.stdout, problems=problems, dev=dev)
 
 
 def _summary(checks: Sequence[Check]) -> str:
@@ -163,12 +202,43 @@ class _Worker(threading.Thread):
 def _attempt(name: str, probe: Probe, settings: Settings) -> Check:
     try:
         status, detail = probe(settings)
-    except Exception as exc:
-        status, detail = "FAIL", _describe(exc)
+    except Problem as exc:
+        status, detail = "FAIL", str(exc)
+    except Exception as exc:  # say what was tried: the variable and its value
+        status, detail = "FAIL", f"{_tried(name, settings)}{_describe(exc)}"
     return Check(name, status != "FAIL", " ".join(detail.split()), skipped=status == "SKIP")
 
 
+def _tried(name: str, settings: Settings) -> str:
+    """ "VARIABLE=value: " for the check's variable (secrets are scrubbed later)."""
+    if name not in TRIED:
+        return ""
+    variable, value = TRIED[name](settings)
+    if variable == "DATABASE_URL" and value:
+        value = make_url(value).render_as_string(hide_password=True)
+    return f"{variable}={value or '(not set)'}: "
+
+
 # --- 1. configuration ---------------------------------------------------------------------
+
+
+#: Providers that make the relay a development stack: no LLM, no SMS sent.
+DEV_PROVIDERS = {"MODERATION_PROVIDER": "rules", "SMS_PROVIDER": "outbox"}
+
+
+def _providers(settings: Settings, dev: bool) -> Check:
+    """Development providers fail the check unless --dev accepts them."""
+    chosen = {
+        "MODERATION_PROVIDER": settings.moderation_provider,
+        "SMS_PROVIDER": settings.sms_provider,
+    }
+    found = [f"{name}={value}" for name, value in chosen.items() if DEV_PROVIDERS[name] == value]
+    if not found:
+        return Check("providers", True, f"{settings.moderation_provider}, {settings.sms_provider}")
+    what = f"{' and '.join(found)}: development only (no LLM moderation or no SMS is sent)"
+    if dev:
+        return Check("providers", True, f"{what}; accepted with --dev")
+    return Check("providers", False, f"{what}; use real providers, or --dev to accept")
 
 
 def _configuration(problems: Sequence[str]) -> Check:

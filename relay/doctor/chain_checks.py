@@ -88,15 +88,17 @@ def check_pay_to(settings: Settings) -> tuple[Status, str]:
     usdc = settings.usdc_address
     if Web3.is_address(usdc) and address == Web3.to_checksum_address(usdc):
         return "FAIL", "PAY_TO_ADDRESS is the token contract itself"
-    return "PASS", f"{address} ({_account_kind(settings.rpc_url, address)})"
-
-
-def _account_kind(rpc_url: str, address: ChecksumAddress) -> str:
     try:
-        w3 = _web3(rpc_url)
-        code = bytes(w3.eth.get_code(address))
-    except Exception:
-        return "code not checked: RPC unavailable"
+        code = bytes(_web3(settings.rpc_url).eth.get_code(address))
+    except Exception:  # a valid address whose code could not be looked at: not a PASS
+        return (
+            "SKIP",
+            f"{address}: code not checked (RPC_URL={origin(settings.rpc_url)} unavailable)",
+        )
+    return "PASS", f"{address} ({_account_kind(code)})"
+
+
+def _account_kind(code: bytes) -> str:
     if not code:
         return "an account without code"
     if code.startswith(b"\xef\x01\x00"):

@@ -14,7 +14,8 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from relay.doctor.probe import HTTP_TIMEOUT_SECONDS, Problem, Status, origin
 from relay.gemini import GEMINI_DEFAULT_BASE_URL, gemini_client, ping_config
 from relay.ledger import FORWARDED_NOTICE, SCHEMA_VERSION, Ledger, missing_sqlite_file
-from relay.settings import Settings
+from relay.ratelimit import STORAGE_SCHEMES, Limiter
+from relay.settings import DATABASE_SCHEMES, Settings
 from relay.sinch import sinch_client
 
 GEMINI_TIMEOUT_SECONDS = 10.0
@@ -30,6 +31,11 @@ def check_database(settings: Settings) -> tuple[Status, str]:
     except ArgumentError:
         raise Problem("DATABASE_URL is not a database URL") from None
     shown = url.render_as_string(hide_password=True)
+    scheme = settings.database_url.partition("://")[0]
+    if scheme not in DATABASE_SCHEMES:
+        raise Problem(
+            f"DATABASE_URL={shown}: scheme {scheme!r} is not supported (sqlite or postgresql)"
+        )
     missing = missing_sqlite_file(settings.database_url)
     if missing is not None:
         raise Problem(f"SQLite file {missing} does not exist (run `relay db upgrade`)")
@@ -122,6 +128,21 @@ def check_sinch(settings: Settings) -> tuple[Status, str]:
     if code == 404:
         return "FAIL", f"{where}: service plan not found (HTTP 404; check SINCH_REGION)"
     return "FAIL", f"{where}: unexpected answer (HTTP {code})"
+
+
+# --- rate limits ---------------------------------------------------------------------------
+
+
+def check_rate_limits(settings: Settings) -> tuple[Status, str]:
+    """The shared rate-limit storage answers (memory:// counts in each process alone)."""
+    url = settings.rate_limit_storage_url
+    if url.startswith("memory://"):
+        return "PASS", "memory:// (each process counts alone: use redis:// for several)"
+    scheme = url.partition("://")[0]
+    if scheme not in STORAGE_SCHEMES:
+        raise Problem(f"RATE_LIMIT_STORAGE_URL scheme {scheme!r} is not supported")
+    Limiter(url, "1/second").ping()
+    return "PASS", f"{origin(url)} answers"
 
 
 # --- 10. proxies ---------------------------------------------------------------------------
