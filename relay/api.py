@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Callable
+from decimal import Decimal
 from typing import Any, cast
 
 from flask import Blueprint, Response, current_app, jsonify, request
@@ -15,10 +16,12 @@ from relay.flows.status import message_status, sinch_callback
 from relay.inputs import parse_json_object, parse_message_request
 from relay.moderation import Category
 from relay.payment_headers import PAYMENT_HEADERS
+from relay.phishing_rules import RulesModerator
 from relay.pricing import token_prices
 from relay.ratelimit import rate_key
 from relay.segments import MULTI_SEGMENT_UNITS, SINGLE_SEGMENT_UNITS
 from relay.services import Services
+from relay.settings import Settings
 
 api = Blueprint("relay", __name__)
 
@@ -116,9 +119,6 @@ def smart_encoding_body(svc: Services, q: quoting.Quote) -> wire.SmartEncoding:
 def get_pricing() -> Response:
     """The public price list."""
     settings = services().settings
-    prices = token_prices(
-        settings.gemini_model, settings.gemini_price_input_per_m, settings.gemini_price_output_per_m
-    )
     sizes = {e: [SINGLE_SEGMENT_UNITS[e], MULTI_SEGMENT_UNITS[e]] for e in SINGLE_SEGMENT_UNITS}
     pricing = wire.Pricing(
         price_per_segment_usd=settings.price_per_segment_usd,
@@ -128,15 +128,30 @@ def get_pricing() -> Response:
         asset=settings.usdc_address,
         pay_to=settings.pay_to_address,
         quote_ttl_seconds=settings.quote_ttl_seconds,
-        moderation=wire.ModerationPrices(
-            provider=settings.moderation_provider,
-            model=settings.gemini_model,
-            input_per_million_usd=prices.input_per_m,
-            output_per_million_usd=prices.output_per_m,
-        ),
+        moderation=moderation_prices(settings),
         opt_out_line=settings.opt_out_line,
     )
     return jsonify(pricing.model_dump())
+
+
+def moderation_prices(settings: Settings) -> wire.ModerationPrices:
+    """The moderator and the token prices a quote passes on (none for the rules)."""
+    if settings.moderation_provider == "rules":
+        return wire.ModerationPrices(
+            provider="rules",
+            model=RulesModerator.model,
+            input_per_million_usd=Decimal(0),
+            output_per_million_usd=Decimal(0),
+        )
+    prices = token_prices(
+        settings.gemini_model, settings.gemini_price_input_per_m, settings.gemini_price_output_per_m
+    )
+    return wire.ModerationPrices(
+        provider="gemini",
+        model=settings.gemini_model,
+        input_per_million_usd=prices.input_per_m,
+        output_per_million_usd=prices.output_per_m,
+    )
 
 
 @api.get("/health")

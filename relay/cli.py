@@ -13,6 +13,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import httpx
+import simplejson
 from sqlalchemy import make_url
 from sqlalchemy.exc import DBAPIError
 
@@ -274,7 +275,7 @@ def say(text: str) -> None:
 
 def show(data: dict[str, Any]) -> None:
     """Print a JSON document readably."""
-    print(json.dumps(data, indent=2, default=str), flush=True)
+    print(simplejson.dumps(data, indent=2, use_decimal=True, default=str), flush=True)
 
 
 def usd(raw: str) -> Decimal:

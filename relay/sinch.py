@@ -35,6 +35,8 @@ class SendResult:
 
     message_id: str
     provider: str
+    #: The provider holds the message as delivered at once (the development outbox).
+    delivered: bool = False
 
 
 class SmsSender(Protocol):
@@ -361,9 +363,9 @@ class OutboxSender:
         }
         stored = self._ledger.outbox_put(row)
         log.info("outbox message to %s stored", mask(to))
-        return SendResult(message_id=stored["message_id"], provider="outbox")
+        return SendResult(message_id=stored["message_id"], provider="outbox", delivered=True)
 
     def lookup(self, client_reference: str, since: float | None = None) -> SendResult | None:
         """The message stored under this client reference, if any (the outbox keeps all)."""
         found = self._ledger.outbox_find(client_reference)
-        return None if found is None else SendResult(found["message_id"], "outbox")
+        return None if found is None else SendResult(found["message_id"], "outbox", delivered=True)

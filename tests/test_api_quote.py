@@ -208,7 +208,22 @@ def test_pricing(client: FlaskClient) -> None:
     assert body["asset"] == "0x036CbD53842c5426634e7929541eC2318f3dCF7e"
     assert body["pay_to"] == "0x85F37873f97afa61263A27107f2e7b0B672d7CFF"
     assert body["quote_ttl_seconds"] == 600
-    assert body["moderation"]["model"] == "gemini-2.5-flash"
+    assert body["moderation"] == {  # the client fixture moderates with the rules
+        "provider": "rules",
+        "model": "rules",
+        "input_per_million_usd": 0,
+        "output_per_million_usd": 0,
+    }
+
+
+def test_pricing_names_the_gemini_model_and_its_prices(
+    make_settings: Callable[..., Settings],
+) -> None:
+    settings = make_settings(moderation_provider="gemini", gemini_api_key="k" * 20)
+    body = create_app(services=build_services(settings)).test_client().get("/api/pricing")
+    moderation = body.get_json()["moderation"]
+    assert moderation["provider"] == "gemini" and moderation["model"] == "gemini-2.5-flash"
+    assert moderation["input_per_million_usd"] > 0 and moderation["output_per_million_usd"] > 0
 
 
 def test_health(client: FlaskClient) -> None:

@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -286,9 +287,10 @@ def sent(stack: Stack, chain: DevChain) -> Sent:
 def test_quote_prints_the_quote_json(stack: Stack) -> None:
     result = stack.run("quote", "--to", "(301) 257-6365", MESSAGE, **stack.client_env())
     assert result.returncode == 0, explain(result)
-    data = json.loads(result.stdout)
+    data = json.loads(result.stdout, parse_float=Decimal)
     assert data["approved"] is True
     assert data["price_atomic"] == str(PRICE_ATOMIC)
+    assert data["price_usd"] == Decimal("0.05")  # a number, as the API answers it
     assert data["to_normalized"] == US
     assert data["segments"] == 1 and data["quote_token"]
 
@@ -311,6 +313,7 @@ def test_send_pays_once_and_prints_the_answer(sent: Sent, stack: Stack) -> None:
     assert any(line.startswith("... payment signed by ") for line in lines)
     data = json_after_progress(result.stdout)
     assert data["sent"] is True and data["status"] == "queued"
+    assert isinstance(data["price_usd"], float)  # a number, as the API answers it
     assert data["message_id"]
     assert TX_HASH.fullmatch(data["transaction"])
     assert data["to"] == US
@@ -347,7 +350,8 @@ def test_status_prints_the_status_document(sent: Sent, stack: Stack) -> None:
     data = json.loads(result.stdout)
     assert data["created_at"].endswith(" UTC") and data["events"][0]["at"].endswith(" UTC")
     assert data["message_id"] == answer["message_id"]
-    assert data["status"] == "queued"
+    assert data["status"] == "delivered"  # the outbox holds it as delivered
+    assert [event["status"] for event in data["events"]] == ["queued", "delivered"]
     assert data["segments"] == 1 and data["provider"] == "outbox"
     assert data["payment"]["transaction"] == answer["transaction"]
     assert data["payment"]["amount_atomic"] == str(PRICE_ATOMIC)
@@ -374,7 +378,9 @@ def test_ledger_lists_the_payment_and_its_message(sent: Sent, stack: Stack) -> N
     row = next(line for line in payments.splitlines() if message.payment_id in line)
     assert answer["transaction"] in row and "dispatched" in row
     assert answer["message_id"] in row
-    assert any(answer["message_id"] in line and "queued" in line for line in messages.splitlines())
+    assert any(
+        answer["message_id"] in line and "delivered" in line for line in messages.splitlines()
+    )
     assert "Refunds: none" in out
 
 
@@ -504,7 +510,7 @@ def test_the_exports_relay_dev_prints_are_all_another_terminal_needs(tmp_path: P
         listed = run_cli(["ledger"], exports, tmp_path)
         assert listed.returncode == 0 and message_id in listed.stdout, explain(listed)
         status = run_cli(["status", message_id], exports, tmp_path)
-        assert status.returncode == 0 and json.loads(status.stdout)["status"] == "queued"
+        assert status.returncode == 0 and json.loads(status.stdout)["status"] == "delivered"
 
 
 @pytest.mark.parametrize(

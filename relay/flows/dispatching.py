@@ -21,7 +21,7 @@ from relay.payments import Settlement
 from relay.phone import mask
 from relay.records import MessageRecord, PaymentRecord
 from relay.services import Services
-from relay.sinch import SmsDispatchError, compose_body
+from relay.sinch import SendResult, SmsDispatchError, compose_body
 from relay.states import MessageState as M
 from relay.states import PaymentState as P
 
@@ -45,7 +45,7 @@ def dispatch(services: Services, payment: PaymentRecord, settlement: Settlement)
         )
     except SmsDispatchError as exc:
         return dispatch_failed(services, payment, settlement, exc)
-    return dispatched(services, payment, handed.message_id, handed.provider, settlement)
+    return dispatched(services, payment, handed, settlement)
 
 
 def redispatch(
@@ -62,7 +62,7 @@ def redispatch(
     except SmsDispatchError as exc:
         raise not_confirmed(settlement) from exc
     if found is not None:
-        return dispatched(services, payment, found.message_id, found.provider, settlement)
+        return dispatched(services, payment, found, settlement)
     if services.clock() - float(payment.updated_at) < DISPATCH_QUIET_SECONDS:
         raise not_confirmed(settlement)
     sending = (P.DISPATCHING, P.DISPATCH_UNKNOWN)  # only while the lease is still ours
@@ -75,15 +75,14 @@ def redispatch(
 
 
 def dispatched(
-    services: Services,
-    payment: PaymentRecord,
-    message_id: str,
-    provider: str,
-    settlement: Settlement,
+    services: Services, payment: PaymentRecord, handed: SendResult, settlement: Settlement
 ) -> Outcome:
     """Record the accepted message and store the 200 that every replay will get."""
-    now = services.clock()
-    services.ledger.record_message(message_record(payment, message_id, provider, M.QUEUED, now))
+    now, message_id = services.clock(), handed.message_id
+    queued = message_record(payment, message_id, handed.provider, M.QUEUED, now)
+    services.ledger.record_message(queued)
+    if handed.delivered:  # no delivery report will come: it is delivered as it is handed over
+        services.ledger.update_message_status(message_id, M.DELIVERED, now, handed.provider)
     log.info(
         "sent %s message_id=%s tx=%s", mask(payment.destination), message_id, settlement.transaction
     )
