@@ -181,12 +181,17 @@ class Payments:
         resource_url: str,
         description: str,
         error: str | None = None,
+        discovery: dict[str, Any] | None = None,
     ) -> tuple[str, dict[str, Any]]:
-        """The PAYMENT-REQUIRED header value and the v1 fields of the 402 JSON body."""
+        """The PAYMENT-REQUIRED header value and the v1 fields of the 402 JSON body;
+        ``discovery``: extensions that describe the resource to catalogues (Bazaar)."""
         resource = ResourceInfo(
             url=resource_url, description=description, mime_type="application/json"
         )
-        extensions = {PAYMENT_IDENTIFIER: declare_payment_identifier_extension()}
+        extensions = {
+            PAYMENT_IDENTIFIER: declare_payment_identifier_extension(),
+            **(discovery or {}),
+        }
         required = self._server.create_payment_required_response([req], resource, error, extensions)
         v1 = {"x402Version": 1, "accepts": [as_json(self._v1_requirements(req, resource))]}
         return encode_payment_required_header(required), v1

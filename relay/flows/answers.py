@@ -7,6 +7,7 @@ from typing import Any
 
 from x402 import PaymentRequirements
 
+from relay.discovery import discovery_extension
 from relay.errors import (
     PaymentRequired,
     PaymentSettlementFailed,
@@ -57,6 +58,7 @@ def challenge(
         resource_url=resource_url,
         description=f"One SMS, moderated and sent via Sinch: {price} USDC",
         error="Payment required",
+        discovery=discovery_extension(services.settings.max_message_chars),
     )
     body = PaymentRequiredError(
         **PaymentRequired(details={"amount_atomic": str(amount_atomic)}).body(),
