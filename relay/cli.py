@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import signal
@@ -147,15 +148,31 @@ def send(args: argparse.Namespace) -> int:
 
 
 def status(args: argparse.Namespace) -> int:
-    """The status of a message, from the database."""
-    from relay.flows.status import message_status
+    """The status of a message, from the database (or the relay's API with --api); with
+    --wait, polled until it is delivered, failed or refunded (exit 3 if --timeout passes)."""
+    from relay.client import FINAL_STATUSES, poll_until_final
 
-    found = message_status(_ledger(), args.message_id)
+    fetch = _status_source(args)
+    found = fetch()
     if found is None:
         say(f"no message {args.message_id}")
         return 1
+    if args.wait and found["status"] not in FINAL_STATUSES:
+        found = poll_until_final(lambda: fetch() or {}, args.timeout)
     show(readable_status(found))
-    return 0
+    return 0 if not args.wait or found["status"] in FINAL_STATUSES else 3
+
+
+def _status_source(args: argparse.Namespace) -> Callable[[], dict[str, Any] | None]:
+    """Where `relay status` reads a message: the relay's API, or the database."""
+    from relay.client import RelayClient
+    from relay.flows.status import message_status
+
+    if args.api:
+        config = load_client_settings()
+        client = RelayClient(config.relay_url, pay_password=config.pay_password)
+        return functools.partial(client.status, args.message_id)
+    return functools.partial(message_status, _ledger(), args.message_id)
 
 
 def ledger(args: argparse.Namespace) -> int:
@@ -317,6 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
     p = sub.add_parser("status", help="status of a message (from the database)")
     p.add_argument("message_id")
+    p.add_argument("--api", action="store_true", help="ask the relay at RELAY_URL instead")
+    p.add_argument(
+        "--wait", action="store_true", help="until delivered, failed or refunded (exit 3: not yet)"
+    )
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds --wait waits at most")
     p.set_defaults(func=status)
     p = sub.add_parser("ledger", help="list payments, messages and refunds")
     p.add_argument("--limit", type=int, default=20)

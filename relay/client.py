@@ -24,6 +24,12 @@ from relay.transport import closed_with
 RETRYABLE_CODES = {"settlement_pending", "request_in_progress", "rate_limited"}
 RETRYABLE_CODES |= {"chain_unavailable", "moderation_unavailable", "internal_error"}
 DEFAULT_TIMEOUT = 60.0
+#: A message's statuses after which nothing more happens to it.
+FINAL_STATUSES = ("delivered", "failed", "refunded")
+#: Polling a message's status: first after up to 1 s, then up to 2, 4, 8, 15, 15... s apart.
+POLL_FIRST_SECONDS = 1.0
+POLL_CAP_SECONDS = 15.0
+DEFAULT_WAIT_SECONDS = 300.0
 #: Waits between paid attempts without a Retry-After: up to 2, 4, 8... seconds.
 FIRST_WAIT_SECONDS = 2.0
 
@@ -75,6 +81,20 @@ class RelayClient:
         """POST /api/quote; raises the RelayError of the answer's code."""
         body = {"message": message, "to": to, "smart_encoding": smart_encoding}
         return self._ok(self._post("/api/quote", body, {}))
+
+    def status(self, message_id: str) -> dict[str, Any]:
+        """GET /api/messages/{message_id}: the message's status document."""
+        response = self._http.get(
+            f"{self.base_url}/api/messages/{message_id}",
+            headers=self._auth(),
+            timeout=DEFAULT_TIMEOUT,
+        )
+        return self._ok(response)
+
+    def wait(self, message_id: str, timeout: float = DEFAULT_WAIT_SECONDS) -> dict[str, Any]:
+        """Poll the message's status until it is delivered, failed or refunded, or until
+        ``timeout`` seconds have passed; the last status document either way."""
+        return poll_until_final(lambda: self.status(message_id), timeout, sleep=self._sleep)
 
     def send(
         self,
@@ -169,6 +189,55 @@ def send(
     """Quote, pay and send one SMS in one call; never pays more than ``max_price_usd``."""
     with RelayClient(base_url, private_key, pay_password=pay_password) as client:
         return client.send(message, to, max_price_usd=max_price_usd, smart_encoding=smart_encoding)
+
+
+def poll_until_final(
+    fetch: Callable[[], dict[str, Any]],
+    timeout: float,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> dict[str, Any]:
+    """Fetch a status document until its status is final or ``timeout`` has passed, backing
+    off (up to POLL_CAP_SECONDS apart) and waiting as long as a busy relay asks (Retry-After).
+    The last document fetched; the error itself when none could be fetched."""
+    latest: dict[str, Any] = {}
+
+    def attempt(_number: int) -> dict[str, Any]:
+        nonlocal latest
+        try:
+            latest = fetch()
+        except RelayError as exc:
+            if not exc.retryable:
+                raise
+            raise _NotFinal(exc.retry_after) from exc
+        if latest.get("status") in FINAL_STATUSES:
+            return latest
+        raise _NotFinal(None)
+
+    polls = Backoff(attempts=10**6, first=POLL_FIRST_SECONDS, cap=POLL_CAP_SECONDS, budget=timeout)
+    try:
+        return retry(
+            attempt,
+            polls,
+            retryable=lambda error: isinstance(error, _NotFinal),
+            asked=lambda error: error.asked if isinstance(error, _NotFinal) else None,
+            sleep=sleep,
+            clock=clock,
+        )
+    except _NotFinal as not_final:
+        if latest:
+            return latest
+        assert not_final.__cause__ is not None
+        raise not_final.__cause__ from None
+
+
+class _NotFinal(Exception):
+    """The message is still on its way (or the relay asked to wait ``asked`` seconds)."""
+
+    def __init__(self, asked: int | None) -> None:
+        super().__init__(asked)
+        self.asked = None if asked is None else float(asked)
 
 
 def _check_cap(amount_atomic: int, cap_atomic: int) -> None:

@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import update
 
 from relay.dev.chain import DevChain
 from relay.dev.stack import DEMO_MESSAGE, DEMO_TO, DevStack
-from relay.ledger import SCHEMA_VERSION, Ledger
+from relay.ledger import SCHEMA_VERSION, Ledger, messages
 from tests.conftest import PAY_TO, Wallet, new_wallet
 from tests.processes import RelayProcess, free_port
 from tests.test_exactly_once import relay_env
@@ -511,6 +512,16 @@ def test_the_exports_relay_dev_prints_are_all_another_terminal_needs(tmp_path: P
         assert listed.returncode == 0 and message_id in listed.stdout, explain(listed)
         status = run_cli(["status", message_id], exports, tmp_path)
         assert status.returncode == 0 and json.loads(status.stdout)["status"] == "delivered"
+        waited = run_cli(["status", message_id, "--api", "--wait"], exports, tmp_path)
+        assert waited.returncode == 0, explain(waited)
+        assert json.loads(waited.stdout)["status"] == "delivered"
+        with stack.services.ledger.begin() as conn:  # as if no report had come yet
+            conn.execute(update(messages).values(status="queued"))
+        started = time.monotonic()
+        pending = run_cli(["status", message_id, "--wait", "--timeout", "2"], exports, tmp_path)
+        assert pending.returncode == 3, explain(pending)  # not final when the time ran out
+        assert json.loads(pending.stdout)["status"] == "queued"
+        assert time.monotonic() - started < CLI_TIMEOUT
 
 
 @pytest.mark.parametrize(

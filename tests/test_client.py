@@ -3,20 +3,30 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from decimal import Decimal
+from typing import Any
 
 import httpx
 import pytest
 from werkzeug.serving import make_server
 
 from relay.app import create_app
-from relay.client import RelayClient
+from relay.client import POLL_FIRST_SECONDS, RelayClient, poll_until_final
 from relay.dev.chain import DevChain
-from relay.errors import MessageTooLong, PriceLimitExceeded, Rejected
+from relay.errors import (
+    MessageTooLong,
+    NotFound,
+    PriceLimitExceeded,
+    RateLimited,
+    Rejected,
+    RelayError,
+)
 from relay.services import Services, build_services
 from relay.settings import Settings
-from tests.conftest import Wallet
+from tests.conftest import SINCH_PLAN, SINCH_TOKEN, Wallet, sinch_overrides
+from tests.fake_sinch import FakeSinch
 
 US = "+13012576365"
 PRICE = 50_000
@@ -127,3 +137,71 @@ def test_errors_are_typed(serve: Callable[..., Served], payer: Wallet) -> None:
         assert rejected.value.extra["approved"] is False
         with pytest.raises(MessageTooLong):
             client.send("a" * 1600, US, max_price_usd="1")
+
+
+def test_wait_polls_until_the_delivery_report_arrives(
+    serve: Callable[..., Served], chain: DevChain, payer: Wallet
+) -> None:
+    with FakeSinch(plan_id=SINCH_PLAN, token=SINCH_TOKEN) as fake:
+        served = serve(**sinch_overrides(fake.base_url))
+        waits: list[float] = []
+        client = RelayClient(served.url, payer.key, sleep=waits.append)
+        message_id = client.send("Tell me when it lands", US, max_price_usd="0.10")["message_id"]
+        report = {
+            "type": "recipient_delivery_report_sms",
+            "batch_id": message_id,
+            "recipient": US.lstrip("+"),
+            "status": "DELIVERED",
+            "code": 0,
+            "at": "2026-11-30T10:00:00Z",
+        }
+
+        def deliver_on_third_poll(seconds: float) -> None:
+            waits.append(seconds)
+            if len(waits) == 2:  # the report comes in while the client waits
+                url = (
+                    f"{served.url}/webhooks/sinch/{served.services.settings.sinch_callback_secret}"
+                )
+                assert httpx.post(url, json=report).status_code == 200
+
+        waiting = RelayClient(served.url, sleep=deliver_on_third_poll)
+        waits.clear()
+        found = waiting.wait(message_id, timeout=60)
+    assert found["status"] == "delivered"
+    assert [event["status"] for event in found["events"]] == ["queued", "delivered"]
+    assert len(waits) == 2 and waits[0] <= POLL_FIRST_SECONDS and waits[1] <= 2 * POLL_FIRST_SECONDS
+
+
+def test_wait_gives_up_at_its_timeout_with_the_last_status(
+    serve: Callable[..., Served], chain: DevChain, payer: Wallet
+) -> None:
+    with FakeSinch(plan_id=SINCH_PLAN, token=SINCH_TOKEN) as fake:
+        served = serve(**sinch_overrides(fake.base_url))
+        message_id = RelayClient(served.url, payer.key).send(
+            "No report comes", US, max_price_usd="0.10"
+        )["message_id"]
+        started = time.monotonic()
+        found = RelayClient(served.url).wait(message_id, timeout=2.5)
+    assert found["status"] == "queued"
+    assert 1.0 <= time.monotonic() - started <= 6.0
+
+
+def test_wait_honours_retry_after_of_a_busy_relay() -> None:
+    answers: list[dict[str, Any] | RelayError] = [
+        RateLimited(retry_after=7),
+        {"status": "dispatched"},
+        RateLimited(retry_after=3),
+        {"status": "failed"},
+    ]
+    waits: list[float] = []
+
+    def fetch() -> dict[str, Any]:
+        answer = answers.pop(0)
+        if isinstance(answer, RelayError):
+            raise answer
+        return answer
+
+    assert poll_until_final(fetch, 60, sleep=waits.append)["status"] == "failed"
+    assert waits[0] == 7 and waits[2] == 3 and waits[1] <= 2 * POLL_FIRST_SECONDS
+    with pytest.raises(NotFound):  # an answer that will not change is not waited on
+        poll_until_final(lambda: (_ for _ in ()).throw(NotFound()), 60, sleep=waits.append)
