@@ -323,12 +323,20 @@ def _is_key(value: str | None) -> bool:
 # Environment variable -> (field, parser). Parsers raise ValueError with a readable message.
 def _choice(*options: str) -> Callable[[str], str]:
     def parse(raw: str) -> str:
-        value = raw.strip().lower()
-        if value not in options:
+        """The option named, in any case, as the option is written."""
+        found = {option.lower(): option for option in options}.get(raw.strip().lower())
+        if found is None:
             raise ValueError(f"must be one of {', '.join(options)}")
-        return value
+        return found
 
     return parse
+
+
+def _flag(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value not in ("1", "true", "yes", "0", "false", "no", ""):
+        raise ValueError("must be true or false")
+    return value in ("1", "true", "yes")
 
 
 def _int(raw: str) -> int:

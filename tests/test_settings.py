@@ -216,3 +216,11 @@ def test_service_urls_need_a_scheme(name: str) -> None:
     assert f"{name} must be an http(s) URL (it is without a scheme)" in problems
     _, problems = read_settings({name: "ftp://x"}, env_file=None)
     assert f"{name} must be an http(s) URL (it is ftp://...)" in problems
+
+
+def test_log_settings_are_read_in_any_case() -> None:
+    settings, problems = read_settings({"LOG_LEVEL": "debug", "LOG_FORMAT": "JSON"}, env_file=None)
+    assert (settings.log_level, settings.log_format) == ("DEBUG", "json")
+    assert not [p for p in problems if p.startswith("LOG_")]
+    _, problems = read_settings({"LOG_LEVEL": "loud"}, env_file=None)
+    assert "LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR" in problems
