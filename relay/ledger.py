@@ -41,11 +41,11 @@ from sqlalchemy import (
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from relay.moderation import Verdict
-from relay.records import MessageEvent, MessageRecord, PaymentRecord, RefundRecord
+from relay.records import EventRecord, MessageEvent, MessageRecord, PaymentRecord, RefundRecord
 from relay.retry import Backoff, retry
 from relay.states import check_move
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 UPGRADE_ATTEMPTS = 5
 #: A reserved transaction nonce the chain has not seen this long after its reservation (or
 #: its broadcast) was never sent, or was dropped: the next reservation re-uses it. Hosts
@@ -111,6 +111,9 @@ payments = Table(
     # Who may act on the payment: lease_holder (a request or a repair) until lease_until.
     Column("lease_until", Float),
     Column("lease_holder", String(32)),
+    # Where the agent wants to hear of the message, and the secret its events are signed with.
+    Column("callback_url", String(2048)),
+    Column("callback_secret", String(64)),
     Column("message_id", String(64)),
     Column("error", String(200)),
     Column("response_status", Integer),
@@ -189,6 +192,27 @@ nonce_reservations = Table(
     Column("reserved_at", Float, nullable=False),
 )
 
+#: Events for agents' callback URLs, kept until delivered (or given up on): the worker
+#: sends each, at least once, under a lease, with backoff between attempts.
+webhook_events = Table(
+    "webhook_events",
+    metadata,
+    Column("id", String(80), primary_key=True),
+    Column("payment_id", String(32), nullable=False, index=True),
+    Column("type", String(32), nullable=False),
+    Column("url", String(2048), nullable=False),
+    Column("secret", String(64), nullable=False),
+    Column("body", Text, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("next_attempt_at", Float, nullable=False),
+    Column("lease_until", Float),
+    Column("last_error", String(200)),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Index("ix_webhook_events_due", "state", "next_attempt_at"),
+)
+
 #: Signed webhook calls seen recently: a captured call replayed inside its time window is
 #: recognised by every process.
 webhook_calls = Table(
@@ -228,6 +252,7 @@ _ADDED_COLUMNS: dict[int, list[tuple[Table, str]]] = {
         (payments, "lease_holder"),
         (refunds, "nonce"),
     ],
+    3: [(payments, "callback_url"), (payments, "callback_secret")],
 }
 
 
@@ -810,6 +835,70 @@ class Ledger:
         query = select(refunds).order_by(refunds.c.created_at.desc()).limit(limit)
         with self.engine.connect() as conn:
             return [RefundRecord.from_row(row._mapping) for row in conn.execute(query)]
+
+    # Events for agents -------------------------------------------------------------
+    def enqueue_event(self, event: EventRecord) -> bool:
+        """Keep an event for delivery; False if it is already kept (its id is stable)."""
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(webhook_events).values(**event.columns()))
+        except IntegrityError:
+            return False
+        return True
+
+    def due_events(self, now: float, limit: int = 100) -> list[EventRecord]:
+        """Pending events whose next attempt is due and that nobody is sending, oldest first."""
+        query = (
+            select(webhook_events)
+            .where(
+                webhook_events.c.state == "pending",
+                webhook_events.c.next_attempt_at <= now,
+                webhook_events.c.lease_until.is_(None) | (webhook_events.c.lease_until <= now),
+            )
+            .order_by(webhook_events.c.next_attempt_at)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [EventRecord.from_row(row._mapping) for row in conn.execute(query)]
+
+    def take_event(self, event_id: str, attempts: int, now: float, seconds: float) -> bool:
+        """Lease an event for one attempt; False if another process took it first."""
+        query = (
+            update(webhook_events)
+            .where(
+                webhook_events.c.id == event_id,
+                webhook_events.c.state == "pending",
+                webhook_events.c.attempts == attempts,
+                webhook_events.c.lease_until.is_(None) | (webhook_events.c.lease_until <= now),
+            )
+            .values(lease_until=now + seconds)
+        )
+        with self.engine.begin() as conn:
+            return conn.execute(query).rowcount == 1
+
+    def record_attempt(
+        self, event_id: str, state: str, next_attempt_at: float, error: str | None, now: float
+    ) -> None:
+        """The outcome of one attempt: delivered, failed for good, or pending until later."""
+        query = (
+            update(webhook_events)
+            .where(webhook_events.c.id == event_id)
+            .values(
+                state=state,
+                attempts=webhook_events.c.attempts + 1,
+                next_attempt_at=next_attempt_at,
+                last_error=None if error is None else error[:200],
+                lease_until=None,
+                updated_at=now,
+            )
+        )
+        with self.engine.begin() as conn:
+            conn.execute(query)
+
+    def event(self, event_id: str) -> EventRecord | None:
+        """An event by its id."""
+        found = self._first(select(webhook_events).where(webhook_events.c.id == event_id))
+        return None if found is None else EventRecord.from_row(found)
 
     # Development outbox ------------------------------------------------------------
     def outbox_put(self, row: dict[str, Any]) -> dict[str, Any]:

@@ -458,6 +458,23 @@ def _package_version() -> str:
         return "0.0.0"
 
 
+def _callback_operation() -> dict[str, Any]:
+    """What the relay POSTs to a send's callback_url (Standard Webhooks)."""
+    return {
+        "summary": "An event about a paid message, POSTed to its callback_url",
+        "description": "Signed per Standard Webhooks: `webhook-id` (stable per event, the same "
+        "on every retry), `webhook-timestamp` and `webhook-signature` (`v1,` + base64 "
+        "HMAC-SHA256 of `id.timestamp.body`) with the message's `webhook.secret` from the "
+        "paid answer. Sent at least once, retried with backoff for about a day until the "
+        "endpoint answers 2xx.",
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": _schema("WebhookEvent")}},
+        },
+        "responses": {"2XX": {"description": "Taken; any other answer is retried."}},
+    }
+
+
 def openapi_document(settings: Settings) -> dict[str, Any]:
     """The OpenAPI 3.1 document of every endpoint, for these settings."""
     document: dict[str, Any] = {
@@ -485,6 +502,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
             "/webhooks/sinch/{secret}": {"post": _webhook_operation()},
             **_plain_operations(),
         },
+        "webhooks": {"messageEvent": {"post": _callback_operation()}},
         "components": {
             "schemas": copy.deepcopy(component_schemas(settings.max_message_chars)),
             "headers": _headers(),

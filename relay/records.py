@@ -51,6 +51,8 @@ class PaymentRecord(_Record):
     log_index: int | None
     lease_until: float | None
     lease_holder: str | None
+    callback_url: str | None
+    callback_secret: str | None
     message_id: str | None
     error: str | None
     response_status: int | None
@@ -71,6 +73,25 @@ class PaymentRecord(_Record):
         """The lease token of whoever acts on this payment now."""
         assert self.lease_holder is not None, "acting on a payment without its lease"
         return self.lease_holder
+
+
+@dataclass(frozen=True)
+class EventRecord(_Record):
+    """An event about a message for the agent's callback URL, until it is delivered."""
+
+    id: str
+    payment_id: str
+    type: str
+    url: str
+    secret: str = dataclasses.field(repr=False)
+    body: str = dataclasses.field(repr=False)
+    state: str = "pending"
+    attempts: int = 0
+    next_attempt_at: float = 0.0
+    lease_until: float | None = None
+    last_error: str | None = None
+    created_at: float = 0.0
+    updated_at: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from relay.callbacks import CallbackPolicy, CallbackSender
 from relay.gemini import GeminiModerator
 from relay.ledger import Ledger, LedgerVerdictCache
 from relay.moderation import Moderator
@@ -33,6 +34,7 @@ class Services:
     payments: Payments
     sms: SmsSender
     refunder: Refunder | None = None
+    callbacks: CallbackSender = field(default_factory=lambda: CallbackSender(CallbackPolicy()))
     clock: Callable[[], float] = field(default=time.time)
 
 
@@ -62,6 +64,7 @@ def build_services(
         payments=Payments(settings.payments(), ledger),
         sms=build_sender(settings, ledger),
         refunder=None if refunds is None else Refunder(refunds, ledger),
+        callbacks=CallbackSender(CallbackPolicy(settings.allow_private_callbacks)),
         clock=clock,
     )
 

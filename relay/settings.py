@@ -91,6 +91,8 @@ class Settings:
     pay_password_max_failures: int = 5
     pay_password_lockout_seconds: int = 300
     max_body_bytes: int = MAX_BODY_BYTES
+    #: Development only: callback URLs may point at private and loopback addresses.
+    allow_private_callbacks: bool = False
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
 
@@ -409,6 +411,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "TRUSTED_PROXY_HOPS": _int,
     "PAY_PASSWORD_MAX_FAILURES": _int,
     "PAY_PASSWORD_LOCKOUT_SECONDS": _int,
+    "ALLOW_PRIVATE_CALLBACKS": _flag,
     "LOG_LEVEL": _choice("DEBUG", "INFO", "WARNING", "ERROR"),
     "LOG_FORMAT": _choice("text", "json"),
 }

@@ -23,6 +23,7 @@ from relay.states import MessageState, PaymentState, RefundState
 
 MAX_TO_CHARS = 64
 MAX_TOKEN_CHARS = 2048
+MAX_CALLBACK_CHARS = 2048
 
 
 class WireModel(BaseModel):
@@ -78,6 +79,7 @@ StoredMessageState = Annotated[MessageState, Strict(False)]
 StoredPaymentState = Annotated[PaymentState, Strict(False)]
 StoredRefundState = Annotated[RefundState, Strict(False)]
 Reachability = Literal["ok", "unreachable"]
+EventType = Literal["message.dispatched", "message.delivered", "message.failed", "message.refunded"]
 
 
 # Requests ----------------------------------------------------------------------------
@@ -118,6 +120,13 @@ class SendRequest(_Message):
         max_length=MAX_TOKEN_CHARS,
         description="The quote_token of POST /api/quote. Omit it for a one-shot send: the "
         "server quotes the message itself and challenges for that price.",
+    )
+    callback_url: str | None = Field(
+        default=None,
+        max_length=MAX_CALLBACK_CHARS,
+        description="An https URL to POST signed events about this message to "
+        "(message.dispatched, message.delivered, message.failed, message.refunded), per "
+        "Standard Webhooks, verified with the secret in the paid answer's `webhook`.",
     )
 
 
@@ -224,6 +233,34 @@ class Quote(WireModel):
 # POST /api/send and GET /api/messages/{message_id} ----------------------------------------
 
 
+class WebhookInfo(WireModel):
+    """Where this message's events go, and the secret that signs them."""
+
+    url: str
+    secret: str = Field(
+        description="whsec_… : verify each event's webhook-signature with it (Standard Webhooks)."
+    )
+    events: list[EventType]
+
+
+class WebhookEvent(WireModel):
+    """The body of an event POSTed to a callback_url."""
+
+    type: EventType
+    timestamp: str = Field(description="When it happened (ISO 8601, UTC).")
+    data: EventData
+
+
+class EventData(WireModel):
+    """What an event is about."""
+
+    message_id: str
+    status: StoredMessageState
+    to: str = Field(description="Masked destination.")
+    transaction: str | None = Field(description="The settlement transaction hash.")
+    refund: Refund | SkipJsonSchema[None] = _omitted_when_none()
+
+
 class SendResult(WireModel):
     """The 200 of POST /api/send: paid, settled and handed to the SMS provider."""
 
@@ -235,6 +272,7 @@ class SendResult(WireModel):
     price_usd: Usd
     paid_by: Address
     transaction: str = Field(description="The settlement transaction hash.")
+    webhook: WebhookInfo | SkipJsonSchema[None] = _omitted_when_none()
 
 
 class Refund(WireModel):
@@ -458,4 +496,5 @@ ANSWERS: tuple[type[BaseModel], ...] = (
     SettlementPendingError,
     DispatchFailedError,
     X402PaymentRequired,
+    WebhookEvent,
 )

@@ -1,4 +1,5 @@
-"""The reconciler loop (`relay worker`): finishes payments whose holder went away.
+"""The reconciler loop (`relay worker`): finishes payments whose holder went away, and
+delivers the events agents asked for at their callback URLs.
 
 Any number of worker loops may run across the fleet; a lease in the database elects one to
 work at a time, and a crashed holder's lease runs out after a few intervals. Each payment
@@ -13,6 +14,7 @@ import secrets
 import socket
 import threading
 
+from relay.flows.notifying import deliver_events
 from relay.flows.reconciling import reconcile
 from relay.services import Services
 
@@ -40,6 +42,9 @@ class Worker:
         results = reconcile(self.services, still_elected=self._elected)
         if results:
             log.info("reconciled %s", results)
+        events = deliver_events(self.services, still_elected=self._elected)
+        if events:
+            log.info("events %s", events)
         return results
 
     def _elected(self) -> bool:

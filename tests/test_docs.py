@@ -252,7 +252,7 @@ def test_request_bodies_are_strict(spec: dict[str, Any], docs_client: FlaskClien
     schemas = spec["components"]["schemas"]
     for name, fields in (
         ("QuoteRequest", {"message", "to", "smart_encoding"}),
-        ("SendRequest", {"message", "to", "quote_token", "smart_encoding"}),
+        ("SendRequest", {"message", "to", "quote_token", "smart_encoding", "callback_url"}),
     ):
         schema = schemas[name]
         assert schema["additionalProperties"] is False

@@ -20,7 +20,7 @@ from relay.records import PaymentRecord
 from relay.services import Services
 from relay.states import MessageState
 from relay.states import PaymentState as P
-from relay.wire import PaymentRequiredError, PriceRule, SendResult
+from relay.wire import EventType, PaymentRequiredError, PriceRule, SendResult, WebhookInfo
 
 HOW_TO_PAY = (
     "Resubmit POST /api/send with the same body and a PAYMENT-SIGNATURE (x402 v2) or "
@@ -105,7 +105,21 @@ def sent_body(payment: PaymentRecord, message_id: str, transaction: str) -> dict
         price_usd=from_atomic(payment.amount_atomic),
         paid_by=payment.payer,
         transaction=transaction,
+        webhook=webhook_info(payment),
     ).model_dump()
+
+
+def webhook_info(payment: PaymentRecord) -> WebhookInfo | None:
+    """Where the message's events go and the secret that signs them (only in the paid answer)."""
+    if payment.callback_url is None or payment.callback_secret is None:
+        return None
+    events: list[EventType] = [
+        "message.dispatched",
+        "message.delivered",
+        "message.failed",
+        "message.refunded",
+    ]
+    return WebhookInfo(url=payment.callback_url, secret=payment.callback_secret, events=events)
 
 
 def payment_headers(services: Services, settlement: Settlement, version: int) -> dict[str, str]:

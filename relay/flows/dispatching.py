@@ -15,6 +15,7 @@ from relay.flows.answers import (
     sent,
 )
 from relay.flows.leases import busy, hold
+from relay.flows.notifying import notify
 from relay.flows.refunding import refunded_answer
 from relay.payment_headers import ParsedPayment
 from relay.payments import Settlement
@@ -81,8 +82,11 @@ def dispatched(
     now, message_id = services.clock(), handed.message_id
     queued = message_record(payment, message_id, handed.provider, M.QUEUED, now)
     services.ledger.record_message(queued)
+    tx = settlement.transaction
+    notify(services, payment, message_id, M.QUEUED, tx)
     if handed.delivered:  # no delivery report will come: it is delivered as it is handed over
         services.ledger.update_message_status(message_id, M.DELIVERED, now, handed.provider)
+        notify(services, payment, message_id, M.DELIVERED, tx)
     log.info(
         "sent %s message_id=%s tx=%s", mask(payment.destination), message_id, settlement.transaction
     )
@@ -137,5 +141,7 @@ def dispatch_failed(
         raise busy()
     failed = message_record(payment, payment.id, "none", M.FAILED, services.clock())
     ledger.record_message(failed)
+    tx = settlement.transaction
+    notify(services, payment, payment.id, M.FAILED, tx)
     error = failed_after_payment(settlement.transaction, payment.id, provider_status=exc.status)
     return refunded_answer(services, payment, Outcome.of_error(error, headers))

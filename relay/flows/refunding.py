@@ -21,6 +21,7 @@ from relay.flows.answers import (
     stored_answer,
 )
 from relay.flows.leases import hold
+from relay.flows.notifying import notify
 from relay.payment_headers import ParsedPayment
 from relay.records import PaymentRecord, RefundRecord
 from relay.refunds import SignedRefund
@@ -92,6 +93,14 @@ def refund_payment(services: Services, payment: PaymentRecord) -> RefundRecord |
     assert record is not None
     if record.state == R.CONFIRMED:
         services.ledger.update_message_status(payment.id, MessageState.REFUNDED, record.updated_at)
+        notify(
+            services,
+            payment,
+            payment.id,
+            MessageState.REFUNDED,
+            payment.tx_hash,
+            refund_summary(record),
+        )
     return record
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from x402 import PaymentRequirements
 
+from relay.callbacks import new_secret
 from relay.errors import (
     IdempotencyKeyReused,
     PaymentVerifyFailed,
@@ -35,6 +36,7 @@ from relay.segments import smart_encode
 from relay.services import Services
 from relay.states import ANSWERED_STATES, INITIAL, SETTLING
 from relay.states import PaymentState as P
+from relay.wire import SendRequest
 
 #: Blocks below the chain's height (read before verify) where a payment's log search starts.
 CLAIM_BLOCK_MARGIN = 100
@@ -71,6 +73,8 @@ def send(
     if parsed is None or req.quote_token is None:
         limit_model_calls(services, client)
     order = order_for(services, req)
+    if isinstance(req, SendRequest) and req.callback_url is not None:
+        services.callbacks.policy.check(req.callback_url)  # refused before anything is paid
     requirements = payments.requirements(order.amount_atomic)
     if parsed is None:
         return challenge(services, requirements, order.amount_atomic, resource_url)
@@ -93,7 +97,8 @@ def send(
         if stored is not None:
             return stored
         raise
-    payment = claim(services, order, parsed, requirements, payer, claim_block)
+    callback = req.callback_url if isinstance(req, SendRequest) else None
+    payment = claim(services, order, parsed, requirements, payer, claim_block, callback)
     return advance(services, payment, parsed, requirements, first=True)
 
 
@@ -144,6 +149,7 @@ def claim(
     requirements: PaymentRequirements,
     payer: str,
     claim_block: int | None,
+    callback_url: str | None = None,
 ) -> PaymentRecord:
     """Claim quote, authorization and identifier in one insert, leased to this request."""
     now = services.clock()
@@ -171,6 +177,8 @@ def claim(
         log_index=None,
         lease_until=now + lease_seconds(services),
         lease_holder=secrets.token_hex(8),
+        callback_url=callback_url,
+        callback_secret=None if callback_url is None else new_secret(),
         message_id=None,
         error=None,
         response_status=None,

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from relay.errors import Unauthorized
+from relay.flows.notifying import notify
 from relay.flows.refunding import refund_summary
 from relay.ledger import Ledger
 from relay.phone import mask
@@ -23,6 +24,7 @@ from relay.sinch_webhooks import (
     parse_callback,
     verify_signature,
 )
+from relay.states import MessageState
 from relay.wire import Event, MessageStatus, PaymentSummary
 
 log = logging.getLogger(__name__)
@@ -96,13 +98,23 @@ def sinch_callback(
     return True
 
 
+def report_to_agent(services: Services, message_id: str, status: MessageState) -> None:
+    """A delivery report's outcome for the agent's callback URL, if it gave one."""
+    message = services.ledger.message(message_id)
+    payment = None if message is None else services.ledger.payment(message.payment_id)
+    if payment is not None:
+        notify(services, payment, message_id, status, payment.tx_hash)
+
+
 def apply_callback(services: Services, payload: dict[str, Any], now: float) -> None:
     """A delivery report's status, or an inbound STOP/START."""
     event = parse_callback(payload)
     if isinstance(event, DeliveryReport):
-        services.ledger.update_message_status(
+        changed = services.ledger.update_message_status(
             event.batch_id, event.status, now, event.provider_status
         )
+        if changed and event.status in ("delivered", "failed"):
+            report_to_agent(services, event.batch_id, MessageState(event.status))
     elif isinstance(event, InboundMessage):
         action = opt_out_action(event.body)
         if action is not None:

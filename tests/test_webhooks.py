@@ -1,0 +1,230 @@
+"""Signed delivery callbacks: a local receiver verifies every event with the PyPI
+`standardwebhooks` library and refuses the first attempts; the worker retries with the same
+event id until it is taken. Callback URLs into private networks are refused, both when
+given and when an event is sent."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from sqlalchemy import select, update
+from standardwebhooks import Webhook, WebhookVerificationError
+
+from relay.app import create_app
+from relay.callbacks import (
+    CallbackFailed,
+    CallbackPolicy,
+    CallbackSender,
+    Delivery,
+    event_body,
+    new_secret,
+)
+from relay.flows.notifying import EVENT_BACKOFF, deliver_events
+from relay.ledger import webhook_events
+from relay.services import Services, build_services
+from relay.settings import Settings
+from tests.conftest import (
+    SINCH_PLAN,
+    SINCH_TOKEN,
+    Wallet,
+    services_of,
+    sinch_overrides,
+)
+from tests.fake_sinch import FakeSinch
+from tests.processes import REPO
+from tests.x402_helpers import pay
+
+US = "+13012576365"
+
+
+class Receiver:
+    """An agent's endpoint: answers 500 to the first ``refuse`` requests, then 204; keeps
+    what it got."""
+
+    def __init__(self, refuse: int = 0) -> None:
+        self.refuse = refuse
+        self.got: list[tuple[dict[str, str], bytes]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.got.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                refused = len(receiver.got) <= receiver.refuse
+                self.send_response(500 if refused else 204)
+                self.end_headers()
+
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hooks/sms"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def verified(self, secret: str) -> list[dict[str, Any]]:
+        """Every event received, each checked with the standardwebhooks library."""
+        hook = Webhook(secret)
+        return [hook.verify(body, headers) for headers, body in self.got]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    found = Receiver(refuse=2)
+    yield found
+    found.close()
+
+
+def send_paid(app: Flask, body: dict[str, Any], key: str) -> Any:
+    client = app.test_client()
+    challenge = client.post("/api/send", json=body)
+    assert challenge.status_code == 402, challenge.get_data(as_text=True)
+    signature = pay(challenge.headers["PAYMENT-REQUIRED"], key)
+    return client.post("/api/send", json=body, headers={"PAYMENT-SIGNATURE": signature})
+
+
+def run_worker_until_quiet(services: Services, rounds: int = 20) -> list[dict[str, str]]:
+    """Worker passes until nothing is due, each retry brought forward to now (the waits
+    between attempts are the backoff's, checked below; signatures need the real time)."""
+    passes = []
+    for _ in range(rounds):
+        results = deliver_events(services)
+        if not results:
+            break
+        passes.append(results)
+        with services.ledger.begin() as conn:
+            pending = webhook_events.c.state == "pending"
+            waits = conn.execute(
+                select(webhook_events.c.next_attempt_at - webhook_events.c.updated_at).where(
+                    pending
+                )
+            ).scalars()
+            assert all(0 <= wait <= EVENT_BACKOFF.cap for wait in waits)
+            conn.execute(update(webhook_events).where(pending).values(next_attempt_at=0.0))
+    return passes
+
+
+def test_events_are_signed_retried_and_delivered_once_taken(
+    paid_settings: Callable[..., Settings], payer: Wallet, receiver: Receiver
+) -> None:
+    with FakeSinch(plan_id=SINCH_PLAN, token=SINCH_TOKEN) as fake:
+        settings = paid_settings(**sinch_overrides(fake.base_url), allow_private_callbacks=True)
+        app = create_app(services=build_services(settings))
+        body = {"message": "Tell my webhook", "to": US, "callback_url": receiver.url}
+        answer = send_paid(app, body, payer.key)
+        assert answer.status_code == 200, answer.get_data(as_text=True)
+        webhook = answer.get_json()["webhook"]
+        assert webhook["url"] == receiver.url and webhook["secret"].startswith("whsec_")
+        message_id = answer.get_json()["message_id"]
+        report = {
+            "type": "recipient_delivery_report_sms",
+            "batch_id": message_id,
+            "recipient": US.lstrip("+"),
+            "status": "DELIVERED",
+            "code": 0,
+            "at": "2026-11-30T10:00:00Z",
+        }
+        hook = f"/webhooks/sinch/{settings.sinch_callback_secret}"
+        assert app.test_client().post(hook, json=report).status_code == 200
+        assert app.test_client().post(hook, json=report).status_code == 200  # a repeat
+    services = services_of(app)
+    passes = run_worker_until_quiet(services)
+    assert passes[0] == {
+        f"evt_{payment_id(services)}_dispatched": "retrying",
+        f"evt_{payment_id(services)}_delivered": "retrying",
+    }
+    assert set(passes[-1].values()) == {"delivered"}
+    events = receiver.verified(webhook["secret"])
+    kinds = [event["type"] for event in events]
+    assert sorted(set(kinds)) == ["message.delivered", "message.dispatched"]
+    ids = {headers["webhook-id"] for headers, _ in receiver.got}
+    assert len(ids) == 2  # retries carry the same id: at least once, stable id
+    delivered = next(event for event in events if event["type"] == "message.delivered")
+    assert delivered["data"]["message_id"] == message_id
+    assert delivered["data"]["status"] == "delivered" and US not in json.dumps(delivered)
+    with pytest.raises(WebhookVerificationError):  # another message's secret does not verify
+        Receiver.verified(receiver, "whsec_" + "QUFB" * 11)
+
+
+def payment_id(services: Services) -> str:
+    (payment,) = services.ledger.list_payments()
+    return payment.id
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("http://127.0.0.1:9/hook", "scheme"),
+        ("https://127.0.0.1/hook", "private_address"),
+        ("https://10.1.2.3/hook", "private_address"),
+        ("https://169.254.169.254/latest/meta-data", "private_address"),
+        ("https://[::1]/hook", "private_address"),
+        ("https://[fd00:ec2::254]/hook", "private_address"),
+        ("https://100.64.0.1/hook", "private_address"),
+        ("https://localhost/hook", "private_address"),
+        ("https://user:pw@example.com/hook", "credentials"),
+        ("ftp://example.com/hook", "scheme"),
+        ("https://" + "a" * 2050 + ".com/", "too_long"),
+    ],
+)
+def test_callback_urls_into_private_networks_are_refused_before_payment(
+    paid_settings: Callable[..., Settings], url: str, reason: str
+) -> None:
+    app = create_app(services=build_services(paid_settings()))
+    answer = app.test_client().post(
+        "/api/send", json={"message": "Hook", "to": US, "callback_url": url}
+    )
+    assert answer.status_code == 400, answer.get_data(as_text=True)
+    error = answer.get_json()
+    assert error["error"] == "invalid_input"
+    assert error["details"]["field"] == "callback_url"
+    assert error["details"]["reason"] in (reason, "unresolvable")
+
+
+def test_a_name_that_turns_private_after_the_check_is_not_called(receiver: Receiver) -> None:
+    """DNS rebinding: public when the URL was given, loopback when the event goes out."""
+    answers = iter([["93.184.215.14"], ["127.0.0.1"]])
+    policy = CallbackPolicy(resolver=lambda _host, _port: next(answers))
+    url = f"https://hooks.example.com:{receiver.server.server_port}/sms"
+    assert policy.check(url) == url
+    sender = CallbackSender(policy)
+    with pytest.raises(CallbackFailed, match="private_address"):
+        sender.send(url, "whsec_" + "QUFB" * 11, Delivery("evt_1", 1.0, "{}"))
+    sender.close()
+    assert receiver.got == []
+
+
+def test_the_readme_typescript_verification_accepts_our_events(receiver: Receiver) -> None:
+    """The README's TypeScript snippet (npm standardwebhooks) verifies what the relay sends."""
+    receiver.refuse = 0
+    policy = CallbackPolicy(allow_private=True)
+    secret = new_secret()
+    body = event_body("message.delivered", 1.0, {"message_id": "m-1", "status": "delivered"})
+    CallbackSender(policy).send(
+        receiver.url, secret, Delivery("evt_m-1_delivered", time.time(), body)
+    )
+    ((headers, received),) = receiver.got
+    script = Path(__file__).parent / "node" / "verify_webhook.mjs"
+
+    def verify(text: str) -> subprocess.CompletedProcess[str]:
+        data = {"secret": secret, "body": text, "headers": headers}
+        return subprocess.run(
+            ["node", str(script)], input=json.dumps(data), capture_output=True, text=True, cwd=REPO
+        )
+
+    ok = verify(received.decode())
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.strip() == "message.delivered"
+    assert verify(received.decode().replace("delivered", "failed")).returncode != 0
