@@ -40,8 +40,9 @@ from web3 import Web3
 from web3.exceptions import BadFunctionCallOutput, ContractLogicError
 from x402.http import FacilitatorConfig, HTTPFacilitatorClientSync
 
+from relay import migrations
 from relay.abi import load_abi
-from relay.ledger import FORWARDED_NOTICE, SCHEMA_VERSION, Ledger, missing_sqlite_file
+from relay.ledger import FORWARDED_NOTICE, Ledger, missing_sqlite_file
 from relay.moderation import GEMINI_API_VERSION, GEMINI_DEFAULT_BASE_URL
 from relay.settings import Settings, read_settings
 
@@ -207,19 +208,18 @@ def check_database(settings: Settings) -> tuple[Status, str]:
         raise _Problem(f"unsupported database scheme {url.drivername!r}") from None
     try:
         ledger.ping()
-        version = ledger.schema_version()
+        revision = ledger.schema_revision()
     except DBAPIError as exc:
         raise _Problem(f"{shown}: {_driver_message(exc)}") from None
     finally:
         ledger.engine.dispose()
-    if version is None:
-        return "FAIL", f"{shown}: no relay schema (run `relay db upgrade`)"
-    if version != SCHEMA_VERSION:
-        return "FAIL", (
-            f"{shown}: schema version {version}, this release uses {SCHEMA_VERSION}"
-            + (" (run `relay db upgrade`)" if version < SCHEMA_VERSION else "")
-        )
-    return "PASS", f"{shown}: schema version {version}"
+    head = migrations.head()
+    if revision == head:
+        return "PASS", f"{shown}: schema revision {revision} (head)"
+    if revision is not None and not migrations.known(revision):
+        return "FAIL", f"{shown}: schema revision {revision}, newer than this release's {head}"
+    found = "no schema revision" if revision is None else f"schema revision {revision}"
+    return "FAIL", f"{shown}: {found}, this release needs {head} (run `relay db upgrade`)"
 
 
 def _with_connect_timeout(url: URL) -> URL:
