@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 #: The last release whose schema was relay_schema version 1.
 SCHEMA_1_COMMIT = "654eca80f138cc31d0f1cef93be36ab69b67ed6c"
 #: The last release before the migrations (relay_schema version 2).
-PREVIOUS_RELEASE = "b8b9c48"
+PREVIOUS_RELEASE = "b8b9c48364237f6bdaf2cf57cc1331c4d28432f5"
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
