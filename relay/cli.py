@@ -27,8 +27,9 @@ Command = Callable[[argparse.Namespace], int]
 
 
 def serve(args: argparse.Namespace) -> int:
-    """Serve the app with gunicorn (the same server as production), with the reconciler
-    running in its workers; the loops of every process elect one to work at a time."""
+    """Upgrade the database, then serve the app with gunicorn (the same server as
+    production), with the reconciler running in its workers; the loops of every process
+    elect one to work at a time. The workers only open the upgraded database."""
     from gunicorn.app.base import BaseApplication
 
     from relay import gunicorn_conf
@@ -36,6 +37,7 @@ def serve(args: argparse.Namespace) -> int:
 
     settings = load_settings()
     configure_logging(settings.log_level, settings.log_format, force=True)
+    _upgrade(settings.database_url)
 
     class _Server(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
@@ -75,9 +77,9 @@ def worker(_args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         services = None
-        while services is None:  # beside a server creating the schema, or a database away
+        while services is None:  # until `relay db upgrade` has run, or the database is back
             try:
-                services = build_services(settings, migrate=False)
+                services = build_services(settings)
             except Exception as exc:
                 say(f"worker waiting for its database: {type(exc).__name__}")
                 time.sleep(settings.worker_interval_seconds)
@@ -225,10 +227,29 @@ def doctor(args: argparse.Namespace) -> int:
 
 
 def db_upgrade(_args: argparse.Namespace) -> int:
-    """Create or migrate the database schema."""
+    """Create or migrate the database schema (the Procfile's release step)."""
+    _upgrade(load_settings().database_url)
+    return 0
 
-    version = Ledger.from_url(load_settings().database_url).upgrade()
-    say(f"database schema at version {version}")
+
+def _upgrade(url: str) -> None:
+
+    say(f"database schema at revision {Ledger.upgrade_database(url)}")
+
+
+def db_revision(args: argparse.Namespace) -> int:
+    """Write the next migration: what the tables in relay/ledger.py have and the database
+    (at the head revision) lacks."""
+    from relay import migrations
+
+    book = Ledger.open_existing(load_settings().database_url)
+    with book.begin() as conn:
+        path = migrations.revision(conn, args.message)
+    book.engine.dispose()
+    if path is None:
+        say("the tables match the database: no revision written")
+        return 1
+    say(f"wrote {path}")
     return 0
 
 
@@ -244,7 +265,7 @@ def _ledger() -> Ledger:
 def _services() -> Any:
     from relay.services import build_services
 
-    return build_services(load_settings(), migrate=False)
+    return build_services(load_settings())
 
 
 def _when(row: dict[str, Any]) -> str:
@@ -361,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     db = sub.add_parser("db", help="database maintenance")
     dbsub = db.add_subparsers(dest="db_command", required=True)
     dbsub.add_parser("upgrade", help="create or migrate the schema").set_defaults(func=db_upgrade)
+    p = dbsub.add_parser("revision", help="write the next migration from the tables (development)")
+    p.add_argument("-m", "--message", required=True, help="what the migration does")
+    p.set_defaults(func=db_revision)
     return parser
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import secrets
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,21 +32,22 @@ from sqlalchemy import (
     event,
     func,
     insert,
-    inspect,
     make_url,
     select,
-    text,
     update,
 )
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import IntegrityError
 
+from relay import migrations
 from relay.moderation import Verdict
 from relay.records import EventRecord, MessageEvent, MessageRecord, PaymentRecord, RefundRecord
 from relay.retry import Backoff, retry
 from relay.states import check_move
 
-SCHEMA_VERSION = 3
-UPGRADE_ATTEMPTS = 5
+log = logging.getLogger(__name__)
+
+#: The PostgreSQL advisory lock an upgrade holds, so two at once run one after the other.
+UPGRADE_LOCK = 0x72656C6179  # "relay"
 #: A reserved transaction nonce the chain has not seen this long after its reservation (or
 #: its broadcast) was never sent, or was dropped: the next reservation re-uses it. Hosts
 #: keep their clocks in sync (NTP) well within this.
@@ -58,13 +59,6 @@ NONCE_ATTEMPTS = 100
 NONCE_BACKOFF = Backoff(NONCE_ATTEMPTS, 0.002, 0.05)
 
 metadata = MetaData()
-
-schema_info = Table(
-    "relay_schema",
-    metadata,
-    Column("id", Integer, primary_key=True),
-    Column("version", Integer, nullable=False),
-)
 
 verdicts = Table(
     "verdicts",
@@ -242,19 +236,6 @@ leases = Table(
     Column("expires_at", Float, nullable=False),
 )
 
-#: Columns added by each schema version, for databases created by an earlier release.
-_ADDED_COLUMNS: dict[int, list[tuple[Table, str]]] = {
-    2: [
-        (payments, "header"),
-        (payments, "claim_block"),
-        (payments, "log_index"),
-        (payments, "lease_until"),
-        (payments, "lease_holder"),
-        (refunds, "nonce"),
-    ],
-    3: [(payments, "callback_url"), (payments, "callback_secret")],
-}
-
 
 def make_engine(url: str) -> Engine:
     """An engine for the URL; SQLite gets WAL and a busy timeout so threads can share it."""
@@ -284,15 +265,26 @@ def _load_json(text: str) -> Any:
     return simplejson.loads(text, use_decimal=True)
 
 
+#: Switching a new SQLite file to WAL while another connection writes to it fails at once
+#: ("database is locked", the busy timeout does not apply): it is tried again briefly.
+WAL_SWITCH = Backoff(attempts=50, first=0.02, cap=0.25, budget=15.0)
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA busy_timeout=30000")
+    if cursor.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+        retry(
+            lambda _attempt: cursor.execute("PRAGMA journal_mode=WAL"),
+            WAL_SWITCH,
+            retryable=lambda error: "locked" in str(error),
+        )
     cursor.close()
 
 
 class SchemaMissing(Exception):
-    """The database has no relay schema yet (or its SQLite file does not exist)."""
+    """The database is not at this release's schema revision (or its SQLite file does not
+    exist): `relay db upgrade` has not run on it yet."""
 
 
 def missing_sqlite_file(url: str) -> str | None:
@@ -321,78 +313,49 @@ class Ledger:
 
     @classmethod
     def open_existing(cls, url: str) -> Ledger:
-        """A ledger on a database that already has this release's schema; SchemaMissing if
-        not (operator commands and the worker never create or migrate it)."""
+        """A ledger on a database at this release's schema revision; SchemaMissing if it is
+        behind (the service, the worker and operator commands never create or migrate it)."""
         missing = missing_sqlite_file(url)
         if missing is not None:
             raise SchemaMissing(f"SQLite file {missing} does not exist (run `relay db upgrade`)")
         ledger = cls.from_url(url)
-        version = ledger.schema_version()
-        if version is None or version < SCHEMA_VERSION:
+        found, head = ledger.schema_revision(), migrations.head()
+        if found == head:
+            return ledger
+        if found is None or migrations.known(found):
             ledger.engine.dispose()
-            found = "no relay schema" if version is None else f"schema version {version}"
+            at = "has no schema revision" if found is None else f"is at schema revision {found}"
             raise SchemaMissing(
-                f"the database has {found}; this release needs {SCHEMA_VERSION} "
-                "(run `relay db upgrade`)"
+                f"the database {at}; this release needs {head} (run `relay db upgrade`)"
             )
+        log.warning("the database is at schema revision %s, newer than this release's", found)
         return ledger
 
-    def schema_version(self) -> int | None:
-        """The schema version recorded in the database, None before the first upgrade."""
-        if not inspect(self.engine).has_table(schema_info.name):
-            return None
+    def schema_revision(self) -> str | None:
+        """The schema revision the database is at, None before its first upgrade."""
         with self.engine.connect() as conn:
-            version = conn.execute(select(schema_info.c.version)).scalar()
-        return None if version is None else int(version)
+            return migrations.current(conn)
 
-    def upgrade(self) -> int:
-        """Create or migrate the schema; returns the schema version.
+    @classmethod
+    def upgrade_database(cls, url: str) -> str:
+        """Create or migrate the schema of the database at URL; returns its revision."""
+        book = cls.from_url(url)
+        try:
+            return book.upgrade()
+        finally:
+            book.engine.dispose()
 
-        Several workers or hosts may start on a new database at once: whoever loses the race
-        to create a table or the version row simply looks again.
-        """
-        for attempt in range(UPGRADE_ATTEMPTS):
-            try:
-                return self._upgrade_once()
-            except DBAPIError:
-                if attempt == UPGRADE_ATTEMPTS - 1:
-                    raise
-                time.sleep(0.1 * (attempt + 1))
-        raise AssertionError("unreachable")
-
-    def _upgrade_once(self) -> int:
-        metadata.create_all(self.engine)
+    def upgrade(self) -> str:
+        """Create or migrate the schema to this release's revision (`relay db upgrade`);
+        returns that revision. The whole upgrade is one transaction, and two at once run one
+        after the other (PostgreSQL: an advisory lock; SQLite: BEGIN IMMEDIATE)."""
         with self.engine.begin() as conn:
-            row = conn.execute(select(schema_info.c.version)).first()
-            if row is None:
-                conn.execute(insert(schema_info).values(id=1, version=SCHEMA_VERSION))
-                return SCHEMA_VERSION
-            version = int(row.version)
-        while version < SCHEMA_VERSION:
-            version += 1
-            self._migrate_to(version)
-        return version
-
-    def _migrate_to(self, version: int) -> None:
-        """Bring a database of ``version - 1`` to ``version``; safe to run twice at once."""
-        present = {
-            table.name: {c["name"] for c in inspect(self.engine).get_columns(table.name)}
-            for table in (payments, refunds)
-        }
-        with self.engine.begin() as conn:
-            for table, name in _ADDED_COLUMNS.get(version, []):
-                if name in present[table.name]:
-                    continue
-                column = table.c[name]
-                kind = column.type.compile(dialect=self.engine.dialect)
-                conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {name} {kind}"))
-            for index in payments.indexes:
-                index.create(conn, checkfirst=True)
-            conn.execute(
-                update(schema_info)
-                .where(schema_info.c.version == version - 1)
-                .values(version=version)
-            )
+            if conn.dialect.name == "postgresql":
+                conn.execute(select(func.pg_advisory_xact_lock(UPGRADE_LOCK)))
+            elif conn.dialect.name == "sqlite":
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            migrations.upgrade(conn)
+        return migrations.head()
 
     @contextmanager
     def begin(self) -> Iterator[Connection]:

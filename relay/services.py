@@ -38,16 +38,10 @@ class Services:
     clock: Callable[[], float] = field(default=time.time)
 
 
-def build_services(
-    settings: Settings, clock: Callable[[], float] = time.time, *, migrate: bool = True
-) -> Services:
-    """Wire every collaborator from the settings; ``migrate`` creates or upgrades the schema
-    (the service does; operator commands only open an existing database)."""
-    if migrate:
-        ledger = Ledger.from_url(settings.database_url)
-        ledger.upgrade()
-    else:
-        ledger = Ledger.open_existing(settings.database_url)
+def build_services(settings: Settings, clock: Callable[[], float] = time.time) -> Services:
+    """Wire every collaborator from the settings, on a database already at this release's
+    schema (SchemaMissing otherwise: only `relay db upgrade` creates or migrates it)."""
+    ledger = Ledger.open_existing(settings.database_url)
     lockout = lockout_rule(
         settings.pay_password_max_failures, settings.pay_password_lockout_seconds
     )

@@ -18,7 +18,7 @@ from sqlalchemy import create_engine, text, update
 
 from relay.app import create_app
 from relay.dev.chain import DevChain, dev_accounts
-from relay.ledger import payments
+from relay.ledger import Ledger, payments
 from relay.services import Services, build_services
 from relay.settings import Settings
 
@@ -27,7 +27,9 @@ PAY_TO = "0x85F37873f97afa61263A27107f2e7b0B672d7CFF"
 
 @pytest.fixture
 def make_settings(tmp_path: Path) -> Callable[..., Settings]:
-    """Settings for a development stack on a fresh SQLite file, with overrides."""
+    """Settings for a development stack on a fresh SQLite file (upgraded, as `relay db
+    upgrade` does before the service starts), with overrides."""
+    upgraded: set[str] = set()
 
     def make(**overrides: Any) -> Settings:
         base: dict[str, Any] = dict(
@@ -41,6 +43,9 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
         base.update(overrides)
         settings = Settings(**base)
         assert settings.problems() == []
+        if "database_url" not in overrides and settings.database_url not in upgraded:
+            Ledger.upgrade_database(settings.database_url)
+            upgraded.add(settings.database_url)
         return settings
 
     return make

@@ -23,13 +23,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import update
+import requests
+from sqlalchemy import inspect, update
 
+from relay import migrations
 from relay.dev.chain import DevChain
 from relay.dev.stack import DEMO_MESSAGE, DEMO_TO, DevStack
-from relay.ledger import SCHEMA_VERSION, Ledger, messages
+from relay.ledger import Ledger, messages
 from tests.conftest import PAY_TO, Wallet, new_wallet
-from tests.processes import RelayProcess, free_port
+from tests.processes import REPO, RelayProcess, free_port
 from tests.test_exactly_once import relay_env
 
 US = "+13012576365"
@@ -410,11 +412,76 @@ def test_reconcile_all_with_nothing_running_warns_of_nothing(stack: Stack, tmp_p
 def test_db_upgrade_creates_the_schema(stack: Stack, tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'fresh.db'}"
     env = {**stack.env, "DATABASE_URL": url}
-    result = run_cli(["db", "upgrade"], env, tmp_path)
-    assert result.returncode == 0, explain(result)
-    assert f"schema at version {SCHEMA_VERSION}" in result.stdout
+    for _ in range(2):
+        result = run_cli(["db", "upgrade"], env, tmp_path)
+        assert result.returncode == 0, explain(result)
+        assert f"schema at revision {migrations.head()}" in result.stdout
     assert (tmp_path / "fresh.db").is_file()
-    assert Ledger.from_url(url).list_payments() == []
+    assert Ledger.open_existing(url).list_payments() == []
+
+
+def test_db_revision_writes_nothing_while_the_tables_match(stack: Stack, tmp_path: Path) -> None:
+    env = {**stack.env, "DATABASE_URL": f"sqlite:///{tmp_path / 'fresh.db'}"}
+    versions = sorted((REPO / "relay" / "migrations" / "versions").iterdir())
+    behind = run_cli(["db", "revision", "-m", "nothing"], env, tmp_path)
+    assert behind.returncode == 1, explain(behind)
+    assert "run `relay db upgrade`" in behind.stderr and "Traceback" not in behind.stderr
+    assert run_cli(["db", "upgrade"], env, tmp_path).returncode == 0
+    result = run_cli(["db", "revision", "-m", "nothing"], env, tmp_path)
+    assert result.returncode == 1, explain(result)
+    assert "no revision written" in result.stdout
+    assert sorted((REPO / "relay" / "migrations" / "versions").iterdir()) == versions
+
+
+def test_procfile_web_workers_only_open_what_the_release_step_made(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """The Procfile's lines as written: gunicorn's workers on a database without the
+    schema stop with the one message and create nothing; after `release` they serve."""
+    lines = (REPO / "Procfile").read_text().splitlines()
+    procfile = dict(line.split(": ", 1) for line in lines if line.strip())
+    (tmp_path / "relay.db").touch()
+    port = free_port()
+    env = base_env(
+        tmp_path,
+        **{
+            **stack.env,
+            "DATABASE_URL": f"sqlite:///{tmp_path / 'relay.db'}",
+            "PORT": str(port),
+            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        },
+    )
+
+    def sh(line: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            line, shell=True, cwd=REPO, env=env, text=True, capture_output=True, timeout=60
+        )
+
+    refused = sh(procfile["web"])
+    assert refused.returncode != 0, explain(refused)
+    assert "the database has no schema revision" in refused.stderr, explain(refused)
+    book = Ledger.from_url(env["DATABASE_URL"])
+    assert inspect(book.engine).get_table_names() == []
+    release = sh(procfile["release"])
+    assert release.returncode == 0, explain(release)
+    assert book.schema_revision() == migrations.head()
+    book.engine.dispose()
+    web = subprocess.Popen(procfile["web"], shell=True, cwd=REPO, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not _answers(f"http://127.0.0.1:{port}/health"):
+            assert time.monotonic() < deadline and web.poll() is None, "web did not serve"
+            time.sleep(0.2)
+    finally:
+        _kill_group(web.pid)
+        web.wait(10)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
 
 
 def test_db_upgrade_lists_every_configuration_problem(tmp_path: Path) -> None:

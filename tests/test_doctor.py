@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import NoReturn
 
 import pytest
+from alembic import command
 from eth_account import Account
+from sqlalchemy import text
 
-from relay import doctor
+from relay import doctor, migrations
 from relay.app import create_app
 from relay.dev.chain import DevChain, load_artifact
-from relay.ledger import SCHEMA_VERSION, Ledger
+from relay.ledger import Ledger
 from relay.services import build_services
 from relay.settings import Settings
 from tests.conftest import new_wallet
@@ -80,10 +82,7 @@ def green(
             pay_password=PAY_PASSWORD,
         )
         base.update(overrides)
-        settings = paid_settings(**base)
-        if "database_url" not in overrides:
-            Ledger.from_url(settings.database_url).upgrade()
-        return settings
+        return paid_settings(**base)
 
     return make
 
@@ -134,7 +133,7 @@ def test_all_green_configuration_passes_every_check(
     assert {s for s, _ in rows.values()} == {"PASS"}, text
     assert "chain 84532" in rows["rpc"][1]
     assert "name 'USDC', version '2', 6 decimals" in rows["token"][1]
-    assert f"schema version {SCHEMA_VERSION}" in rows["database"][1]
+    assert f"schema revision {migrations.head()} (head)" in rows["database"][1]
     assert "an account without code" in rows["payTo"][1]
     assert "local; settler" in rows["facilitator"][1]
     assert "5 USDC" in rows["refund wallet"][1]
@@ -167,7 +166,6 @@ def test_development_modes_are_skipped_not_failed(
     paid_settings: Callable[..., Settings], gemini: FakeGemini
 ) -> None:
     settings = paid_settings()  # rules moderation, outbox SMS, no refund key
-    Ledger.from_url(settings.database_url).upgrade()
     calls = gemini.request_count
     status, text, rows = run(settings)
     assert status == 1 and failed(rows) == ["providers"], text  # loudly, without --dev
@@ -295,13 +293,29 @@ def test_missing_sqlite_file_fails_and_is_not_created(
     assert not path.exists()
 
 
-def test_database_without_schema_fails(green: Callable[..., Settings], tmp_path: Path) -> None:
-    path = tmp_path / "empty.db"
+@pytest.mark.parametrize(
+    ("revision", "found"),
+    [
+        (None, "no schema revision, this release needs {head} (run `relay db upgrade`)"),
+        ("0001", "schema revision 0001, this release needs {head} (run `relay db upgrade`)"),
+        ("9999", "schema revision 9999, newer than this release's {head}"),
+    ],
+)
+def test_database_not_at_the_head_revision_fails(
+    green: Callable[..., Settings], tmp_path: Path, revision: str | None, found: str
+) -> None:
+    path = tmp_path / "behind.db"
     sqlite3.connect(path).close()
+    if revision is not None:
+        ledger = Ledger.from_url(f"sqlite:///{path}")
+        with ledger.begin() as conn:
+            command.upgrade(migrations.config(conn), min(revision, migrations.head()))
+            conn.execute(text("UPDATE alembic_version SET version_num = :r"), {"r": revision})
+        ledger.engine.dispose()
     status, _, rows = run(green(database_url=f"sqlite:///{path}"))
     assert status == 1
     assert rows["database"][0] == "FAIL"
-    assert rows["database"][1].endswith("no relay schema (run `relay db upgrade`)")
+    assert rows["database"][1].endswith(found.format(head=migrations.head()))
 
 
 def test_wrong_gemini_key_is_rejected(green: Callable[..., Settings]) -> None:

@@ -293,6 +293,7 @@ def test_the_procfile_worker_finishes_a_payment_a_crash_left(
     dispatched (the process died in between) is dispatched without any request."""
     env = relay_env(chain, f"sqlite:///{tmp_path / 'relay.db'}", WORKER_INTERVAL_SECONDS="1")
     settings = load_settings(env, env_file=None)
+    Ledger.upgrade_database(settings.database_url)  # the Procfile's release step
     app = create_app(services=build_services(settings))
     client = app.test_client()
     body = {"message": "Worker finishes me", "to": US}

@@ -1,6 +1,7 @@
 """The wheel is all an operator needs: installed in a fresh virtualenv outside the
-checkout, it ships the token ABI, so `relay doctor` checks the token and a refund is
-signed and mined on the local chain."""
+checkout, it ships the token ABI and the migrations, so `relay db upgrade` creates the
+schema, `relay doctor` checks the token and a refund is signed and mined on the local
+chain."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import textwrap
 import zipfile
 from pathlib import Path
 
+from relay import migrations
 from relay.dev.chain import DevChain
 from tests.conftest import PAY_TO, new_wallet
 from tests.processes import REPO
@@ -40,7 +42,13 @@ def test_the_wheel_installed_elsewhere_checks_the_token_and_refunds(
     )
     wheel, python = install_wheel(source, tmp_path)
     with zipfile.ZipFile(wheel) as archive:
-        assert {"relay/abi/USDC.abi.json", "relay/abi/TestUSDC.json"} <= set(archive.namelist())
+        assert {
+            "relay/abi/USDC.abi.json",
+            "relay/abi/TestUSDC.json",
+            "relay/migrations/env.py",
+            "relay/migrations/script.py.mako",
+            "relay/migrations/versions/0001_baseline.py",
+        } <= set(archive.namelist())
     venv = python.parent.parent
 
     outside = tmp_path / "elsewhere"
@@ -64,6 +72,7 @@ def test_the_wheel_installed_elsewhere_checks_the_token_and_refunds(
     }
     upgraded = run([str(venv / "bin" / "relay"), "db", "upgrade"], cwd=outside, **env)
     assert upgraded.returncode == 0, upgraded.stdout + upgraded.stderr
+    assert f"schema at revision {migrations.head()}" in upgraded.stdout
     doctor = run([str(venv / "bin" / "relay"), "doctor", "--dev"], cwd=outside, **env)
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr
     assert any(line.startswith("token") and "PASS" in line for line in doctor.stdout.splitlines())

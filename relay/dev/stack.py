@@ -18,6 +18,7 @@ from werkzeug.serving import BaseWSGIServer, make_server
 from relay.app import create_app
 from relay.client import RelayClient
 from relay.dev.chain import DevChain
+from relay.ledger import Ledger
 from relay.services import Services, build_services
 from relay.settings import Settings
 from relay.worker import Worker
@@ -58,6 +59,7 @@ class DevStack:
         scratch = None if database else Path(tempfile.mkdtemp(prefix="relay-dev-"))
         try:
             url = database or f"sqlite:///{scratch}/relay.db"
+            Ledger.upgrade_database(url)  # one process serves: it migrates, then opens
             services = build_services(dev_settings(chain, url))
             server = make_server("127.0.0.1", port, create_app(services=services), threaded=True)
         except BaseException:

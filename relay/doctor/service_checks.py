@@ -11,9 +11,10 @@ from google.genai import errors as genai_errors
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
+from relay import migrations
 from relay.doctor.probe import HTTP_TIMEOUT_SECONDS, Problem, Status, origin
 from relay.gemini import GEMINI_DEFAULT_BASE_URL, gemini_client, ping_config
-from relay.ledger import FORWARDED_NOTICE, SCHEMA_VERSION, Ledger, missing_sqlite_file
+from relay.ledger import FORWARDED_NOTICE, Ledger, missing_sqlite_file
 from relay.ratelimit import STORAGE_SCHEMES, Limiter
 from relay.settings import DATABASE_SCHEMES, Settings
 from relay.sinch import sinch_client
@@ -45,19 +46,18 @@ def check_database(settings: Settings) -> tuple[Status, str]:
         raise Problem(f"unsupported database scheme {url.drivername!r}") from None
     try:
         ledger.ping()
-        version = ledger.schema_version()
+        revision = ledger.schema_revision()
     except DBAPIError as exc:
         raise Problem(f"{shown}: {_driver_message(exc)}") from None
     finally:
         ledger.engine.dispose()
-    if version is None:
-        return "FAIL", f"{shown}: no relay schema (run `relay db upgrade`)"
-    if version != SCHEMA_VERSION:
-        return "FAIL", (
-            f"{shown}: schema version {version}, this release uses {SCHEMA_VERSION}"
-            + (" (run `relay db upgrade`)" if version < SCHEMA_VERSION else "")
-        )
-    return "PASS", f"{shown}: schema version {version}"
+    head = migrations.head()
+    if revision == head:
+        return "PASS", f"{shown}: schema revision {revision} (head)"
+    if revision is not None and not migrations.known(revision):
+        return "FAIL", f"{shown}: schema revision {revision}, newer than this release's {head}"
+    found = "no schema revision" if revision is None else f"schema revision {revision}"
+    return "FAIL", f"{shown}: {found}, this release needs {head} (run `relay db upgrade`)"
 
 
 def _with_connect_timeout(url: URL) -> URL:
