@@ -144,13 +144,19 @@ def test_ipv6_clients_are_limited_by_their_64(make_settings: Callable[..., Setti
 
 
 def quotes_at_once(settings: Settings, message: str, count: int) -> list[Any]:
-    """``count`` concurrent quotes of one text, on one app (one process, many threads)."""
+    """``count`` concurrent quotes of one text, on one app (one process, many threads),
+    released together so that a loaded machine does not start them one by one."""
     app = create_app(services=build_services(settings))
     body = {"message": message, "to": US}
+    ready = threading.Barrier(count)
+
+    def quote(_: int) -> Any:
+        client = app.test_client()
+        ready.wait()
+        return client.post("/api/quote", json=body)
+
     with ThreadPoolExecutor(count) as pool:
-        return list(
-            pool.map(lambda _: app.test_client().post("/api/quote", json=body), range(count))
-        )
+        return list(pool.map(quote, range(count)))
 
 
 def test_concurrent_quotes_of_a_new_text_cost_one_model_call(
@@ -309,7 +315,7 @@ def test_the_herd_shares_the_leaders_failure_without_more_model_calls(
     """The model is down while eight quote the same new text: one call, eight 503s."""
     calls = gemini.request_count
     answers = quotes_at_once(
-        make_settings(**gemini_settings(gemini)), "Herd meets an outage [[503]] [[slow:0.5]]", 8
+        make_settings(**gemini_settings(gemini)), "Herd meets an outage [[503]] [[slow:1.5]]", 8
     )
     assert [a.get_json()["error"] for a in answers] == ["moderation_unavailable"] * 8
     assert {a.status_code for a in answers} == {503}
