@@ -27,7 +27,7 @@ def serve(args: argparse.Namespace) -> int:
     running in its workers; the loops of every process elect one to work at a time."""
     from gunicorn.app.base import BaseApplication
 
-    from relay.app import create_app
+    from relay.gunicorn_conf import HOOKS
 
     settings = load_settings()
     configure_logging(settings.log_level, settings.log_format, force=True)
@@ -42,8 +42,12 @@ def serve(args: argparse.Namespace) -> int:
             self.cfg.set("accesslog", "-")
             self.cfg.set("logger_class", "relay.logs.MaskedAccessLogger")
             self.cfg.set("post_worker_init", _start_reconciler)
+            for name, hook in HOOKS.items():  # the workers' metrics directory
+                self.cfg.set(name, hook)
 
         def load(self) -> Any:
+            from relay.app import create_app  # in the worker: after on_starting (see HOOKS)
+
             return create_app(settings)
 
     _Server().run()

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, NoReturn, Protocol, TypedDict, TypeVar
 
 import httpx
+import requests
 import rlp
 from eth_account import Account
 from eth_typing import HexStr
@@ -888,6 +889,19 @@ class SignedRefund:
     tx_hash: str
     raw: str
     nonce: int | None = None
+
+
+def gas_balance(rpc_url: str, address: str, timeout: float) -> int:
+    """The wei ``address`` holds to pay gas, asked once: a short time-out and no retries,
+    so a dead RPC costs one time-out."""
+    with requests.Session() as session:
+        provider = Web3.HTTPProvider(
+            rpc_url,
+            request_kwargs={"timeout": timeout},
+            session=session,
+            exception_retry_configuration=None,
+        )
+        return int(Web3(provider).eth.get_balance(Web3.to_checksum_address(address)))
 
 
 # ---------------------------------------------------------------------- decoding

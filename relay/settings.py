@@ -89,6 +89,7 @@ class Settings:
     max_body_bytes: int = MAX_BODY_BYTES
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
+    metrics_token: str | None = _secret()
 
     def __post_init__(self) -> None:
         if not self.usdc_address and self.x402_network in DEFAULT_ASSETS:
@@ -199,6 +200,8 @@ def _check_core(s: Settings) -> list[str]:
         out.append("QUOTE_TTL_SECONDS >= 30, MAX_SEGMENTS >= 1, PRICE_PER_SEGMENT_USD > 0")
     if not 0 < s.worker_interval_seconds <= 60:
         out.append("WORKER_INTERVAL_SECONDS must be above 0 and at most 60")
+    if s.metrics_token and len(s.metrics_token) < 16:
+        out.append("METRICS_TOKEN must be at least 16 characters when set")
     scheme = s.rate_limit_storage_url.partition("://")[0]
     if scheme not in STORAGE_SCHEMES or "://" not in s.rate_limit_storage_url:
         out.append(
@@ -350,6 +353,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "PAY_PASSWORD_LOCKOUT_SECONDS": _int,
     "LOG_LEVEL": _choice("DEBUG", "INFO", "WARNING", "ERROR"),
     "LOG_FORMAT": _choice("text", "json"),
+    "METRICS_TOKEN": _text,
 }
 
 
