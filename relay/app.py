@@ -15,6 +15,7 @@ from flask.json.provider import JSONProvider
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from relay import metrics
 from relay.errors import (
     InternalError,
     InvalidInput,
@@ -67,6 +68,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
 
     app.register_blueprint(api)
     app.register_blueprint(docs)
+    metrics.init_app(app)
     _register_error_handlers(app)
     app.before_request(_take_request_id)
     app.after_request(_echo_request_id)

@@ -204,3 +204,10 @@ def paying_transfer(logs: list[Any], token: str, parsed: ParsedPayment, pay_to: 
         and int(data, 16) == parsed.value
     )
     return int(transfer["logIndex"]) if paid else None
+
+
+def gas_balance(rpc_url: str, address: str, timeout: float) -> int:
+    """The wei ``address`` holds to pay gas, asked once: a short time-out and no retries,
+    so a dead RPC costs one time-out."""
+    w3 = web3_for(rpc_url, timeout=timeout, retries=False)
+    return int(w3.eth.get_balance(Web3.to_checksum_address(address)))

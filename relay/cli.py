@@ -33,7 +33,6 @@ def serve(args: argparse.Namespace) -> int:
     from gunicorn.app.base import BaseApplication
 
     from relay import gunicorn_conf
-    from relay.app import create_app
 
     settings = load_settings()
     configure_logging(settings.log_level, settings.log_format, force=True)
@@ -49,8 +48,12 @@ def serve(args: argparse.Namespace) -> int:
             self.cfg.set("accesslog", "-")
             self.cfg.set("logger_class", gunicorn_conf.logger_class)
             self.cfg.set("post_worker_init", _start_reconciler)
+            for name, hook in gunicorn_conf.HOOKS.items():  # configuration, metrics directory
+                self.cfg.set(name, hook)
 
         def load(self) -> Any:
+            from relay.app import create_app  # in the worker: after on_starting (see HOOKS)
+
             return create_app(settings)
 
     _Server().run()

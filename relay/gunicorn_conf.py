@@ -1,21 +1,57 @@
-"""gunicorn's settings for the Procfile's web line (`gunicorn -c python:relay.gunicorn_conf`):
-the masked access log, and the configuration checked once in the master before any worker
-starts, so that a mistake is one clear line and exit 2, not a traceback from every worker."""
+"""gunicorn's settings for `relay serve` and the Procfile's web line
+(`gunicorn -c python:relay.gunicorn_conf ...`), applied in the master before any worker starts:
+
+- the configuration is checked once, so a mistake is one clear line and exit 2, not a
+  traceback from every worker;
+- the workers get one metrics directory: prometheus_client chooses its multiprocess mode
+  when first imported, and workers are forked from the master, so PROMETHEUS_MULTIPROC_DIR
+  is set here, before any worker loads the app (this module imports nothing of the app or
+  of prometheus_client). A directory set by the operator is used as it is (it must be
+  empty at start); otherwise a fresh one is made, and removed when gunicorn exits;
+- the access log masks the Sinch callback secret.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+import tempfile
 from typing import Any
 
 from relay.settings import SettingsError, load_settings
 
 logger_class = "relay.logs.MaskedAccessLogger"
+MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
+_made: list[str] = []
 
 
 def on_starting(_server: Any) -> None:
-    """Refuse to start on a configuration that cannot work."""
+    """Refuse to start on a configuration that cannot work; give the workers a metrics
+    directory unless one is set."""
     try:
         load_settings()
     except SettingsError as exc:
         print(f"relay: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    if not os.environ.get(MULTIPROC_DIR):
+        _made.append(tempfile.mkdtemp(prefix="relay-metrics-"))
+        os.environ[MULTIPROC_DIR] = _made[-1]
+
+
+def child_exit(_server: Any, worker: Any) -> None:
+    """A worker ended: drop its live gauges (prometheus_client's recipe; its counters stay
+    in the sums)."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
+
+
+def on_exit(_server: Any) -> None:
+    """gunicorn stops: remove the directory made by on_starting."""
+    while _made:
+        shutil.rmtree(_made.pop(), ignore_errors=True)
+
+
+#: The hooks, for servers built in code (`relay serve`).
+HOOKS = {"on_starting": on_starting, "child_exit": child_exit, "on_exit": on_exit}

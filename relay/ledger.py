@@ -226,6 +226,8 @@ notices = Table(
 
 #: Requests arrived with X-Forwarded-For while TRUSTED_PROXY_HOPS was 0.
 FORWARDED_NOTICE = "forwarded_without_trusted_hops"
+#: A reconciler finished a pass (how far behind it is, for /metrics).
+RECONCILED_NOTICE = "reconciler_pass_finished"
 
 #: Fleet-wide leases (e.g. which process runs the reconciler now).
 leases = Table(
@@ -528,6 +530,20 @@ class Ledger:
         query = select(payments).where(payments.c.state.in_(states)).order_by(payments.c.created_at)
         with self.engine.connect() as conn:
             return [PaymentRecord.from_row(row._mapping) for row in conn.execute(query)]
+
+    def payment_counts(self) -> dict[str, int]:
+        """How many payments are in each state (states with none are left out)."""
+        query = select(payments.c.state, func.count()).group_by(payments.c.state)
+        with self.engine.connect() as conn:
+            return {str(state): int(count) for state, count in conn.execute(query)}
+
+    def oldest_unheld(self, states: tuple[str, ...], now: float) -> float | None:
+        """When the oldest payment in one of these states that nobody holds was created."""
+        free = payments.c.lease_until.is_(None) | (payments.c.lease_until <= now)
+        query = select(func.min(payments.c.created_at)).where(payments.c.state.in_(states), free)
+        with self.engine.connect() as conn:
+            oldest = conn.execute(query).scalar()
+        return None if oldest is None else float(oldest)
 
     def list_payments(self, limit: int = 50) -> list[PaymentRecord]:
         """The most recent payments."""

@@ -103,6 +103,7 @@ WEBHOOK_CODES = (
     "internal_error",
 )
 PLAIN_CODES = ("internal_error",)
+METRICS_CODES = ("unauthorized", "not_found", "internal_error")
 
 
 def _error_classes() -> dict[str, type[RelayError]]:
@@ -434,6 +435,23 @@ def _plain_operations() -> dict[str, Any]:
                 },
             }
         },
+        "/metrics": {
+            "get": {
+                "operationId": "metrics",
+                "tags": ["meta"],
+                "summary": "Prometheus metrics, for the operator",
+                "description": "Answers 404 unless METRICS_TOKEN is set; then requires "
+                "`Authorization: Bearer <METRICS_TOKEN>`.",
+                "security": [{"MetricsToken": []}],
+                "responses": {
+                    "200": {
+                        "description": "The Prometheus text format, version 0.0.4.",
+                        "content": {"text/plain": {"schema": STR}},
+                    },
+                    **_error_responses(METRICS_CODES),
+                },
+            }
+        },
         "/llms.txt": {
             "get": {
                 "operationId": "llmsTxt",
@@ -515,7 +533,12 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                     "description": "Required on /api/send and /api/messages when the operator "
                     "sets PAY_PASSWORD (send it on both the unpaid and the paid request). "
                     "Repeated failures lock the client out (401 with Retry-After).",
-                }
+                },
+                "MetricsToken": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "METRICS_TOKEN, for /metrics.",
+                },
             },
         },
         "x-error-codes": error_codes(),

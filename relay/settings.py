@@ -95,6 +95,7 @@ class Settings:
     allow_private_callbacks: bool = False
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
+    metrics_token: str | None = _secret()
 
     def __post_init__(self) -> None:
         if not self.usdc_address and self.x402_network in DEFAULT_ASSETS:
@@ -243,6 +244,8 @@ def _check_core(s: Settings) -> list[str]:
             f"DATABASE_URL scheme {database!r} is not supported: use sqlite:///path/to/relay.db "
             "or postgresql://user:password@host:5432/name"
         )
+    if s.metrics_token and len(s.metrics_token) < 16:
+        out.append("METRICS_TOKEN must be at least 16 characters when set")
     scheme = s.rate_limit_storage_url.partition("://")[0]
     if scheme not in STORAGE_SCHEMES or "://" not in s.rate_limit_storage_url:
         out.append(
@@ -414,6 +417,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "ALLOW_PRIVATE_CALLBACKS": _flag,
     "LOG_LEVEL": _choice("DEBUG", "INFO", "WARNING", "ERROR"),
     "LOG_FORMAT": _choice("text", "json"),
+    "METRICS_TOKEN": _text,
 }
 
 

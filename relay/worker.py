@@ -16,6 +16,7 @@ import threading
 
 from relay.flows.notifying import deliver_events
 from relay.flows.reconciling import reconcile
+from relay.ledger import RECONCILED_NOTICE
 from relay.services import Services
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class Worker:
         if not self._elected():
             return None
         results = reconcile(self.services, still_elected=self._elected)
+        self.services.ledger.note(RECONCILED_NOTICE, self.services.clock())  # /metrics: lag
         if results:
             log.info("reconciled %s", results)
         events = deliver_events(self.services, still_elected=self._elected)

@@ -49,6 +49,7 @@ def test_the_procfile_web_line_logs_json_lines_with_request_ids(tmp_path: Path) 
     port = free_port()
     env = {
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "PYTHONPATH": str(REPO),  # this checkout, whatever is installed
         "HOME": str(tmp_path),
         "PORT": str(port),
         "WEB_CONCURRENCY": "1",

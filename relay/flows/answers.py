@@ -7,6 +7,7 @@ from typing import Any
 
 from x402 import PaymentRequirements
 
+from relay import metrics
 from relay.discovery import discovery_extension
 from relay.errors import (
     PaymentRequired,
@@ -170,7 +171,7 @@ def finish(
     **fields: Any,
 ) -> Outcome:
     """Store the final answer with the final state; the stored answer is replayed after."""
-    services.ledger.transition(
+    moved = services.ledger.transition(
         payment_id,
         from_states,
         state,
@@ -181,4 +182,6 @@ def finish(
         body=None,
         **fields,
     )
+    if moved:
+        metrics.finished(state)
     return outcome

@@ -6,6 +6,7 @@ import logging
 
 from x402 import PaymentRequirements
 
+from relay import metrics
 from relay.flows.answers import (
     Outcome,
     failed_after_payment,
@@ -38,12 +39,13 @@ def dispatch(services: Services, payment: PaymentRecord, settlement: Settlement)
     assert payment.body is not None, "a payment being dispatched keeps its text"
     body_text = compose_body(payment.body, services.settings.opt_out_line)
     try:
-        handed = services.sms.send(
-            payment.destination,
-            body_text,
-            payment.id,
-            keep_alive=lambda: hold(services, payment),
-        )
+        with metrics.timed(metrics.DISPATCH_SECONDS):
+            handed = services.sms.send(
+                payment.destination,
+                body_text,
+                payment.id,
+                keep_alive=lambda: hold(services, payment),
+            )
     except SmsDispatchError as exc:
         return dispatch_failed(services, payment, settlement, exc)
     return dispatched(services, payment, handed, settlement)
@@ -61,6 +63,7 @@ def redispatch(
     try:
         found = services.sms.lookup(payment.id, since=float(payment.created_at))
     except SmsDispatchError as exc:
+        metrics.SMS_FAILURES.labels(kind="lookup").inc()
         raise not_confirmed(settlement) from exc
     if found is not None:
         return dispatched(services, payment, found, settlement)
@@ -121,6 +124,7 @@ def dispatch_failed(
     ledger = services.ledger
     headers = payment_headers(services, settlement, payment.version)
     log.warning("dispatch failed after payment %s: %s", payment.id, exc.message)
+    metrics.SMS_FAILURES.labels(kind="unconfirmed" if exc.maybe_sent else "refused").inc()
     if exc.maybe_sent:
         ledger.transition(
             payment.id,

@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 from decimal import Decimal
 
+from relay import metrics
 from relay.errors import MessageTooLong, RateLimited, RecipientOptedOut, Rejected
 from relay.inputs import MessageRequest
 from relay.moderation import Verdict
@@ -60,7 +61,9 @@ def refuse_opted_out(services: Services, to: str) -> None:
 
 def moderate(services: Services, text: str) -> Verdict:
     """The verdict on the text; a rejection is raised as 422 rejected."""
-    verdict = services.moderator.moderate(text)
+    with metrics.counted_errors(metrics.MODEL_ERRORS):
+        verdict = services.moderator.moderate(text)
+    metrics.moderated(verdict, verdict_cost(services, verdict))
     if not verdict.approved:
         raise Rejected(
             verdict.reason or "Moderation rejected the message.",

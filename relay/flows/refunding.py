@@ -12,6 +12,7 @@ from typing import Any
 
 from x402 import PaymentRequirements
 
+from relay import metrics
 from relay.errors import RelayError
 from relay.flows.answers import (
     Outcome,
@@ -84,9 +85,11 @@ def refund_payment(services: Services, payment: PaymentRecord) -> RefundRecord |
         assert record.tx_hash is not None and record.raw_tx is not None
         signed = SignedRefund(record.tx_hash, record.raw_tx, record.nonce)
         state = services.refunder.send(signed)
-        services.ledger.update_refund(
+        moved = services.ledger.update_refund(
             payment.id, record.tx_hash, record.state, state=state, updated_at=services.clock()
         )
+        if moved and R(state) != record.state:
+            metrics.refund_reached(state, record.amount_atomic)
         record = services.ledger.refund(payment.id) or record
         if record.state != R.REPLACED:
             break
@@ -126,7 +129,7 @@ def new_refund(
         fields = {"tx_hash": None, "raw_tx": None, "nonce": None, "state": R.FAILED}
         fields["error"] = exc.code
     if replacing is None:
-        services.ledger.create_refund(
+        won = services.ledger.create_refund(
             RefundRecord(
                 payment_id=payment.id,
                 amount_atomic=payment.amount_atomic,
@@ -136,9 +139,11 @@ def new_refund(
             )
         )
     else:
-        services.ledger.update_refund(
+        won = services.ledger.update_refund(
             payment.id, replacing.tx_hash, replacing.state, updated_at=now, **fields
         )
+    if won:
+        metrics.refund_reached(fields["state"], payment.amount_atomic)
     found = services.ledger.refund(payment.id)
     assert found is not None
     return found

@@ -10,6 +10,7 @@ import logging
 
 from x402 import PaymentRequirements
 
+from relay import metrics
 from relay.errors import PaymentSettlementFailed, RelayError, SettlementPending
 from relay.facilitator import recording_broadcasts
 from relay.flows.answers import Outcome, finish
@@ -131,7 +132,7 @@ def broadcast(
 
     hold(services, payment)
     try:
-        with recording_broadcasts(record):
+        with recording_broadcasts(record), metrics.timed(metrics.SETTLEMENT_SECONDS):
             return services.payments.settle(parsed, req)
     except PaymentSettlementFailed:
         found = chain_verdict(services, payment, parsed, req)

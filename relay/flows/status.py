@@ -8,6 +8,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from relay import metrics
 from relay.errors import Unauthorized
 from relay.flows.notifying import notify
 from relay.flows.refunding import refund_summary
@@ -110,6 +111,7 @@ def apply_callback(services: Services, payload: dict[str, Any], now: float) -> N
     """A delivery report's status, or an inbound STOP/START."""
     event = parse_callback(payload)
     if isinstance(event, DeliveryReport):
+        metrics.DELIVERY_REPORTS.labels(status=event.status).inc()
         changed = services.ledger.update_message_status(
             event.batch_id, event.status, now, event.provider_status
         )
