@@ -13,20 +13,9 @@ from typing import Any
 
 import simplejson
 from sqlalchemy import (
-    JSON,
-    BigInteger,
-    Column,
     Connection,
     Engine,
-    Float,
-    Index,
-    Integer,
-    MetaData,
     Row,
-    String,
-    Table,
-    Text,
-    UniqueConstraint,
     create_engine,
     delete,
     event,
@@ -39,204 +28,34 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 
 from relay import migrations
+from relay.ledger_events import EventBook
+from relay.ledger_nonces import NonceBook
 from relay.moderation import Verdict
-from relay.records import EventRecord, MessageEvent, MessageRecord, PaymentRecord, RefundRecord
+from relay.records import MessageEvent, MessageRecord, PaymentRecord, RefundRecord
 from relay.retry import Backoff, retry
+from relay.schema import (
+    leases,
+    message_events,
+    messages,
+    notices,
+    opt_outs,
+    outbox,
+    payments,
+    refunds,
+    verdicts,
+    webhook_calls,
+)
 from relay.states import check_move
 
 log = logging.getLogger(__name__)
 
 #: The PostgreSQL advisory lock an upgrade holds, so two at once run one after the other.
 UPGRADE_LOCK = 0x72656C6179  # "relay"
-#: A reserved transaction nonce the chain has not seen this long after its reservation (or
-#: its broadcast) was never sent, or was dropped: the next reservation re-uses it. Hosts
-#: keep their clocks in sync (NTP) well within this.
-NONCE_GAP_SECONDS = 15.0
-MAX_NONCE_AHEAD = 256
-NONCE_ATTEMPTS = 100
-#: A reservation lost to another process is tried again a random moment later, so that the
-#: two do not collide again.
-NONCE_BACKOFF = Backoff(NONCE_ATTEMPTS, 0.002, 0.05)
-
-metadata = MetaData()
-
-verdicts = Table(
-    "verdicts",
-    metadata,
-    Column("key", String(128), primary_key=True),
-    Column("verdict", JSON, nullable=False),
-    Column("created_at", Float, nullable=False),
-)
-
-opt_outs = Table(
-    "opt_outs",
-    metadata,
-    Column("phone", String(32), primary_key=True),
-    Column("opted_out_at", Float, nullable=False),
-)
-
-payments = Table(
-    "payments",
-    metadata,
-    Column("id", String(32), primary_key=True),
-    Column("payment_key", String(64), nullable=False, unique=True),
-    Column("payment_identifier", String(128), unique=True),
-    Column("quote_id", String(160), nullable=False, unique=True),
-    Column("payer", String(42), nullable=False),
-    Column("nonce", String(66), nullable=False),
-    Column("amount_atomic", BigInteger, nullable=False),
-    Column("network", String(32), nullable=False),
-    Column("asset", String(42), nullable=False),
-    Column("pay_to", String(42), nullable=False),
-    Column("destination", String(32), nullable=False),
-    Column("segments", Integer, nullable=False),
-    Column("body", Text),
-    Column("version", Integer, nullable=False),
-    Column("state", String(24), nullable=False),
-    Column("payload", JSON, nullable=False),
-    # The payment header exactly as received: what reconciliation parses again.
-    Column("header", Text),
-    Column("requirements", JSON, nullable=False),
-    # The chain's height when the payment was claimed: its settlement cannot be older.
-    Column("claim_block", BigInteger),
-    Column("tx_hash", String(66)),
-    # The index of the Transfer log that paid: one (transaction, log) pays one payment.
-    Column("log_index", Integer),
-    # Who may act on the payment: lease_holder (a request or a repair) until lease_until.
-    Column("lease_until", Float),
-    Column("lease_holder", String(32)),
-    # Where the agent wants to hear of the message, and the secret its events are signed with.
-    Column("callback_url", String(2048)),
-    Column("callback_secret", String(64)),
-    Column("message_id", String(64)),
-    Column("error", String(200)),
-    Column("response_status", Integer),
-    Column("response_body", JSON),
-    Column("response_headers", JSON),
-    Column("created_at", Float, nullable=False),
-    Column("updated_at", Float, nullable=False),
-    UniqueConstraint("payer", "nonce", name="uq_payments_authorization"),
-    Index("uq_payments_transfer", "tx_hash", "log_index", unique=True),
-)
-
-messages = Table(
-    "messages",
-    metadata,
-    Column("message_id", String(64), primary_key=True),
-    Column("payment_id", String(32), nullable=False, unique=True),
-    Column("destination", String(32), nullable=False),
-    Column("segments", Integer, nullable=False),
-    Column("status", String(24), nullable=False),
-    Column("provider", String(16), nullable=False),
-    Column("created_at", Float, nullable=False),
-    Column("updated_at", Float, nullable=False),
-)
-
-message_events = Table(
-    "message_events",
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("message_id", String(64), nullable=False, index=True),
-    Column("status", String(24), nullable=False),
-    Column("at", Float, nullable=False),
-    Column("detail", String(200)),
-)
-
-refunds = Table(
-    "refunds",
-    metadata,
-    Column("payment_id", String(32), primary_key=True),
-    Column("tx_hash", String(66)),
-    Column("raw_tx", Text),
-    Column("nonce", BigInteger),
-    Column("amount_atomic", BigInteger, nullable=False),
-    Column("state", String(16), nullable=False),
-    Column("error", String(200)),
-    Column("created_at", Float, nullable=False),
-    Column("updated_at", Float, nullable=False),
-)
-
-outbox = Table(
-    "outbox",
-    metadata,
-    Column("message_id", String(64), primary_key=True),
-    Column("client_reference", String(64), nullable=False, unique=True),
-    Column("destination", String(32), nullable=False),
-    Column("body", Text, nullable=False),
-    Column("created_at", Float, nullable=False),
-)
-
-#: The next transaction nonce per account (a high-water mark: never lower than any nonce
-#: handed out, so a process that read the chain a moment late cannot go back).
-settler_nonces = Table(
-    "settler_nonces",
-    metadata,
-    Column("address", String(42), primary_key=True),
-    Column("next_nonce", BigInteger, nullable=False),
-    Column("updated_at", Float, nullable=False),
-)
-
-#: Every transaction nonce handed out and not yet mined, one row each, so a reservation
-#: that was never broadcast is found by its own age.
-nonce_reservations = Table(
-    "nonce_reservations",
-    metadata,
-    Column("address", String(42), primary_key=True),
-    Column("nonce", BigInteger, primary_key=True),
-    Column("reserved_at", Float, nullable=False),
-)
-
-#: Events for agents' callback URLs, kept until delivered (or given up on): the worker
-#: sends each, at least once, under a lease, with backoff between attempts.
-webhook_events = Table(
-    "webhook_events",
-    metadata,
-    Column("id", String(80), primary_key=True),
-    Column("payment_id", String(32), nullable=False, index=True),
-    Column("type", String(32), nullable=False),
-    Column("url", String(2048), nullable=False),
-    Column("secret", String(64), nullable=False),
-    Column("body", Text, nullable=False),
-    Column("state", String(16), nullable=False),
-    Column("attempts", Integer, nullable=False),
-    Column("next_attempt_at", Float, nullable=False),
-    Column("lease_until", Float),
-    Column("last_error", String(200)),
-    Column("created_at", Float, nullable=False),
-    Column("updated_at", Float, nullable=False),
-    Index("ix_webhook_events_due", "state", "next_attempt_at"),
-)
-
-#: Signed webhook calls seen recently: a captured call replayed inside its time window is
-#: recognised by every process.
-webhook_calls = Table(
-    "webhook_calls",
-    metadata,
-    Column("digest", String(64), primary_key=True),
-    Column("seen_at", Float, nullable=False, index=True),
-)
-
-#: Things a process noticed for the operator (shown by `relay doctor`), by name.
-notices = Table(
-    "notices",
-    metadata,
-    Column("name", String(64), primary_key=True),
-    Column("noted_at", Float, nullable=False),
-)
 
 #: Requests arrived with X-Forwarded-For while TRUSTED_PROXY_HOPS was 0.
 FORWARDED_NOTICE = "forwarded_without_trusted_hops"
 #: A reconciler finished a pass (how far behind it is, for /metrics).
 RECONCILED_NOTICE = "reconciler_pass_finished"
-
-#: Fleet-wide leases (e.g. which process runs the reconciler now).
-leases = Table(
-    "leases",
-    metadata,
-    Column("name", String(64), primary_key=True),
-    Column("holder", String(64), nullable=False),
-    Column("expires_at", Float, nullable=False),
-)
 
 
 def make_engine(url: str) -> Engine:
@@ -302,7 +121,7 @@ def missing_sqlite_file(url: str) -> str | None:
     return None if Path(path).is_file() else path
 
 
-class Ledger:
+class Ledger(NonceBook, EventBook):
     """The relay's one database."""
 
     def __init__(self, engine: Engine) -> None:
@@ -551,83 +370,6 @@ class Ledger:
         with self.engine.connect() as conn:
             return [PaymentRecord.from_row(row._mapping) for row in conn.execute(query)]
 
-    # Transaction nonces -----------------------------------------------------------
-    def reserve_nonce(self, address: str, pending: int, latest: int, now: float) -> int:
-        """Reserve the next transaction nonce of ``address``, shared by every process.
-
-        ``pending`` is the chain's count of the account's transactions including its
-        mempool, ``latest`` the mined count. A reservation is kept until its nonce is mined,
-        so a process that read the chain a moment late never hands out a nonce already in
-        the mempool. One at ``pending`` (not even in the mempool) that is older than
-        NONCE_GAP_SECONDS was never broadcast, or was dropped: it is handed out again,
-        judged by its own age, however busy the account is.
-        """
-
-        def attempt(_number: int) -> int:
-            nonce = self._try_reserve(address, pending, latest, now)
-            if nonce is None:
-                raise NonceRace("no transaction nonce could be reserved")
-            return nonce
-
-        return retry(attempt, NONCE_BACKOFF, retryable=lambda error: isinstance(error, NonceRace))
-
-    def _try_reserve(self, address: str, pending: int, latest: int, now: float) -> int | None:
-        table, marks = nonce_reservations, settler_nonces
-        mine = table.c.address == address
-        stale = now - NONCE_GAP_SECONDS
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(delete(table).where(mine, table.c.nonce < latest))
-                query = select(table.c.nonce, table.c.reserved_at).where(mine)
-                rows = conn.execute(query.order_by(table.c.nonce)).all()
-                mark = conn.execute(
-                    select(marks.c.next_nonce).where(marks.c.address == address)
-                ).scalar()
-                high = pending if mark is None else int(mark)
-                if high > pending + MAX_NONCE_AHEAD:  # the chain was reset: start over
-                    conn.execute(delete(table).where(mine))
-                    conn.execute(
-                        update(marks).where(marks.c.address == address).values(next_nonce=pending)
-                    )
-                    rows, high = [], pending
-                lowest = rows[0] if rows else None
-                if lowest is not None and lowest.nonce == pending and lowest.reserved_at < stale:
-                    retake = (
-                        update(table)
-                        .where(mine, table.c.nonce == pending)
-                        .where(table.c.reserved_at == lowest.reserved_at)
-                        .values(reserved_at=now)
-                    )
-                    return pending if conn.execute(retake).rowcount == 1 else None
-                gap = lowest is not None and lowest.nonce > pending and lowest.reserved_at < stale
-                after = rows[-1].nonce + 1 if rows else pending
-                nonce = pending if gap else max(high, pending, after)
-                conn.execute(insert(table).values(address=address, nonce=nonce, reserved_at=now))
-                self._raise_mark(conn, address, mark, max(high, nonce + 1), now)
-        except IntegrityError:
-            return None
-        return nonce
-
-    @staticmethod
-    def _raise_mark(conn: Connection, address: str, mark: Any, next_nonce: int, now: float) -> None:
-        """Raise (never lower) the account's high-water mark, whatever others wrote since."""
-        marks = settler_nonces
-        if mark is None:
-            conn.execute(
-                insert(marks).values(address=address, next_nonce=next_nonce, updated_at=now)
-            )
-            return
-        higher = (
-            func.greatest(marks.c.next_nonce, next_nonce)
-            if conn.dialect.name == "postgresql"
-            else func.max(marks.c.next_nonce, next_nonce)
-        )
-        conn.execute(
-            update(marks)
-            .where(marks.c.address == address)
-            .values(next_nonce=higher, updated_at=now)
-        )
-
     # Notices for the operator --------------------------------------------------------
     def note(self, name: str, now: float) -> None:
         """Remember that ``name`` was noticed (the latest time wins)."""
@@ -661,27 +403,6 @@ class Ledger:
         except IntegrityError:
             return False
         return True
-
-    def release_nonce(self, address: str, nonce: int) -> None:
-        """A reserved nonce that will never be broadcast: the next reservation takes it
-        at once (as if its age had run out)."""
-        table = nonce_reservations
-        with self.engine.begin() as conn:
-            conn.execute(
-                update(table)
-                .where(table.c.address == address, table.c.nonce == nonce)
-                .values(reserved_at=0.0)
-            )
-
-    def touch_nonce(self, address: str, nonce: int, now: float) -> None:
-        """A reserved nonce is being broadcast now: its age starts again."""
-        table = nonce_reservations
-        with self.engine.begin() as conn:
-            conn.execute(
-                update(table)
-                .where(table.c.address == address, table.c.nonce == nonce)
-                .values(reserved_at=now)
-            )
 
     # Fleet leases ------------------------------------------------------------------
     def acquire_lease(self, name: str, holder: str, now: float, seconds: float) -> bool:
@@ -815,70 +536,6 @@ class Ledger:
         with self.engine.connect() as conn:
             return [RefundRecord.from_row(row._mapping) for row in conn.execute(query)]
 
-    # Events for agents -------------------------------------------------------------
-    def enqueue_event(self, event: EventRecord) -> bool:
-        """Keep an event for delivery; False if it is already kept (its id is stable)."""
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(insert(webhook_events).values(**event.columns()))
-        except IntegrityError:
-            return False
-        return True
-
-    def due_events(self, now: float, limit: int = 100) -> list[EventRecord]:
-        """Pending events whose next attempt is due and that nobody is sending, oldest first."""
-        query = (
-            select(webhook_events)
-            .where(
-                webhook_events.c.state == "pending",
-                webhook_events.c.next_attempt_at <= now,
-                webhook_events.c.lease_until.is_(None) | (webhook_events.c.lease_until <= now),
-            )
-            .order_by(webhook_events.c.next_attempt_at)
-            .limit(limit)
-        )
-        with self.engine.connect() as conn:
-            return [EventRecord.from_row(row._mapping) for row in conn.execute(query)]
-
-    def take_event(self, event_id: str, attempts: int, now: float, seconds: float) -> bool:
-        """Lease an event for one attempt; False if another process took it first."""
-        query = (
-            update(webhook_events)
-            .where(
-                webhook_events.c.id == event_id,
-                webhook_events.c.state == "pending",
-                webhook_events.c.attempts == attempts,
-                webhook_events.c.lease_until.is_(None) | (webhook_events.c.lease_until <= now),
-            )
-            .values(lease_until=now + seconds)
-        )
-        with self.engine.begin() as conn:
-            return conn.execute(query).rowcount == 1
-
-    def record_attempt(
-        self, event_id: str, state: str, next_attempt_at: float, error: str | None, now: float
-    ) -> None:
-        """The outcome of one attempt: delivered, failed for good, or pending until later."""
-        query = (
-            update(webhook_events)
-            .where(webhook_events.c.id == event_id)
-            .values(
-                state=state,
-                attempts=webhook_events.c.attempts + 1,
-                next_attempt_at=next_attempt_at,
-                last_error=None if error is None else error[:200],
-                lease_until=None,
-                updated_at=now,
-            )
-        )
-        with self.engine.begin() as conn:
-            conn.execute(query)
-
-    def event(self, event_id: str) -> EventRecord | None:
-        """An event by its id."""
-        found = self._first(select(webhook_events).where(webhook_events.c.id == event_id))
-        return None if found is None else EventRecord.from_row(found)
-
     # Development outbox ------------------------------------------------------------
     def outbox_put(self, row: dict[str, Any]) -> dict[str, Any]:
         """Store an outgoing SMS once per client reference; returns the stored row."""
@@ -909,10 +566,6 @@ class Conflict(Exception):
         super().__init__(kind)
         self.kind = kind
         self.existing = existing
-
-
-class NonceRace(RuntimeError):
-    """Another process reserved the nonce this one was about to take."""
 
 
 class LedgerVerdictCache:

@@ -34,9 +34,9 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from relay.chain import gas_balance
 from relay.errors import NotFound, RelayError, Unauthorized
 from relay.ledger import RECONCILED_NOTICE
-from relay.chain import gas_balance
 from relay.states import FINAL_STATES, UNFINISHED, PaymentState, RefundState
 
 if TYPE_CHECKING:

@@ -18,7 +18,8 @@ from sqlalchemy import create_engine, text, update
 
 from relay.app import create_app
 from relay.dev.chain import DevChain, dev_accounts
-from relay.ledger import Ledger, payments
+from relay.ledger import Ledger
+from relay.schema import payments
 from relay.services import Services, build_services
 from relay.settings import Settings
 

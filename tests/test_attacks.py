@@ -20,14 +20,14 @@ from flask.testing import FlaskClient
 from x402.http import decode_payment_required_header
 
 import relay.chain
-import relay.ledger
+import relay.ledger_nonces
 from relay.app import create_app
 from relay.dev.chain import DevChain
 from relay.flows.dispatching import DISPATCH_QUIET_SECONDS
 from relay.flows.reconciling import reconcile
 from relay.flows.settling import CANCELED
-from relay.ledger import messages, outbox
 from relay.payments import NOT_PAID, VALIDITY_TOO_LONG
+from relay.schema import messages, outbox
 from relay.services import Services, build_services
 from relay.settings import Settings
 from tests.chain_attacks import Authorization, authorize, batch, cancel, wait_for
@@ -377,7 +377,7 @@ def test_concurrent_replays_of_a_lost_settlement_broadcast_once(
     chain.drop_all_transactions()  # the broadcast was lost with its answer, a while ago
     chain.mine()  # (and gas prices moved since)
     rewind_payment(services, row.id, state="settle_pending", tx_hash=None)
-    monkeypatch.setattr(relay.ledger, "NONCE_GAP_SECONDS", 2.0)  # the drop was long ago
+    monkeypatch.setattr(relay.ledger_nonces, "NONCE_GAP_SECONDS", 2.0)  # the drop was long ago
     time.sleep(2.5)
     app = create_app(services=build_services(settings))  # the restarted process
     with ThreadPoolExecutor(10) as pool:
@@ -434,7 +434,7 @@ def test_a_nonce_reserved_by_a_crashed_process_is_filled_under_steady_traffic(
     sends keep arriving, one every half second; the later transactions queue behind the
     gap until a settlement re-uses the abandoned nonce, and every send is paid and sent.
     (NONCE_GAP_SECONDS is shortened so that the test takes seconds, not a minute.)"""
-    monkeypatch.setattr(relay.ledger, "NONCE_GAP_SECONDS", 3.0)
+    monkeypatch.setattr(relay.ledger_nonces, "NONCE_GAP_SECONDS", 3.0)
     app = create_app(services=build_services(paid_settings(settlement_timeout_seconds=10)))
     services = services_of(app)
     settler = chain.accounts[0].address

@@ -29,7 +29,8 @@ from sqlalchemy import inspect, update
 from relay import migrations
 from relay.dev.chain import DevChain
 from relay.dev.stack import DEMO_MESSAGE, DEMO_TO, DevStack
-from relay.ledger import Ledger, messages
+from relay.ledger import Ledger
+from relay.schema import messages
 from tests.conftest import PAY_TO, Wallet, new_wallet
 from tests.processes import REPO, RelayProcess, free_port
 from tests.test_exactly_once import relay_env

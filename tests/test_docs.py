@@ -24,8 +24,8 @@ from relay.app import create_app
 from relay.dev.chain import DevChain
 from relay.docs import docs
 from relay.errors import all_error_classes
-from relay.ledger import payments, refunds
 from relay.openapi import CLIENT_ONLY_CODES, GLOBAL_CODES, openapi_document, operation_codes
+from relay.schema import payments, refunds
 from relay.services import build_services
 from relay.settings import Settings
 from relay.states import MessageState, PaymentState, RefundState

@@ -23,7 +23,8 @@ from sqlalchemy import update
 
 from relay.app import create_app
 from relay.dev.chain import DevChain
-from relay.ledger import Ledger, messages, outbox, payments
+from relay.ledger import Ledger
+from relay.schema import messages, outbox, payments
 from relay.services import build_services
 from relay.settings import Settings, load_settings
 from tests.chain_attacks import wait_for

@@ -25,7 +25,8 @@ from relay.app import create_app
 from relay.dev.chain import DevChain
 from relay.flows.reconciling import reconcile
 from relay.gemini import user_turn
-from relay.ledger import Ledger, payments
+from relay.ledger import Ledger
+from relay.schema import payments
 from relay.services import build_services
 from relay.settings import Settings
 from tests.conftest import (

@@ -22,14 +22,10 @@ from sqlalchemy import inspect, select, text
 
 from relay import migrations
 from relay.app import create_app
-from relay.ledger import (
-    NONCE_GAP_SECONDS,
-    Conflict,
-    Ledger,
-    SchemaMissing,
-    settler_nonces,
-)
+from relay.ledger import Conflict, Ledger, SchemaMissing
+from relay.ledger_nonces import NONCE_GAP_SECONDS
 from relay.records import PaymentRecord
+from relay.schema import settler_nonces
 from relay.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent

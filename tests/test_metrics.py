@@ -4,6 +4,7 @@ serve` and the Procfile's web line with two workers whose counters add up."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -30,6 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from relay import metrics
 from relay.app import create_app
 from relay.dev.chain import DevChain
+from relay.ledger import Ledger
 from relay.pricing import moderation_cost, round_usd, token_prices
 from relay.services import build_services
 from relay.settings import Settings
@@ -142,7 +144,7 @@ def test_the_token_is_a_secret_never_logged(
 
 
 def test_a_short_token_is_refused_at_start_up(make_settings: Callable[..., Settings]) -> None:
-    problems = make_settings().replace(metrics_token="short").problems()
+    problems = dataclasses.replace(make_settings(), metrics_token="short").problems()
     assert problems == ["METRICS_TOKEN must be at least 16 characters when set"]
 
 
@@ -313,6 +315,8 @@ def test_payments_by_state_and_reconciler_lag_come_from_the_ledger(
     request: pytest.FixtureRequest,
 ) -> None:
     on = {"database_url": request.getfixturevalue("pg_url")} if database == "postgresql" else {}
+    if on:
+        Ledger.upgrade_database(on["database_url"])
     with apps_on(paid_settings(metrics_token=TOKEN, **on)) as new_app:
         app = new_app()
         assert paid(app.test_client(), BODY, payer.key).status_code == 200

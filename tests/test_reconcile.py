@@ -20,7 +20,7 @@ from relay.dev.chain import DevChain
 from relay.dev.stack import DevStack
 from relay.flows.reconciling import reconcile
 from relay.flows.settling import EXPIRY_MARGIN_SECONDS
-from relay.ledger import messages, outbox, payments, refunds
+from relay.schema import messages, outbox, payments, refunds
 from relay.services import Services, build_services
 from relay.settings import Settings
 from tests.chain_attacks import wait_for

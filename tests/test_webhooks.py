@@ -29,7 +29,7 @@ from relay.callbacks import (
     new_secret,
 )
 from relay.flows.notifying import EVENT_BACKOFF, deliver_events
-from relay.ledger import webhook_events
+from relay.schema import webhook_events
 from relay.services import Services, build_services
 from relay.settings import Settings
 from tests.conftest import (

@@ -3,7 +3,7 @@ relay.migrations.config was given."""
 
 from alembic import context
 
-from relay.ledger import metadata
+from relay.schema import metadata
 
 context.configure(
     connection=context.config.attributes["connection"],
