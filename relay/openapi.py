@@ -5,6 +5,9 @@ which status and error code each answers) and what each error code means to a ca
 Every schema is generated from the models in ``relay.wire`` (and ``relay.errors.ErrorBody``);
 the code -> status table and the retryable flags come from ``relay.errors``.
 ``tests/test_docs.py`` checks the document against the answers the app actually sends.
+
+Over 500 lines on purpose: it is one document, an operation a function, read top to bottom;
+split across modules it would have to be pieced together again to be read.
 """
 
 from __future__ import annotations
