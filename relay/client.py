@@ -202,9 +202,13 @@ def poll_until_final(
     off (up to POLL_CAP_SECONDS apart) and waiting as long as a busy relay asks (Retry-After).
     The last document fetched; the error itself when none could be fetched."""
     latest: dict[str, Any] = {}
+    polls = Backoff(attempts=10**6, first=POLL_FIRST_SECONDS, cap=POLL_CAP_SECONDS, budget=timeout)
+    deadline = clock() + timeout
+    polled = [0]
 
-    def attempt(_number: int) -> dict[str, Any]:
+    def attempt(number: int) -> dict[str, Any]:
         nonlocal latest
+        polled[0] = number
         try:
             latest = fetch()
         except RelayError as exc:
@@ -215,13 +219,18 @@ def poll_until_final(
             return latest
         raise _NotFinal(None)
 
-    polls = Backoff(attempts=10**6, first=POLL_FIRST_SECONDS, cap=POLL_CAP_SECONDS, budget=timeout)
+    def next_wait(error: Exception) -> float:
+        """What the relay asked for, else the backoff's wait; the last poll at the deadline."""
+        asked = error.asked if isinstance(error, _NotFinal) else None
+        wanted = polls.wait(polled[0]) if asked is None else asked
+        return max(0.0, min(wanted, deadline - clock()))
+
     try:
         return retry(
             attempt,
             polls,
             retryable=lambda error: isinstance(error, _NotFinal),
-            asked=lambda error: error.asked if isinstance(error, _NotFinal) else None,
+            asked=next_wait,
             sleep=sleep,
             clock=clock,
         )

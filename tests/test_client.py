@@ -183,7 +183,7 @@ def test_wait_gives_up_at_its_timeout_with_the_last_status(
         started = time.monotonic()
         found = RelayClient(served.url).wait(message_id, timeout=2.5)
     assert found["status"] == "queued"
-    assert 1.0 <= time.monotonic() - started <= 6.0
+    assert 2.4 <= time.monotonic() - started <= 6.0  # polled until the deadline, not past it
 
 
 def test_wait_honours_retry_after_of_a_busy_relay() -> None:
