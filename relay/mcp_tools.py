@@ -63,11 +63,6 @@ class SessionPayer:
         self._payment_ids: dict[tuple[str, str], str] = {}
         self._signed = False
 
-    @property
-    def spent_atomic(self) -> int:
-        """Atomic USDC paid so far by this session (or possibly paid, when unconfirmed)."""
-        return self._spent
-
     def _note_step(self, step: str) -> None:
         """The client's progress: a signed payment is money that may move."""
         if step.startswith("payment signed"):
