@@ -152,6 +152,23 @@ def send(args: argparse.Namespace) -> int:
     return 0
 
 
+def mcp(args: argparse.Namespace) -> int:
+    """Serve MCP tools that pay from PAYER_PRIVATE_KEY, or (--paid) the relay's paid send_sms."""
+    from relay.mcp_tools import serve as serve_mcp
+
+    if args.paid:  # the relay's own paid tool, configured like `relay serve`
+        from relay.mcp_paid import serve as serve_paid
+
+        serve_paid(load_settings(), http=args.http, host=args.host, port=args.port)
+        return 0
+    config = load_client_settings()
+    if not config.payer_private_key:
+        print("PAYER_PRIVATE_KEY must be set to the key of the wallet that pays", file=sys.stderr)
+        return 2
+    serve_mcp(config, http=args.http, host=args.host, port=args.port)
+    return 0
+
+
 def status(args: argparse.Namespace) -> int:
     """The status of a message, from the database (or the relay's API with --api); with
     --wait, polled until it is delivered, failed or refunded (exit 3 if --timeout passes)."""
@@ -356,6 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--max-price", type=usd, required=True, help="USD cap, e.g. 0.10")
         p.add_argument("message")
         p.set_defaults(func=func)
+    p = sub.add_parser("mcp", help="MCP server whose tools pay for SMS (stdio by default)")
+    p.add_argument("--http", action="store_true", help="serve streamable HTTP at /mcp instead")
+    p.add_argument("--paid", action="store_true", help="serve the relay's paid send_sms tool")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8765)
+    p.set_defaults(func=mcp)
     p = sub.add_parser("status", help="status of a message (from the database)")
     p.add_argument("message_id")
     p.add_argument("--api", action="store_true", help="ask the relay at RELAY_URL instead")

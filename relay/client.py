@@ -103,14 +103,18 @@ class RelayClient:
         *,
         max_price_usd: Decimal | str | int,
         smart_encoding: bool = False,
+        payment_id: str | None = None,
     ) -> dict[str, Any]:
-        """Quote, check the cap, pay once and send; the send answer (message_id, transaction)."""
+        """Quote, check the cap, pay once and send; the send answer (message_id, transaction).
+
+        A caller that may repeat a send passes the same ``payment_id`` each time: the relay
+        refuses a second payment under an identifier it has already taken."""
         if self._account is None:
             raise InvalidInput("A payer private key is needed to send.")
         cap = to_atomic(Decimal(str(max_price_usd)))
         quoted = self.quote(message, to, smart_encoding=smart_encoding)
         self._on_step(f"quoted {quoted['price_usd']} USD for {quoted['segments']} segment(s)")
-        _check_cap(int(quoted["price_atomic"]), cap)
+        check_cap(int(quoted["price_atomic"]), cap)
         body = {
             "message": message,
             "to": quoted["to_normalized"],
@@ -122,18 +126,18 @@ class RelayClient:
             self._ok(challenge)
             raise InvalidInput("The relay did not ask for payment.")
         self._on_step("402 Payment Required received")
-        header = self._pay(challenge, cap)
+        header = self._pay(challenge, cap, payment_id or "pay_" + secrets.token_hex(16))
         self._on_step(f"payment signed by {self.address}; settling on-chain")
         return self._paid_retry(body, header)
 
-    def _pay(self, challenge: httpx.Response, cap: int) -> str:
+    def _pay(self, challenge: httpx.Response, cap: int, payment_id: str) -> str:
         """Sign the challenge's exact requirement, never above the cap."""
         required = decode_payment_required_header(challenge.headers["PAYMENT-REQUIRED"])
         assert isinstance(required, PaymentRequired)
         for accept in required.accepts:
-            _check_cap(int(accept.amount), cap)
+            check_cap(int(accept.amount), cap)
         extensions = append_payment_identifier_to_extensions(
-            dict(required.extensions or {}), "pay_" + secrets.token_hex(16)
+            dict(required.extensions or {}), payment_id
         )
         payload = self._x402.create_payment_payload(required, extensions=extensions)
         return str(encode_payment_signature_header(payload))
@@ -249,7 +253,8 @@ class _NotFinal(Exception):
         self.asked = None if asked is None else float(asked)
 
 
-def _check_cap(amount_atomic: int, cap_atomic: int) -> None:
+def check_cap(amount_atomic: int, cap_atomic: int) -> None:
+    """Refuse, before signing, an amount above the cap."""
     if amount_atomic > cap_atomic:
         raise PriceLimitExceeded(
             f"The price {from_atomic(amount_atomic)} USD is above the limit "

@@ -143,6 +143,13 @@ class PriceLimitExceeded(RelayError):
     default_message = "The price is above the limit set for this send; nothing was signed."
 
 
+class BudgetExceeded(RelayError):
+    """Raised by `relay mcp`, before signing, when a send would overspend its session budget."""
+
+    code, status = "budget_exceeded", 402
+    default_message = "This send would exceed the session budget; nothing was signed."
+
+
 class InternalError(RelayError):
     """An unexpected failure; the details stay in the server log."""
 

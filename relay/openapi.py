@@ -31,7 +31,7 @@ REF_TEMPLATE = "#/components/schemas/{model}"
 # Codes any request can meet, whatever the operation.
 GLOBAL_CODES = ("not_found", "method_not_allowed", "internal_error")
 # Codes raised by the Python client (relay.client) before any request; never sent by the server.
-CLIENT_ONLY_CODES = ("price_limit_exceeded",)
+CLIENT_ONLY_CODES = ("price_limit_exceeded", "budget_exceeded")
 
 # What each code means to a caller; a code missing here falls back to its default message.
 WHEN: dict[str, str] = {
@@ -65,6 +65,8 @@ WHEN: dict[str, str] = {
     "settlement_pending": "not a failure: settlement broadcast, not yet confirmed; repeat the "
     "same request (same payment header) after Retry-After",
     "price_limit_exceeded": "client only: the quoted price is above your max_price_usd; "
+    "nothing was signed",
+    "budget_exceeded": "client only (`relay mcp`): the send would overspend MCP_BUDGET_USD; "
     "nothing was signed",
 }
 

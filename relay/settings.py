@@ -479,16 +479,29 @@ class ClientSettings:
     relay_url: str = "http://127.0.0.1:8000"
     payer_private_key: str | None = field(default=None, repr=False)
     pay_password: str | None = field(default=None, repr=False)
+    #: What one `relay mcp` process may spend in all, in USD.
+    mcp_budget_usd: Decimal = Decimal("1.00")
 
 
 def load_client_settings(environ: Mapping[str, str] | None = None) -> ClientSettings:
-    """RELAY_URL, PAYER_PRIVATE_KEY and PAY_PASSWORD from the environment."""
+    """RELAY_URL, PAYER_PRIVATE_KEY, PAY_PASSWORD and MCP_BUDGET_USD from the environment."""
     source = os.environ if environ is None else environ
     return ClientSettings(
         relay_url=source.get("RELAY_URL") or ClientSettings.relay_url,
         payer_private_key=source.get("PAYER_PRIVATE_KEY") or None,
         pay_password=source.get("PAY_PASSWORD") or None,
+        mcp_budget_usd=_mcp_budget(source.get("MCP_BUDGET_USD") or ""),
     )
+
+
+def _mcp_budget(raw: str) -> Decimal:
+    """MCP_BUDGET_USD, or the default when unset."""
+    if not raw:
+        return ClientSettings.mcp_budget_usd
+    try:
+        return _decimal(raw)
+    except ValueError as exc:
+        raise SettingsError([f"MCP_BUDGET_USD {exc} (got {raw!r})"]) from None
 
 
 def variable_names() -> list[str]:

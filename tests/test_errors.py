@@ -28,6 +28,7 @@ EXPECTED = {
     "payload_too_large": 413,
     "internal_error": 500,
     "price_limit_exceeded": 402,
+    "budget_exceeded": 402,
 }
 
 
