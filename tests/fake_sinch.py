@@ -186,15 +186,7 @@ class FakeSinch:
     ) -> int:
         """POST a recipient delivery report to the batch's callback_url; the HTTP status."""
         batch = next(b for b in self.batches if b["id"] == batch_id)
-        report = {
-            "type": "recipient_delivery_report_sms",
-            "batch_id": batch_id,
-            "recipient": batch["to"][0].lstrip("+"),
-            "status": status,
-            "code": code,
-            "at": _now(),
-            "operator_status_at": _now(),
-        }
+        report = delivery_report(batch_id, batch["to"][0], status, code)
         if "client_reference" in batch:
             report["client_reference"] = batch["client_reference"]
         return post_callback(batch["callback_url"], report, signing_secret)
@@ -448,6 +440,21 @@ def _parse_time(text: str) -> datetime:
     except ValueError as exc:
         raise _BadRequest(400, "syntax_invalid_parameter_format", "Bad date.") from exc
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def delivery_report(
+    batch: str, recipient: str, status: str = "Delivered", code: int = 0
+) -> dict[str, Any]:
+    """A recipient_delivery_report_sms callback body, as Sinch sends for a batch."""
+    return {
+        "type": "recipient_delivery_report_sms",
+        "batch_id": batch,
+        "recipient": recipient.lstrip("+"),
+        "status": status,
+        "code": code,
+        "at": _now(),
+        "operator_status_at": _now(),
+    }
 
 
 def inbound_text(**fields: str) -> dict[str, Any]:

@@ -16,6 +16,28 @@ import requests
 REPO = Path(__file__).resolve().parent.parent
 
 
+def procfile(kind: str) -> str:
+    """The Procfile's command for a process kind (web, worker, release), as written."""
+    return next(
+        line.split(":", 1)[1].strip()
+        for line in (REPO / "Procfile").read_text().splitlines()
+        if line.startswith(f"{kind}:")
+    )
+
+
+def wait_until_up(url: str, proc: subprocess.Popen[bytes], path: str = "/health") -> None:
+    """Wait until the server at ``url`` answers ``path``; fail if it exits or takes 30 s."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the server exited"
+        try:
+            requests.get(url + path, timeout=5)
+            return
+        except (requests.ConnectionError, requests.Timeout):
+            time.sleep(0.1)
+    raise AssertionError("the server did not start")
+
+
 def free_port() -> int:
     """A TCP port that was free a moment ago."""
     with socket.socket() as sock:

@@ -32,7 +32,7 @@ from relay.dev.stack import DEMO_MESSAGE, DEMO_TO, DevStack
 from relay.ledger import Ledger
 from relay.schema import messages
 from tests.conftest import PAY_TO, Wallet, new_wallet
-from tests.processes import REPO, RelayProcess, free_port
+from tests.processes import REPO, RelayProcess, free_port, procfile
 from tests.test_exactly_once import relay_env
 
 US = "+13012576365"
@@ -439,8 +439,6 @@ def test_procfile_web_workers_only_open_what_the_release_step_made(
 ) -> None:
     """The Procfile's lines as written: gunicorn's workers on a database without the
     schema stop with the one message and create nothing; after `release` they serve."""
-    lines = (REPO / "Procfile").read_text().splitlines()
-    procfile = dict(line.split(": ", 1) for line in lines if line.strip())
     (tmp_path / "relay.db").touch()
     port = free_port()
     env = base_env(
@@ -458,16 +456,16 @@ def test_procfile_web_workers_only_open_what_the_release_step_made(
             line, shell=True, cwd=REPO, env=env, text=True, capture_output=True, timeout=60
         )
 
-    refused = sh(procfile["web"])
+    refused = sh(procfile("web"))
     assert refused.returncode != 0, explain(refused)
     assert "the database has no schema revision" in refused.stderr, explain(refused)
     book = Ledger.from_url(env["DATABASE_URL"])
     assert inspect(book.engine).get_table_names() == []
-    release = sh(procfile["release"])
+    release = sh(procfile("release"))
     assert release.returncode == 0, explain(release)
     assert book.schema_revision() == migrations.head()
     book.engine.dispose()
-    web = subprocess.Popen(procfile["web"], shell=True, cwd=REPO, env=env, start_new_session=True)
+    web = subprocess.Popen(procfile("web"), shell=True, cwd=REPO, env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
         while not _answers(f"http://127.0.0.1:{port}/health"):

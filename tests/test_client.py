@@ -26,7 +26,7 @@ from relay.errors import (
 from relay.services import Services, build_services
 from relay.settings import Settings
 from tests.conftest import SINCH_PLAN, SINCH_TOKEN, Wallet, sinch_overrides
-from tests.fake_sinch import FakeSinch
+from tests.fake_sinch import FakeSinch, delivery_report
 
 US = "+13012576365"
 PRICE = 50_000
@@ -147,14 +147,7 @@ def test_wait_polls_until_the_delivery_report_arrives(
         waits: list[float] = []
         client = RelayClient(served.url, payer.key, sleep=waits.append)
         message_id = client.send("Tell me when it lands", US, max_price_usd="0.10")["message_id"]
-        report = {
-            "type": "recipient_delivery_report_sms",
-            "batch_id": message_id,
-            "recipient": US.lstrip("+"),
-            "status": "DELIVERED",
-            "code": 0,
-            "at": "2026-11-30T10:00:00Z",
-        }
+        report = delivery_report(message_id, US, "DELIVERED")
 
         def deliver_on_third_poll(seconds: float) -> None:
             waits.append(seconds)

@@ -30,7 +30,7 @@ from relay.settings import Settings, load_settings
 from tests.chain_attacks import wait_for
 from tests.conftest import SINCH_PLAN, SINCH_TOKEN, Wallet, new_wallet, sinch_overrides
 from tests.fake_sinch import FakeSinch
-from tests.processes import REPO, RelayProcess
+from tests.processes import RelayProcess, procfile
 from tests.x402_helpers import pay
 
 US = "+13012576365"
@@ -315,11 +315,7 @@ def test_the_procfile_worker_finishes_a_payment_a_crash_left(
                 lease_holder=None,
             )
         )
-    command = next(
-        line.split(":", 1)[1].strip()
-        for line in (REPO / "Procfile").read_text().splitlines()
-        if line.startswith("worker:")
-    )
+    command = procfile("worker")
     path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
     worker = subprocess.Popen(
         command, shell=True, cwd=tmp_path, env={**env, "PATH": path}, start_new_session=True

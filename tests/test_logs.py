@@ -18,31 +18,10 @@ from flask.testing import FlaskClient
 
 from relay.logs import JsonFormatter
 from tests.conftest import PAY_TO
-from tests.processes import free_port
+from tests.processes import free_port, procfile, wait_until_up
 
 REPO = Path(__file__).resolve().parent.parent
 US = "+13012576365"
-
-
-def procfile(kind: str) -> str:
-    """The Procfile's command for a process kind, as written."""
-    return next(
-        line.split(":", 1)[1].strip()
-        for line in (REPO / "Procfile").read_text().splitlines()
-        if line.startswith(f"{kind}:")
-    )
-
-
-def wait_until_up(url: str, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "the server exited"
-        try:
-            requests.get(url + "/api/pricing", timeout=5)
-            return
-        except (requests.ConnectionError, requests.Timeout):
-            time.sleep(0.1)
-    raise AssertionError("the server did not start")
 
 
 def test_the_procfile_web_line_logs_json_lines_with_request_ids(tmp_path: Path) -> None:
@@ -76,7 +55,7 @@ def test_the_procfile_web_line_logs_json_lines_with_request_ids(tmp_path: Path) 
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until_up(url, web)
+        wait_until_up(url, web, "/api/pricing")
         body = {"message": "Log my quote", "to": US}
         answer = requests.post(
             url + "/api/quote", json=body, headers={"X-Request-Id": "req-7f3a"}, timeout=10

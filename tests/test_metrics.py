@@ -50,7 +50,7 @@ from tests.conftest import (
 )
 from tests.fake_gemini import FAKE_API_KEY, FakeGemini
 from tests.fake_sinch import FakeSinch
-from tests.processes import REPO, RelayProcess, free_port
+from tests.processes import REPO, RelayProcess, free_port, procfile, wait_until_up
 from tests.x402_helpers import pay
 
 TOKEN = "metrics-token-0123456789abcdef"
@@ -484,11 +484,7 @@ def test_the_procfile_web_line_adds_up_two_workers(tmp_path: Path) -> None:
     subprocess.run(
         [sys.executable, "-m", "relay.cli", "db", "upgrade"], env=env, cwd=tmp_path, check=True
     )
-    web_line = next(
-        line.split(":", 1)[1].strip()
-        for line in (REPO / "Procfile").read_text().splitlines()
-        if line.startswith("web:")
-    )
+    web_line = procfile("web")
     with (tmp_path / "web.log").open("wb") as log:
         web = subprocess.Popen(
             web_line, shell=True, cwd=tmp_path, env=env, stderr=log, start_new_session=True
@@ -502,15 +498,3 @@ def test_the_procfile_web_line_adds_up_two_workers(tmp_path: Path) -> None:
         os.killpg(web.pid, signal.SIGTERM)
         web.wait(10)
     assert directory.is_dir()  # the operator's directory is left as it is
-
-
-def wait_until_up(url: str, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "the server exited"
-        try:
-            requests.get(url + "/health", timeout=5)
-            return
-        except (requests.ConnectionError, requests.Timeout):
-            time.sleep(0.1)
-    raise AssertionError("the server did not start")

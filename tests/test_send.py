@@ -28,7 +28,7 @@ from tests.conftest import (
     sinch_overrides,
 )
 from tests.fake_facilitator import FakeFacilitator
-from tests.fake_sinch import FakeSinch, signature_headers
+from tests.fake_sinch import FakeSinch, delivery_report, signature_headers
 from tests.x402_helpers import header, pay, pay_payload, pay_v1, signed
 
 US = "+13012576365"
@@ -405,14 +405,7 @@ def test_delivery_reports_and_stop(
         app = make_app(sinch_settings(paid_settings, fake))
         client = app.test_client()
         message_id = paid(client, BODY, payer.key).get_json()["message_id"]
-        report = {
-            "type": "recipient_delivery_report_sms",
-            "batch_id": message_id,
-            "recipient": US.lstrip("+"),
-            "status": "DELIVERED",
-            "code": 0,
-            "at": "2026-11-21T10:00:00Z",
-        }
+        report = delivery_report(message_id, US, "DELIVERED")
         hook = "/webhooks/sinch/callback-secret-123"
         assert client.post(hook, json=report).status_code == 200
         assert client.post("/webhooks/sinch/wrong", json=report).status_code == 404

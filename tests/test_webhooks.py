@@ -39,7 +39,7 @@ from tests.conftest import (
     services_of,
     sinch_overrides,
 )
-from tests.fake_sinch import FakeSinch
+from tests.fake_sinch import FakeSinch, delivery_report
 from tests.processes import REPO
 from tests.x402_helpers import pay
 
@@ -128,14 +128,7 @@ def test_events_are_signed_retried_and_delivered_once_taken(
         webhook = answer.get_json()["webhook"]
         assert webhook["url"] == receiver.url and webhook["secret"].startswith("whsec_")
         message_id = answer.get_json()["message_id"]
-        report = {
-            "type": "recipient_delivery_report_sms",
-            "batch_id": message_id,
-            "recipient": US.lstrip("+"),
-            "status": "DELIVERED",
-            "code": 0,
-            "at": "2026-11-30T10:00:00Z",
-        }
+        report = delivery_report(message_id, US, "DELIVERED")
         hook = f"/webhooks/sinch/{settings.sinch_callback_secret}"
         assert app.test_client().post(hook, json=report).status_code == 200
         assert app.test_client().post(hook, json=report).status_code == 200  # a repeat
