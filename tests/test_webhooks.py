@@ -29,6 +29,7 @@ from relay.callbacks import (
     new_secret,
 )
 from relay.flows.notifying import EVENT_BACKOFF, deliver_events
+from relay.records import EventRecord
 from relay.schema import webhook_events
 from relay.services import Services, build_services
 from relay.settings import Settings
@@ -50,8 +51,9 @@ class Receiver:
     """An agent's endpoint: answers 500 to the first ``refuse`` requests, then 204; keeps
     what it got."""
 
-    def __init__(self, refuse: int = 0) -> None:
+    def __init__(self, refuse: int = 0, delay: float = 0.0) -> None:
         self.refuse = refuse
+        self.delay = delay
         self.got: list[tuple[dict[str, str], bytes]] = []
         receiver = self
 
@@ -60,6 +62,7 @@ class Receiver:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 receiver.got.append(({k.lower(): v for k, v in self.headers.items()}, body))
                 refused = len(receiver.got) <= receiver.refuse
+                time.sleep(receiver.delay)
                 self.send_response(500 if refused else 204)
                 self.end_headers()
 
@@ -221,3 +224,34 @@ def test_the_readme_typescript_verification_accepts_our_events(receiver: Receive
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.strip() == "message.delivered"
     assert verify(received.decode().replace("delivered", "failed")).returncode != 0
+
+
+def test_slow_endpoints_cannot_hold_back_the_workers_pass(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """A payer's callback endpoint that answers slowly (many messages, one blackhole) costs a
+    worker pass at most its event budget: the reconciliation sharing the loop goes on."""
+    slow = Receiver(delay=1.0)
+    services = build_services(make_settings(allow_private_callbacks=True))
+    now = services.clock()
+    for number in range(4):
+        services.ledger.enqueue_event(
+            EventRecord(
+                id=f"evt_slow{number}_delivered",
+                payment_id=f"slow{number}",
+                type="message.delivered",
+                url=slow.url,
+                secret=new_secret(),
+                body="{}",
+                next_attempt_at=now,
+                created_at=now,
+                updated_at=now,
+            )
+        )
+    started = time.monotonic()
+    first = deliver_events(services, budget_seconds=0.5)
+    assert time.monotonic() - started < 3.0  # not 4 x 1 s
+    assert list(first.values()) == ["delivered"]  # one attempt, the rest wait for a pass
+    second = deliver_events(services, budget_seconds=10.0)
+    assert sorted(first | second) == [f"evt_slow{n}_delivered" for n in range(4)]
+    slow.close()

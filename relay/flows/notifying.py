@@ -5,6 +5,7 @@ event, with backoff between attempts for about a day."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 from relay.callbacks import CallbackFailed, Delivery, event_body
@@ -21,6 +22,9 @@ log = logging.getLogger(__name__)
 EVENT_BACKOFF = Backoff(attempts=16, first=5.0, cap=4 * 3600.0)
 #: One attempt holds its event this long (well over the delivery timeouts).
 EVENT_LEASE_SECONDS = 60.0
+#: A worker pass spends at most this long on events: agents' endpoints that answer slowly
+#: (or never) cannot hold back the reconciliation of payments that shares the loop.
+EVENT_PASS_SECONDS = 10.0
 
 
 #: The event each status of a message is told as.
@@ -69,13 +73,18 @@ def notify(
 
 
 def deliver_events(
-    services: Services, *, still_elected: Callable[[], bool] | None = None
+    services: Services,
+    *,
+    still_elected: Callable[[], bool] | None = None,
+    budget_seconds: float = EVENT_PASS_SECONDS,
 ) -> dict[str, str]:
-    """Send every event that is due and nobody else is sending: event id → delivered,
-    retrying or failed."""
+    """Send the events that are due and nobody else is sending, for at most
+    ``budget_seconds`` (the rest wait for the next pass): event id → delivered, retrying or
+    failed."""
     results: dict[str, str] = {}
+    ends = time.monotonic() + budget_seconds
     for event in services.ledger.due_events(services.clock()):
-        if still_elected is not None and not still_elected():
+        if time.monotonic() >= ends or (still_elected is not None and not still_elected()):
             break
         now = services.clock()
         if services.ledger.take_event(event.id, event.attempts, now, EVENT_LEASE_SECONDS):
