@@ -30,6 +30,7 @@ from relay import migrations
 from relay.ledger_events import EventBook
 from relay.ledger_messages import MessageBook
 from relay.ledger_nonces import NonceBook
+from relay.memo import Memo
 from relay.moderation import Verdict
 from relay.records import PaymentRecord
 from relay.retry import Backoff, retry
@@ -99,6 +100,10 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+#: How old a process's memory of an opt-out may be for a free answer (a quote, a 402).
+OPT_OUT_MEMO_SECONDS = 5.0
+
+
 class SchemaMissing(Exception):
     """The database is not at this release's schema revision (or its SQLite file does not
     exist): `relay db upgrade` has not run on it yet."""
@@ -122,6 +127,7 @@ class Ledger(MessageBook, NonceBook, EventBook):
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self._opt_outs: Memo[str, bool] = Memo(100_000, max_age=OPT_OUT_MEMO_SECONDS)
 
     @classmethod
     def from_url(cls, url: str) -> Ledger:
@@ -192,20 +198,27 @@ class Ledger(MessageBook, NonceBook, EventBook):
             row = conn.execute(select(verdicts.c.verdict).where(verdicts.c.key == key)).first()
         return None if row is None else dict(row.verdict)
 
-    def put_verdict(self, key: str, verdict: dict[str, Any], now: float) -> None:
-        """Store a verdict; the first one stored for a key wins."""
+    def put_verdict(self, key: str, verdict: dict[str, Any], now: float) -> bool:
+        """Store a verdict; the first one stored for a key wins (False: not this one)."""
         try:
             with self.engine.begin() as conn:
                 conn.execute(insert(verdicts).values(key=key, verdict=verdict, created_at=now))
         except IntegrityError:
-            pass
+            return False
+        return True
 
     # Opt-out registry ------------------------------------------------------------
-    def is_opted_out(self, phone: str) -> bool:
-        """Whether the number has asked for no more messages."""
+    def is_opted_out(self, phone: str, *, recent: bool = False) -> bool:
+        """Whether the number has asked for no more messages. ``recent``: an answer this
+        process read up to OPT_OUT_MEMO_SECONDS ago will do (for answers that cost nothing:
+        a paid request always reads the registry itself)."""
+        if recent:
+            known = self._opt_outs.get(phone)
+            if known is not None:
+                return known
         with self.engine.connect() as conn:
             row = conn.execute(select(opt_outs.c.phone).where(opt_outs.c.phone == phone)).first()
-        return row is not None
+        return self._opt_outs.put(phone, row is not None)
 
     def set_opt_out(self, phone: str, opted_out: bool, now: float) -> None:
         """Add the number to the registry (STOP) or remove it (START)."""
@@ -213,6 +226,7 @@ class Ledger(MessageBook, NonceBook, EventBook):
             conn.execute(opt_outs.delete().where(opt_outs.c.phone == phone))
             if opted_out:
                 conn.execute(insert(opt_outs).values(phone=phone, opted_out_at=now))
+        self._opt_outs.forget(phone)
 
     # Payments ----------------------------------------------------------------------
     def claim_payment(self, payment: PaymentRecord) -> None:
@@ -446,23 +460,35 @@ class Conflict(Exception):
 
 
 class LedgerVerdictCache:
-    """The moderation verdict cache, shared by every process through the database."""
+    """The moderation verdict cache, shared by every process through the database.
 
-    def __init__(self, ledger: Ledger, clock: Callable[[], float]) -> None:
+    A verdict never changes once stored, so each process keeps the ones it has read or
+    stored in memory too, and a cached text is not read from the database again.
+    """
+
+    def __init__(
+        self, ledger: Ledger, clock: Callable[[], float], max_in_memory: int = 10_000
+    ) -> None:
         self._ledger = ledger
         self._clock = clock
+        self._memory: Memo[str, Verdict] = Memo(max_in_memory)
 
     def get(self, key: str) -> Verdict | None:
         """The verdict stored under KEY, if any."""
+        known = self._memory.get(key)
+        if known is not None:
+            return known
         stored = self._ledger.get_verdict(key)
         if stored is None:
             return None
         # JSON columns load numbers as Decimal; a confidence score is a plain float.
-        return Verdict.from_dict({**stored, "confidence": float(stored["confidence"])})
+        verdict = Verdict.from_dict({**stored, "confidence": float(stored["confidence"])})
+        return self._memory.put(key, verdict)
 
     def put(self, key: str, verdict: Verdict) -> None:
-        """Remember a verdict."""
-        self._ledger.put_verdict(key, verdict.to_dict(), self._clock())
+        """Remember a verdict (unless another was stored first: that one stays)."""
+        if self._ledger.put_verdict(key, verdict.to_dict(), self._clock()):
+            self._memory.put(key, verdict)
 
     def claim(self, key: str, holder: str, seconds: float) -> bool:
         """The fleet-wide right to moderate KEY now (a lease in the database)."""

@@ -82,6 +82,7 @@ from relay.errors import (
     SettlementPending,
 )
 from relay.facilitator import build_facilitator, waited_receipt
+from relay.memo import Memo
 from relay.nonces import NonceStore
 from relay.payment_headers import ParsedPayment, as_json, parse_payment, parse_stored
 from relay.transport import never_sent
@@ -146,6 +147,7 @@ class Payments:
         self._ready = False
         self._pinged_at = float("-inf")
         self._ping_failed = False
+        self._requirements: Memo[int, PaymentRequirements] = Memo(4096)
 
     # ------------------------------------------------------------------ the 402 challenge
 
@@ -157,6 +159,10 @@ class Payments:
         if amount_atomic <= 0:
             raise ValueError("amount_atomic must be positive")
         self._ensure_ready()
+        return self._requirements.get_or_make(amount_atomic, lambda: self._build(amount_atomic))
+
+    def _build(self, amount_atomic: int) -> PaymentRequirements:
+        """Built once per amount and process: they never change while the process lives."""
         chain = self._config.chain
         name, version = chain.usdc_eip712
         price = AssetAmount(

@@ -6,10 +6,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from relay.callbacks import CallbackPolicy, CallbackSender
 from relay.gemini import GeminiModerator
 from relay.ledger import Ledger, LedgerVerdictCache
+from relay.memo import Memo
 from relay.moderation import Moderator
 from relay.payments import Payments
 from relay.phishing_rules import LayeredModerator, RulesModerator
@@ -19,6 +21,9 @@ from relay.refunds import Refunder
 from relay.settings import Settings
 from relay.sinch import OutboxSender, SinchSender, SmsSender
 from relay.verdict_cache import CachingModerator, MemoryVerdictCache, VerdictCache
+
+if TYPE_CHECKING:
+    from relay.flows.answers import Outcome
 
 
 @dataclass
@@ -36,6 +41,8 @@ class Services:
     refunder: Refunder | None = None
     callbacks: CallbackSender = field(default_factory=lambda: CallbackSender(CallbackPolicy()))
     clock: Callable[[], float] = field(default=time.time)
+    #: 402 answers by (amount, resource URL, bare probe or not): they never change.
+    challenges: Memo[tuple[int, str, bool], Outcome] = field(default_factory=lambda: Memo(1024))
 
 
 def build_services(settings: Settings, clock: Callable[[], float] = time.time) -> Services:

@@ -8,9 +8,9 @@ import os
 import secrets
 import threading
 import time
-from collections import OrderedDict
 from typing import Protocol
 
+from relay.memo import Memo
 from relay.moderation import POLICY_VERSION, Moderator, Verdict, cache_key, unavailable
 
 
@@ -39,25 +39,15 @@ class MemoryVerdictCache:
     """A thread-safe, bounded LRU cache for one process; the first verdict for a key wins."""
 
     def __init__(self, max_entries: int = 10_000) -> None:
-        self._max_entries = max_entries
-        self._items: OrderedDict[str, Verdict] = OrderedDict()
-        self._lock = threading.Lock()
+        self._items: Memo[str, Verdict] = Memo(max_entries)
 
     def get(self, key: str) -> Verdict | None:
         """The verdict stored under KEY, if any (and mark it recently used)."""
-        with self._lock:
-            verdict = self._items.get(key)
-            if verdict is not None:
-                self._items.move_to_end(key)
-            return verdict
+        return self._items.get(key)
 
     def put(self, key: str, verdict: Verdict) -> None:
         """Remember a verdict, evicting the least recently used beyond max_entries."""
-        with self._lock:
-            self._items.setdefault(key, verdict)
-            self._items.move_to_end(key)
-            while len(self._items) > self._max_entries:
-                self._items.popitem(last=False)
+        self._items.put(key, verdict, keep_first=True)
 
     def claim(self, key: str, holder: str, seconds: float) -> bool:
         """One process: the in-process single flight is all there is to it."""
@@ -67,8 +57,7 @@ class MemoryVerdictCache:
         """Nothing to give up."""
 
     def __len__(self) -> int:
-        with self._lock:
-            return len(self._items)
+        return len(self._items)
 
 
 class _Flight:

@@ -17,6 +17,8 @@ from x402.http import decode_payment_required_header
 
 from relay.app import create_app
 from relay.dev.chain import USDC_ADDRESS, DevChain
+from relay.ledger import Ledger
+from relay.payment_headers import parse_payment
 from relay.services import build_services
 from relay.settings import Settings
 from tests.conftest import (
@@ -419,6 +421,30 @@ def test_delivery_reports_and_stop(
         inbound["body"] = "START"
         client.post(hook, json=inbound)
         assert client.post("/api/quote", json=BODY).status_code == 200
+
+
+def test_a_paid_send_reads_the_opt_out_registry_not_the_process_memory(
+    paid_settings: Callable[..., Settings], chain: DevChain, payer: Wallet
+) -> None:
+    settings = paid_settings()
+    client = make_app(settings).test_client()
+    token = client.post("/api/quote", json=BODY).get_json()["quote_token"]
+    body = dict(BODY, quote_token=token)
+    headers = signed_headers(client, body, payer.key)  # this process now remembers: not opted out
+    other_process = Ledger.from_url(settings.database_url)
+    other_process.set_opt_out(US, True, time.time())  # STOP reached another worker
+    other_process.engine.dispose()
+    assert client.post("/api/quote", json=BODY).status_code == 200  # a free answer may lag
+    refused = post(client, body, **headers)
+    assert refused.status_code == 422, refused.get_data(as_text=True)
+    assert refused.get_json()["error"] == "recipient_opted_out"
+    assert chain.usdc_balance(payer.address) == 10_000_000
+    assert (
+        services_of(client.application).ledger.payment_by_key(
+            parse_payment(headers).payment_key  # type: ignore[union-attr]
+        )
+        is None
+    )
 
 
 def test_unknown_message_is_404(client: FlaskClient) -> None:

@@ -46,13 +46,44 @@ class Outcome:
 
 
 def challenge(
+    services: Services, requirements: PaymentRequirements, amount_atomic: int, resource_url: str
+) -> Outcome:
+    """The 402: v2 PAYMENT-REQUIRED header, v1 accepts and the reference's fields in the body.
+
+    A 402 depends on nothing but the amount and the URL, so each is built once per process
+    (an odd Host header costs one build and an entry in a bounded memo).
+    """
+    return services.challenges.get_or_make(
+        (amount_atomic, resource_url, False),
+        lambda: _challenge(services, requirements, amount_atomic, resource_url),
+    )
+
+
+def probe(services: Services, resource_url: str) -> Outcome:
+    """A bare POST /api/send: a 402 at the one-segment price, describing the price rule."""
+    settings = services.settings
+    per_segment = to_atomic(settings.price_per_segment_usd)
+
+    def build() -> Outcome:
+        rule = PriceRule(
+            per_segment_usd=settings.price_per_segment_usd,
+            plus="the moderation call's token cost",
+            max_segments=settings.max_segments,
+            how_to_quote="POST /api/quote {message, to}, or POST /api/send {message, to}",
+        )
+        requirements = services.payments.requirements(per_segment)
+        return _challenge(services, requirements, per_segment, resource_url, rule)
+
+    return services.challenges.get_or_make((per_segment, resource_url, True), build)
+
+
+def _challenge(
     services: Services,
     requirements: PaymentRequirements,
     amount_atomic: int,
     resource_url: str,
     price_rule: PriceRule | None = None,
 ) -> Outcome:
-    """The 402: v2 PAYMENT-REQUIRED header, v1 accepts and the reference's fields in the body."""
     price = from_atomic(amount_atomic)
     header, v1 = services.payments.challenge(
         requirements,
@@ -71,20 +102,6 @@ def challenge(
         price_rule=price_rule,
     )
     return Outcome(402, body.model_dump(), {"PAYMENT-REQUIRED": header})
-
-
-def probe(services: Services, resource_url: str) -> Outcome:
-    """A bare POST /api/send: a 402 at the one-segment price, describing the price rule."""
-    settings = services.settings
-    per_segment = to_atomic(settings.price_per_segment_usd)
-    rule = PriceRule(
-        per_segment_usd=settings.price_per_segment_usd,
-        plus="the moderation call's token cost",
-        max_segments=settings.max_segments,
-        how_to_quote="POST /api/quote {message, to}, or POST /api/send {message, to}",
-    )
-    requirements = services.payments.requirements(per_segment)
-    return challenge(services, requirements, per_segment, resource_url, price_rule=rule)
 
 
 def sent(

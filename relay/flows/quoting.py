@@ -35,7 +35,7 @@ class Quote:
 
 
 def prepare_text(
-    services: Services, req: MessageRequest
+    services: Services, req: MessageRequest, *, paying: bool = False
 ) -> tuple[str, str, SegmentInfo, SegmentInfo]:
     """Validate and normalise: (destination, text to send, its segments, submitted segments)."""
     validate_text(req.message)
@@ -49,13 +49,15 @@ def prepare_text(
             f"The message needs {info.segments} segments; the limit is {limit}.",
             details={"segments": info.segments, "max_segments": limit, "encoding": info.encoding},
         )
-    refuse_opted_out(services, to)
+    refuse_opted_out(services, to, paying=paying)
     return to, text, info, original
 
 
-def refuse_opted_out(services: Services, to: str) -> None:
-    """Raise recipient_opted_out for a number that replied STOP."""
-    if services.ledger.is_opted_out(to):
+def refuse_opted_out(services: Services, to: str, *, paying: bool) -> None:
+    """Raise recipient_opted_out for a number that replied STOP. An answer that costs
+    nothing (a quote, a 402) may rely on what this process read a few seconds ago; a paid
+    request reads the registry, so nobody pays for a message to a number that said STOP."""
+    if services.ledger.is_opted_out(to, recent=not paying):
         raise RecipientOptedOut(details={"to": mask(to)})
 
 
@@ -89,13 +91,15 @@ def verdict_cost(services: Services, verdict: Verdict) -> Decimal:
     )
 
 
-def quote(services: Services, req: MessageRequest, *, one_shot: bool = False) -> Quote:
+def quote(
+    services: Services, req: MessageRequest, *, one_shot: bool = False, paying: bool = False
+) -> Quote:
     """Normalise, count, moderate, price and sign.
 
     A quote for /api/quote charges nothing for a cached verdict. A one-shot send always
     charges the verdict's original cost, so the unpaid and the paid request agree on the price.
     """
-    to, text, info, original = prepare_text(services, req)
+    to, text, info, original = prepare_text(services, req, paying=paying)
     verdict = moderate(services, text)
     cost = verdict_cost(services, verdict) if one_shot or not verdict.cached else Decimal(0)
     price = quote_price(info.segments, services.settings.price_per_segment_usd, cost)

@@ -72,7 +72,7 @@ def send(
         return stored
     if parsed is None or req.quote_token is None:
         limit_model_calls(services, client)
-    order = order_for(services, req)
+    order = order_for(services, req, paying=parsed is not None)
     if isinstance(req, SendRequest) and req.callback_url is not None:
         services.callbacks.policy.check(req.callback_url)  # refused before anything is paid
     requirements = payments.requirements(order.amount_atomic)
@@ -102,16 +102,16 @@ def send(
     return advance(services, payment, parsed, requirements, first=True)
 
 
-def order_for(services: Services, req: MessageRequest) -> Order:
+def order_for(services: Services, req: MessageRequest, *, paying: bool) -> Order:
     """The order a send request stands for: from its quote token, or quoted on the spot."""
     if req.quote_token is None:
-        q = quote(services, req, one_shot=True)
+        q = quote(services, req, one_shot=True, paying=paying)
         return Order(q.to, q.text, q.segments.segments, q.price.atomic, None)
     to = normalize_destination(req.to)
     claims = services.signer.verify(
         req.quote_token, message=req.message, to=to, now=services.clock()
     )
-    refuse_opted_out(services, to)
+    refuse_opted_out(services, to, paying=paying)
     text = smart_encode(req.message) if claims.smart_encoding else req.message
     return Order(to, text, claims.segments, claims.price_atomic, claims.quote_id)
 
