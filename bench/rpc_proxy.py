@@ -1,0 +1,125 @@
+"""A JSON-RPC forwarder in front of anvil that notes when each raw transaction arrived.
+
+Servers pointed at ``proxy.url`` reach the node through it unchanged (single calls and
+batches, kept-alive connections); ``proxy.broadcasts`` maps the hash of every transaction
+sent with ``eth_sendRawTransaction`` to the moment (``time.monotonic()``) the call first
+reached the proxy, which is when the server broadcast it.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlsplit
+
+from eth_typing import HexStr
+from web3 import Web3
+
+UPSTREAM_TIMEOUT = 60
+
+
+class RpcProxy:
+    """A threaded HTTP server on 127.0.0.1 forwarding POSTs to ``upstream``."""
+
+    def __init__(self, upstream: str) -> None:
+        parts = urlsplit(upstream)
+        self.upstream = (parts.hostname or "127.0.0.1", parts.port or 80)
+        self.broadcasts: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._server = _Server(("127.0.0.1", 0), _Handler)
+        self._server.proxy = self
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def start(self) -> RpcProxy:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._server.shutdown()
+        self._server.server_close()
+
+    def __enter__(self) -> RpcProxy:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def note(self, body: bytes, arrived: float) -> None:
+        """Record the raw transactions of one request (a call or a batch)."""
+        try:
+            calls = json.loads(body)
+        except ValueError:
+            return
+        for call in calls if isinstance(calls, list) else [calls]:
+            if isinstance(call, dict) and call.get("method") == "eth_sendRawTransaction":
+                raw = str((call.get("params") or [""])[0])
+                tx_hash = Web3.keccak(hexstr=HexStr(raw)).to_0x_hex()
+                with self._lock:
+                    self.broadcasts.setdefault(tx_hash, arrived)
+
+    def forward(self, body: bytes) -> tuple[int, bytes]:
+        """The node's answer to ``body``, over this thread's kept-alive connection."""
+        for attempt in range(2):
+            connection = self._connection(fresh=attempt > 0)
+            try:
+                connection.request("POST", "/", body, {"Content-Type": "application/json"})
+                answer = connection.getresponse()
+                return answer.status, answer.read()
+            except (OSError, http.client.HTTPException):
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _connection(self, *, fresh: bool) -> http.client.HTTPConnection:
+        connection: http.client.HTTPConnection | None = getattr(self._local, "connection", None)
+        if connection is None or fresh:
+            if connection is not None:
+                connection.close()
+            connection = http.client.HTTPConnection(*self.upstream, timeout=UPSTREAM_TIMEOUT)
+            self._local.connection = connection
+        return connection
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    proxy: RpcProxy
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a client closing its kept-alive connection is not an error here
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.server.proxy.note(body, time.monotonic())
+        status, answer = self.server.proxy.forward(body)
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
