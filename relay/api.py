@@ -224,8 +224,7 @@ def post_send() -> Response:
             max_message_chars=svc.settings.max_message_chars,
         )
         outcome = sending.send(svc, req, dict(request.headers), resource_url(svc), client_key())
-    response = jsonify(outcome.body)
-    response.status_code = outcome.status
+    response = Response(outcome.json(), outcome.status, mimetype="application/json")
     response.headers.update(outcome.headers)
     return response
 

@@ -28,6 +28,7 @@ from relay.ledger import FORWARDED_NOTICE
 from relay.logs import configure_logging, hide_in_logs
 from relay.services import Services, build_services
 from relay.settings import Settings, load_settings
+from relay.wire import to_json
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ class DecimalJSONProvider(JSONProvider):
 
     def dumps(self, obj: Any, **kwargs: Any) -> str:
         """Serialise with Decimal support."""
-        return simplejson.dumps(obj, use_decimal=True, **kwargs)
+        return to_json(obj, **kwargs)
 
     def loads(self, s: str | bytes, **kwargs: Any) -> Any:
         """Parse JSON."""
@@ -170,7 +171,7 @@ def _warn_if_proxied_before(services: Services) -> None:
 def error_response(error: RelayError) -> Response:
     """The one JSON shape of every error (SPEC §4)."""
     response = Response(
-        simplejson.dumps(error.body(), use_decimal=True),
+        to_json(error.body()),
         status=error.status,
         mimetype="application/json",
     )

@@ -17,6 +17,7 @@ import phonenumbers
 from phonenumbers import NumberParseException, PhoneNumberFormat, PhoneNumberType
 
 from relay.errors import InvalidInput, UnsupportedDestination
+from relay.memo import Memo
 
 MAX_RAW_LENGTH: Final = 32
 # ASCII digits, common separators, and "+" only in front.
@@ -35,10 +36,20 @@ _TYPE_NAMES: Final = {
     value: name.lower() for name, value in vars(PhoneNumberType).items() if name.isupper()
 }
 _NANP_COUNTRY_CODE: Final = 1
+#: Valid destinations as submitted, and their E.164 form: parsing is the costly part of a
+#: repeated request (a refused number is parsed again each time, and never remembered).
+_NORMALIZED: Final[Memo[tuple[str, str], str]] = Memo(10_000)
 
 
 def normalize_destination(raw: str, default_region: str = "US") -> str:
     """The E.164 form of a destination, or InvalidInput / UnsupportedDestination."""
+    known = _NORMALIZED.get((raw, default_region))
+    if known is not None:
+        return known
+    return _NORMALIZED.put((raw, default_region), _normalize(raw, default_region))
+
+
+def _normalize(raw: str, default_region: str) -> str:
     number = _parse(raw, default_region)
     if not phonenumbers.is_possible_number(number):
         raise _invalid("The phone number has the wrong length.", "impossible")

@@ -10,6 +10,7 @@ from typing import Any
 from itsdangerous import BadData, URLSafeSerializer
 
 from relay.errors import InvalidInput, QuoteContentMismatch, QuoteExpired
+from relay.memo import Memo
 
 TOKEN_VERSION = 1
 _SALT = "relay.quote-token"
@@ -51,6 +52,9 @@ class QuoteSigner:
     def __init__(self, secret: str, ttl_seconds: int, previous: str | None = None) -> None:
         keys = [secret] if previous is None else [previous, secret]  # the last one signs
         self._serializer = URLSafeSerializer(keys, salt=_SALT)
+        #: Tokens whose signature was checked, and their claims: a token never changes, so
+        #: a repeated request is not checked again (its content and expiry still are).
+        self._genuine: Memo[str, QuoteClaims] = Memo(10_000)
         self.ttl_seconds = ttl_seconds
 
     def sign(self, claims: QuoteClaims) -> str:
@@ -59,7 +63,7 @@ class QuoteSigner:
 
     def verify(self, token: str, *, message: str, to: str, now: float) -> QuoteClaims:
         """The claims of a genuine, fresh token issued for exactly this message and destination."""
-        claims = self._load(token)
+        claims = self._genuine.get(token) or self._genuine.put(token, self._load(token))
         if claims.message_sha256 != message_sha256(message) or claims.to != to:
             raise QuoteContentMismatch(details={"quote_id": claims.quote_id})
         if now > claims.expires_at(self.ttl_seconds):

@@ -13,6 +13,7 @@ from decimal import Decimal
 from functools import cache
 from typing import Annotated, Any, Literal
 
+import simplejson
 from pydantic import BaseModel, ConfigDict, Field, Strict, WithJsonSchema, create_model
 from pydantic.json_schema import SkipJsonSchema
 
@@ -24,6 +25,11 @@ from relay.states import MessageState, PaymentState, RefundState
 MAX_TO_CHARS = 64
 MAX_TOKEN_CHARS = 2048
 MAX_CALLBACK_CHARS = 2048
+
+
+def to_json(obj: Any, **options: Any) -> str:
+    """The JSON text of an answer: Decimal amounts written as exact numbers, never floats."""
+    return simplejson.dumps(obj, use_decimal=True, **options)
 
 
 class WireModel(BaseModel):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from x402 import PaymentRequirements
@@ -21,7 +21,14 @@ from relay.records import PaymentRecord
 from relay.services import Services
 from relay.states import MessageState
 from relay.states import PaymentState as P
-from relay.wire import EventType, PaymentRequiredError, PriceRule, SendResult, WebhookInfo
+from relay.wire import (
+    EventType,
+    PaymentRequiredError,
+    PriceRule,
+    SendResult,
+    WebhookInfo,
+    to_json,
+)
 
 HOW_TO_PAY = (
     "Resubmit POST /api/send with the same body and a PAYMENT-SIGNATURE (x402 v2) or "
@@ -36,6 +43,12 @@ class Outcome:
     status: int
     body: dict[str, Any]
     headers: dict[str, str]
+    #: The body's JSON, when written once for an answer given many times.
+    encoded: str | None = field(default=None, compare=False)
+
+    def json(self) -> str:
+        """The body as JSON text."""
+        return self.encoded if self.encoded is not None else to_json(self.body)
 
     @classmethod
     def of_error(cls, error: RelayError, headers: dict[str, str] | None = None) -> Outcome:
@@ -101,7 +114,8 @@ def _challenge(
         accepts=v1["accepts"],
         price_rule=price_rule,
     )
-    return Outcome(402, body.model_dump(), {"PAYMENT-REQUIRED": header})
+    answer = body.model_dump()
+    return Outcome(402, answer, {"PAYMENT-REQUIRED": header}, encoded=to_json(answer))
 
 
 def sent(
