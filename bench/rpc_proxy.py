@@ -13,17 +13,18 @@ import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
 
 from eth_typing import HexStr
 from web3 import Web3
 
+from tests.http_thread import ServedInBackground
+
 UPSTREAM_TIMEOUT = 60
 
 
-class RpcProxy:
+class RpcProxy(ServedInBackground):
     """A threaded HTTP server on 127.0.0.1 forwarding POSTs to ``upstream``."""
 
     def __init__(self, upstream: str) -> None:
@@ -32,35 +33,9 @@ class RpcProxy:
         self.broadcasts: dict[str, float] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
-        self._server = _Server(("127.0.0.1", 0), _Handler)
-        self._server.proxy = self
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    def start(self) -> RpcProxy:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._thread.is_alive():
-            self._server.shutdown()
-        self._server.server_close()
-
-    def __enter__(self) -> RpcProxy:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+        server = _Server(("127.0.0.1", 0), _Handler)
+        server.proxy = self
+        super().__init__(server)
 
     def note(self, body: bytes, arrived: float) -> None:
         """Record the raw transactions of one request (a call or a batch)."""

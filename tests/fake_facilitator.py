@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from pydantic import BaseModel
 from x402 import (
@@ -37,11 +35,12 @@ from x402.mechanisms.evm import FacilitatorWeb3Signer
 
 from relay.facilitator import local_facilitator
 from relay.payment_headers import as_json
+from tests.http_thread import ServedInBackground
 
 MAX_BODY_BYTES = 1024 * 1024
 
 
-class FakeFacilitator:
+class FakeFacilitator(ServedInBackground):
     """A facilitator HTTP server on a thread; use as a context manager."""
 
     def __init__(
@@ -64,44 +63,8 @@ class FakeFacilitator:
         self.fail_paths: tuple[str, ...] = ("/verify", "/settle")
         # Settle for real, then lose the answer (a gateway timeout after broadcast).
         self.lose_settle_answers = False
-        self._server = ThreadingHTTPServer(("127.0.0.1", port), _handler_for(self))
-        self._server.daemon_threads = True
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        """The base URL (FACILITATOR_URL)."""
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
-
-    def start(self) -> Self:
-        """Serve on a daemon thread."""
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
-        return self
-
-    def serve_forever(self) -> None:
-        """Serve on this thread until interrupted (the command line)."""
-        self._server.serve_forever()
-
-    def stop(self) -> None:
-        """Stop serving and release the port."""
-        if self._thread is not None:
-            self._server.shutdown()
-            self._thread.join()
-            self._thread = None
-        self._server.server_close()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+        # url: FACILITATOR_URL
+        super().__init__(ThreadingHTTPServer(("127.0.0.1", port), _handler_for(self)))
 
     def handle(self, method: str, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
         """The (status, JSON body) answer to one request."""

@@ -20,8 +20,9 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 from typing import Any
+
+from tests.http_thread import ServedInBackground
 
 FAKE_API_KEY = "fake-gemini-key"
 DEFAULT_USAGE = {"promptTokenCount": 412, "candidatesTokenCount": 144, "thoughtsTokenCount": 57}
@@ -176,7 +177,7 @@ def _from_marker(text: str) -> Reply | None:
 # --- the server ----------------------------------------------------------------------------
 
 
-class FakeGemini:
+class FakeGemini(ServedInBackground):
     """A threaded HTTP server on 127.0.0.1 speaking Gemini's generateContent protocol."""
 
     def __init__(
@@ -189,21 +190,9 @@ class FakeGemini:
         self._requests: list[RecordedRequest] = []
         self._lock = threading.Lock()
         self._closing = threading.Event()
-        self._server = _Server((host, port), _Handler)
-        self._server.fake = self
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
-        )
-
-    @property
-    def port(self) -> int:
-        """The TCP port the server listens on."""
-        return int(self._server.server_address[1])
-
-    @property
-    def url(self) -> str:
-        """The base URL to hand to the SDK (HttpOptions.base_url / GEMINI_BASE_URL)."""
-        return f"http://127.0.0.1:{self.port}"
+        server = _Server((host, port), _Handler)
+        server.fake = self
+        super().__init__(server, poll_interval=0.02)  # url: HttpOptions.base_url, GEMINI_BASE_URL
 
     @property
     def requests(self) -> list[RecordedRequest]:
@@ -230,37 +219,9 @@ class FakeGemini:
             self.default = approve()
             self.usage = dict(DEFAULT_USAGE)
 
-    def start(self) -> FakeGemini:
-        """Serve in a background thread."""
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Wake slow replies, stop serving and close the socket."""
+    def stopping(self) -> None:
+        """Wake slow replies."""
         self._closing.set()
-        if self._thread.is_alive():
-            self._server.shutdown()
-        self._server.server_close()
-
-    def serve_forever(self) -> None:
-        """Serve in the calling thread until interrupted (the command-line mode)."""
-        try:
-            self._server.serve_forever()
-        except KeyboardInterrupt:
-            pass
-        finally:
-            self._server.server_close()
-
-    def __enter__(self) -> FakeGemini:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def _respond(self, request: RecordedRequest) -> Reply:
         with self._lock:

@@ -39,6 +39,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from tests.http_thread import ServedInBackground
+
 PLAN_ID = "fakeplan0123456789abcdef"
 TOKEN = "fake-sinch-token"
 SENDER = "+12025550100"
@@ -100,7 +102,7 @@ class _State:
     script: deque[Action] = field(default_factory=deque)
 
 
-class FakeSinch:
+class FakeSinch(ServedInBackground):
     """The fake server: a ThreadingHTTPServer on 127.0.0.1 in a background thread."""
 
     def __init__(
@@ -110,43 +112,18 @@ class FakeSinch:
         self._lock = threading.Lock()
         self._state = _State()
         self._stopping = threading.Event()
-        self._server = ThreadingHTTPServer((host, port), _Handler)
-        self._server.fake = self  # type: ignore[attr-defined]
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-
-    @property
-    def port(self) -> int:
-        """The port actually bound."""
-        return int(self._server.server_address[1])
+        server = ThreadingHTTPServer((host, port), _Handler)
+        server.fake = self  # type: ignore[attr-defined]
+        super().__init__(server)
 
     @property
     def base_url(self) -> str:
         """What to put in SINCH_BASE_URL."""
-        return f"http://127.0.0.1:{self.port}"
+        return self.url
 
-    def _serve(self) -> None:
-        self._server.serve_forever(poll_interval=0.05)
-
-    def start(self) -> FakeSinch:
-        """Serve in the background."""
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop serving, wake any stalled handler, close the socket."""
-        if self._stopping.is_set():
-            return
+    def stopping(self) -> None:
+        """Wake any stalled handler."""
         self._stopping.set()
-        if self._thread.is_alive():
-            self._server.shutdown()
-            self._thread.join(timeout=5)
-        self._server.server_close()
-
-    def __enter__(self) -> FakeSinch:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
     def script(self, *actions: Action | dict[str, Any]) -> None:
         """Queue answers for the next batch creations (then back to normal 201s)."""

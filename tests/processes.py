@@ -8,10 +8,16 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 
 import requests
+
+from relay.dev.chain import DevChain
+from relay.ledger import Ledger
+from tests.conftest import new_wallet
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -23,6 +29,35 @@ def procfile(kind: str) -> str:
         for line in (REPO / "Procfile").read_text().splitlines()
         if line.startswith(f"{kind}:")
     )
+
+
+def relay_env(chain: DevChain, database_url: str, **more: str) -> dict[str, str]:
+    """The environment of a relay on ``chain`` (local settlement, rules, outbox)."""
+    env = {
+        "QUOTE_SECRET": "exactly-once-secret-0123456789",
+        "PAY_TO_ADDRESS": new_wallet(chain).address,
+        "FACILITATOR": "local",
+        "RPC_URL": chain.rpc_url,
+        "SETTLER_PRIVATE_KEY": chain.accounts[0].private_key,
+        "MODERATION_PROVIDER": "rules",
+        "SMS_PROVIDER": "outbox",
+        "DATABASE_URL": database_url,
+        "QUOTE_RATE_LIMIT": "10000/minute",
+    }
+    env.update(more)
+    return env
+
+
+@contextmanager
+def migrated(chain: DevChain, folder: Path) -> Iterator[tuple[dict[str, str], Ledger]]:
+    """A relay environment on a new SQLite ledger in ``folder``, upgraded to this release."""
+    env = relay_env(chain, f"sqlite:///{folder / 'relay.db'}")
+    ledger = Ledger.from_url(env["DATABASE_URL"])
+    ledger.upgrade()
+    try:
+        yield env, ledger
+    finally:
+        ledger.engine.dispose()
 
 
 def wait_until_up(url: str, proc: subprocess.Popen[bytes], path: str = "/health") -> None:

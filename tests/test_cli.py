@@ -32,8 +32,7 @@ from relay.dev.stack import DEMO_MESSAGE, DEMO_TO, DevStack
 from relay.ledger import Ledger
 from relay.schema import messages
 from tests.conftest import PAY_TO, Wallet, new_wallet
-from tests.processes import REPO, RelayProcess, free_port, procfile
-from tests.test_exactly_once import relay_env
+from tests.processes import REPO, RelayProcess, free_port, migrated, procfile
 
 US = "+13012576365"
 DEV_PROVIDERS = {"MODERATION_PROVIDER": "rules", "SMS_PROVIDER": "outbox"}
@@ -255,12 +254,8 @@ def stack(chain: DevChain, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     folder = tmp_path_factory.mktemp("serve")
     cwd = folder / "cwd"
     cwd.mkdir()
-    env = relay_env(chain, f"sqlite:///{folder / 'relay.db'}")
-    ledger = Ledger.from_url(env["DATABASE_URL"])
-    ledger.upgrade()
-    with RelayProcess(env, folder / "relay.log") as relay:
+    with migrated(chain, folder) as (env, ledger), RelayProcess(env, folder / "relay.log") as relay:
         yield Stack(env, relay, ledger, cwd)
-    ledger.engine.dispose()
 
 
 @dataclass

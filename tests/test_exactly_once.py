@@ -30,27 +30,11 @@ from relay.settings import Settings, load_settings
 from tests.chain_attacks import wait_for
 from tests.conftest import SINCH_PLAN, SINCH_TOKEN, Wallet, new_wallet, sinch_overrides
 from tests.fake_sinch import FakeSinch
-from tests.processes import RelayProcess, procfile
+from tests.processes import RelayProcess, procfile, relay_env
 from tests.x402_helpers import pay
 
 US = "+13012576365"
 PRICE = 50_000
-
-
-def relay_env(chain: DevChain, database_url: str, **more: str) -> dict[str, str]:
-    env = {
-        "QUOTE_SECRET": "exactly-once-secret-0123456789",
-        "PAY_TO_ADDRESS": new_wallet(chain).address,
-        "FACILITATOR": "local",
-        "RPC_URL": chain.rpc_url,
-        "SETTLER_PRIVATE_KEY": chain.accounts[0].private_key,
-        "MODERATION_PROVIDER": "rules",
-        "SMS_PROVIDER": "outbox",
-        "DATABASE_URL": database_url,
-        "QUOTE_RATE_LIMIT": "10000/minute",
-    }
-    env.update(more)
-    return env
 
 
 class Cluster:

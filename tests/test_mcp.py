@@ -26,8 +26,7 @@ from relay.dev.chain import DevChain
 from relay.ledger import Ledger
 from relay.settings import ClientSettings, SettingsError, load_client_settings
 from tests.conftest import new_wallet
-from tests.processes import REPO, RelayProcess, free_port
-from tests.test_exactly_once import relay_env
+from tests.processes import REPO, RelayProcess, free_port, migrated
 
 US = "+13012576365"
 PRICE_ATOMIC = 50_000  # one GSM-7 segment at 0.05 USD; rules moderation costs nothing
@@ -55,12 +54,8 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(chain: DevChain, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     folder = tmp_path_factory.mktemp("mcp")
-    env = relay_env(chain, f"sqlite:///{folder / 'relay.db'}")
-    ledger = Ledger.from_url(env["DATABASE_URL"])
-    ledger.upgrade()
-    with RelayProcess(env, folder / "relay.log") as relay:
+    with migrated(chain, folder) as (env, ledger), RelayProcess(env, folder / "relay.log") as relay:
         yield Stack(relay, ledger, chain, folder)
-    ledger.engine.dispose()
 
 
 def stdio_params(env: dict[str, str]) -> StdioServerParameters:

@@ -28,8 +28,7 @@ from x402.mechanisms.evm.exact import register_exact_evm_client
 from relay.dev.chain import DevChain
 from relay.ledger import Ledger
 from tests.conftest import new_wallet
-from tests.processes import REPO
-from tests.test_exactly_once import relay_env
+from tests.processes import REPO, migrated
 
 US = "+13012576365"
 PRICE_ATOMIC = 50_000  # one GSM-7 segment at 0.05 USD; rules moderation costs nothing
@@ -50,11 +49,8 @@ class Paid:
 @pytest.fixture(scope="module")
 def paid(chain: DevChain, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Paid]:
     folder = tmp_path_factory.mktemp("mcp-paid")
-    env = relay_env(chain, f"sqlite:///{folder / 'relay.db'}")
-    ledger = Ledger.from_url(env["DATABASE_URL"])
-    ledger.upgrade()
-    yield Paid(env, ledger, chain, folder)
-    ledger.engine.dispose()
+    with migrated(chain, folder) as (env, ledger):
+        yield Paid(env, ledger, chain, folder)
 
 
 class SessionClient:

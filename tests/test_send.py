@@ -533,6 +533,20 @@ def test_resource_url_uses_the_public_address(paid_settings: Callable[..., Setti
     assert post(client, BODY).get_json()["accepts"][0]["resource"] == "https://sms.example/api/send"
 
 
+def test_each_url_and_amount_gets_its_own_402(client: FlaskClient) -> None:
+    """402 answers are kept per process: a Host or a price never gets another's answer."""
+    for _ in range(2):
+        for host in ("a.example", "b.example"):
+            for body in (BODY, dict(BODY, message="x" * 200), None):
+                answer = client.post("/api/send", json=body, headers={"Host": host})
+                required = decode(answer.headers["PAYMENT-REQUIRED"])
+                assert required["resource"]["url"] == f"http://{host}/api/send"
+                assert answer.get_json()["accepts"][0]["resource"] == f"http://{host}/api/send"
+                segments = 2 if body is not None and len(body["message"]) > 160 else 1
+                assert required["accepts"][0]["amount"] == str(segments * PRICE)
+                assert ("price_rule" in answer.get_json()) == (body is None)
+
+
 def test_an_ambiguous_settlement_failure_is_pending_never_402(
     remote: Remote, chain: DevChain, payer: Wallet
 ) -> None:
