@@ -8,7 +8,8 @@ import os
 import secrets
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -84,12 +85,24 @@ class Calls:
     replayed: MCPToolCallResult | None
 
 
-def pay_and_call(paid: Paid, key: str, arguments: list[dict[str, Any]], replay: bool) -> Calls:
-    """Spawn `relay mcp --paid` over stdio and call send_sms through x402MCPClient with
-    KEY, once per ARGUMENTS; with REPLAY, send the first payment again."""
+@asynccontextmanager
+async def paid_session(paid: Paid) -> AsyncIterator[ClientSession]:
+    """An initialised MCP session with `relay mcp --paid`, spawned over stdio."""
     params = StdioServerParameters(
         command=sys.executable, args=["-m", "relay.cli", "mcp", "--paid"], env=paid.env, cwd=REPO
     )
+    with (paid.logs / "mcp-paid-stderr.log").open("a") as errlog:
+        async with (
+            stdio_client(params, errlog=errlog) as (read, write),
+            ClientSession(read, write) as mcp_session,
+        ):
+            await mcp_session.initialize()
+            yield mcp_session
+
+
+def pay_and_call(paid: Paid, key: str, arguments: list[dict[str, Any]], replay: bool) -> Calls:
+    """Spawn `relay mcp --paid` over stdio and call send_sms through x402MCPClient with
+    KEY, once per ARGUMENTS; with REPLAY, send the first payment again."""
     payer = x402Client()
     register_exact_evm_client(payer, EthAccountSigner(Account.from_key(key)))
     payloads: list[PaymentPayload] = []
@@ -98,21 +111,16 @@ def pay_and_call(paid: Paid, key: str, arguments: list[dict[str, Any]], replay: 
         payloads.append(context.payment_payload)
 
     async def session() -> Calls:
-        with (paid.logs / "mcp-paid-stderr.log").open("a") as errlog:
-            async with (
-                stdio_client(params, errlog=errlog) as (read, write),
-                ClientSession(read, write) as mcp_session,
-            ):
-                await mcp_session.initialize()
-                client = x402MCPClient(SessionClient(mcp_session), payer)
-                client.on_after_payment(keep)
-                results = [await client.call_tool("send_sms", args) for args in arguments]
-                replayed = None
-                if replay:
-                    replayed = await client.call_tool_with_payment(
-                        "send_sms", arguments[0], payloads[0]
-                    )
-                return Calls(results, payloads, replayed)
+        async with paid_session(paid) as mcp_session:
+            client = x402MCPClient(SessionClient(mcp_session), payer)
+            client.on_after_payment(keep)
+            results = [await client.call_tool("send_sms", args) for args in arguments]
+            replayed = None
+            if replay:
+                replayed = await client.call_tool_with_payment(
+                    "send_sms", arguments[0], payloads[0]
+                )
+            return Calls(results, payloads, replayed)
 
     return anyio.run(session)
 
@@ -157,22 +165,13 @@ def test_moderation_comes_before_payment(paid: Paid) -> None:
 
 
 def test_a_bad_payment_in_meta_is_a_coded_error(paid: Paid) -> None:
-    params = StdioServerParameters(
-        command=sys.executable, args=["-m", "relay.cli", "mcp", "--paid"], env=paid.env, cwd=REPO
-    )
-
     async def session() -> Any:
-        with (paid.logs / "mcp-paid-stderr.log").open("a") as errlog:
-            async with (
-                stdio_client(params, errlog=errlog) as (read, write),
-                ClientSession(read, write) as mcp_session,
-            ):
-                await mcp_session.initialize()
-                return await mcp_session.call_tool(
-                    "send_sms",
-                    {"message": "Hi", "to": US},
-                    meta={"x402/payment": {"not": "a payment"}},
-                )
+        async with paid_session(paid) as mcp_session:
+            return await mcp_session.call_tool(
+                "send_sms",
+                {"message": "Hi", "to": US},
+                meta={"x402/payment": {"not": "a payment"}},
+            )
 
     result = anyio.run(session)
     assert result.is_error
