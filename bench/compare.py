@@ -14,7 +14,7 @@ settings (2 gthread workers x 8 threads; the relay with the Procfile's config mo
 - a fake Gemini answering at once (tests/fake_gemini.py) and a second relay moderating
   with it, for the new-text quotes;
 - anvil mining a block every second behind a JSON-RPC proxy that notes when each
-  transaction is broadcast (bench/rpc_proxy.py), with a relay and an SDK anchor of their
+  transaction is broadcast (tests/rpc_proxy.py), with a relay and an SDK anchor of their
   own pointed at the proxy.
 
 The figures (names for --only), relay against anchor, in rounds that alternate which
@@ -78,7 +78,7 @@ if str(REPO) not in sys.path:
 from bench import paid_sends, pyspy_profile, wrk_runs  # noqa: E402
 from bench.anchors import PAID_PATH  # noqa: E402
 from bench.gunicorn_servers import Server, venv_tool  # noqa: E402
-from bench.rpc_proxy import RpcProxy  # noqa: E402
+from tests.rpc_proxy import RpcProxy  # noqa: E402
 from bench.settlements import fund  # noqa: E402
 from relay.dev.chain import DevChain  # noqa: E402
 from tests.fake_gemini import FAKE_API_KEY, FakeGemini  # noqa: E402

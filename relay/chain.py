@@ -4,13 +4,15 @@ its height, and the fate of an EIP-3009 authorization found in the token's logs.
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from eth_typing import ChecksumAddress, HexStr
 from web3 import Web3
-from web3.exceptions import TransactionNotFound
+from web3.exceptions import TimeExhausted, TransactionNotFound
 from web3.types import TxReceipt
 
 from relay.abi import load_abi
@@ -23,7 +25,10 @@ log = logging.getLogger(__name__)
 #: Every RPC request's timeout (the doctor uses a shorter one).
 RPC_TIMEOUT_SECONDS = 10.0
 RETRY_AFTER_SECONDS = 5
-RECEIPT_POLL_SECONDS = 0.25
+#: How often the process's receipt watcher asks for the chain's height while anyone waits.
+BLOCK_POLL_SECONDS = 0.05
+#: ... and how often it asks for the receipts still missing when no new block came.
+RECHECK_SECONDS = 1.0
 LOG_WINDOW_BLOCKS = 10_000  # hours on Base, and within common RPC log-range limits
 BLOCK_CACHE_SECONDS = 5.0
 AUTHORIZATION_USED = Web3.keccak(text="AuthorizationUsed(address,bytes32)").to_0x_hex()
@@ -142,6 +147,92 @@ class ChainReader:
 
     def _token_address(self) -> ChecksumAddress:
         return Web3.to_checksum_address(self._chain.usdc_address)
+
+
+# ---------------------------------------------------------------------- receipt watcher
+
+
+@dataclass
+class _Waiter:
+    transaction: str
+    done: threading.Event = field(default_factory=threading.Event)
+    receipt: TxReceipt | None = None
+
+
+class ReceiptWatcher:
+    """One thread per process and RPC watches for every receipt its settlements and refunds
+    wait for: while anyone waits it asks for the chain's height every BLOCK_POLL_SECONDS,
+    and on each new block asks once for each receipt still missing. Twenty settlements
+    waiting on one block cost one height query per poll, not twenty receipt queries."""
+
+    def __init__(self, rpc_url: str, poll_seconds: float = BLOCK_POLL_SECONDS) -> None:
+        self._w3 = web3_for(rpc_url)
+        self._poll = poll_seconds
+        self._lock = threading.Lock()
+        self._waiting: dict[int, _Waiter] = {}
+        self._running = False
+
+    def wait(self, transaction: str, timeout: float) -> TxReceipt:
+        """The receipt of ``transaction``, asked at once (an automining chain has it already)
+        and then watched; web3's TimeExhausted after ``timeout`` seconds."""
+        receipt = self._receipt(transaction)
+        if receipt is not None:
+            return receipt
+        waiter = _Waiter(transaction)
+        with self._lock:
+            self._waiting[id(waiter)] = waiter
+            if not self._running:
+                self._running = True
+                threading.Thread(target=self._watch, name="receipts", daemon=True).start()
+        try:
+            if not waiter.done.wait(timeout) or waiter.receipt is None:
+                raise TimeExhausted(f"no receipt of {transaction} after {timeout} s")
+            return waiter.receipt
+        finally:
+            with self._lock:
+                self._waiting.pop(id(waiter), None)
+
+    def _watch(self) -> None:
+        seen: int | None = None
+        checked = float("-inf")
+        while True:
+            with self._lock:
+                waiting = list(self._waiting.values())
+                if not waiting:
+                    self._running = False
+                    return
+            try:
+                height = int(self._w3.eth.block_number)
+                # A new block, or a while since the last look (a node may index late).
+                if height != seen or time.monotonic() - checked >= RECHECK_SECONDS:
+                    for waiter in waiting:
+                        waiter.receipt = self._receipt(waiter.transaction)
+                        if waiter.receipt is not None:
+                            waiter.done.set()
+                    seen, checked = height, time.monotonic()
+            except Exception as exc:  # the waiters time out; the next poll tries again
+                log.warning("receipt watch failed: %s", type(exc).__name__)
+            time.sleep(self._poll)
+
+    def _receipt(self, transaction: str) -> TxReceipt | None:
+        try:
+            return self._w3.eth.get_transaction_receipt(HexStr(transaction))
+        except TransactionNotFound:
+            return None
+
+
+_watchers: dict[tuple[int, str], ReceiptWatcher] = {}
+_watchers_lock = threading.Lock()
+
+
+def receipt_watcher(rpc_url: str) -> ReceiptWatcher:
+    """This process's watcher of ``rpc_url`` (a forked worker makes its own)."""
+    key = (os.getpid(), rpc_url)
+    with _watchers_lock:
+        watcher = _watchers.get(key)
+        if watcher is None:
+            watcher = _watchers[key] = ReceiptWatcher(rpc_url)
+        return watcher
 
 
 # ---------------------------------------------------------------------- receipt logs

@@ -15,7 +15,6 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
-from eth_typing import HexStr
 from web3 import Web3
 from web3.middleware import ExtraDataToPOAMiddleware
 from x402 import FacilitatorClientSync, x402FacilitatorSync
@@ -24,9 +23,11 @@ from x402.mechanisms.evm import FacilitatorEvmSigner, FacilitatorWeb3Signer
 from x402.mechanisms.evm.constants import TX_STATUS_SUCCESS
 from x402.mechanisms.evm.data_suffix import append_data_suffix
 from x402.mechanisms.evm.exact import register_exact_evm_facilitator
+from x402.mechanisms.evm.exact.facilitator import ExactEvmScheme, ExactEvmSchemeConfig
 from x402.mechanisms.evm.types import TransactionReceipt
+from x402.pending_settlement_store import InMemoryPendingSettlementStore
 
-from relay.chain import RECEIPT_POLL_SECONDS, web3_for
+from relay.chain import receipt_watcher, web3_for
 from relay.configs import ChainConfig, PaymentConfig
 from relay.nonces import NonceStore, reserve_nonce
 
@@ -36,6 +37,8 @@ HTTP_TIMEOUT_SECONDS = 60.0
 _on_broadcast: ContextVar[Callable[[str, str], None] | None] = ContextVar(
     "relay_on_broadcast", default=None
 )
+#: Set while settling a payment this request has just verified (and simulated).
+_verified: ContextVar[bool] = ContextVar("relay_verified", default=False)
 #: Receipts the signer waited for within recording_broadcasts, by transaction hash, so the
 #: settlement is checked without asking the chain for the same receipt again.
 _receipts: ContextVar[dict[str, Any] | None] = ContextVar("relay_receipts", default=None)
@@ -48,7 +51,7 @@ def build_facilitator(config: PaymentConfig, nonces: NonceStore) -> FacilitatorC
     if not config.settler_private_key:
         raise ValueError("SETTLER_PRIVATE_KEY is required with FACILITATOR=local")
     signer = SettlerSigner(config.settler_private_key, config.chain, nonces)
-    return local_facilitator(config.chain.network, signer)
+    return SimulatingFacilitator(config.chain.network, signer)
 
 
 def remote_facilitator(
@@ -71,6 +74,40 @@ def local_facilitator(
         facilitator, signer, network, simulate_in_settle=simulate_in_settle
     )
     return facilitator
+
+
+class SimulatingFacilitator(x402FacilitatorSync):
+    """The in-process exact-EVM facilitator (v2) whose settle simulates the transfer before
+    broadcasting it, except within ``just_verified()``: the same request's verify simulated
+    it a moment ago, and a second simulation would only repeat it. Both ways share one
+    pending-settlement store, so a settle retried after a pending one finds its transaction."""
+
+    def __init__(self, network: str, signer: FacilitatorEvmSigner) -> None:
+        super().__init__()
+        pending = InMemoryPendingSettlementStore()
+
+        def scheme(simulate: bool) -> ExactEvmScheme:
+            config = ExactEvmSchemeConfig(simulate_in_settle=simulate)
+            return ExactEvmScheme(signer, config, pending_store=pending)
+
+        self.register([network], scheme(True))
+        self._unsimulated = x402FacilitatorSync()
+        self._unsimulated.register([network], scheme(False))
+
+    def settle(self, payload: Any, requirements: Any, *args: Any, **kwargs: Any) -> Any:
+        if _verified.get():
+            return self._unsimulated.settle(payload, requirements, *args, **kwargs)
+        return super().settle(payload, requirements, *args, **kwargs)
+
+
+@contextmanager
+def just_verified() -> Iterator[None]:
+    """Within the block, the local facilitator settles without simulating again."""
+    token = _verified.set(True)
+    try:
+        yield
+    finally:
+        _verified.reset(token)
 
 
 @contextmanager
@@ -103,15 +140,12 @@ class SettlerSigner(FacilitatorWeb3Signer):
         # As on the SDK's own client: some testnets' blocks carry a long extraData.
         self._w3.middleware_onion.inject(ExtraDataToPOAMiddleware, layer=0)
         self._nonces = nonces
+        self._receipts = receipt_watcher(chain.rpc_url)
 
     def wait_for_transaction_receipt(self, tx_hash: str) -> TransactionReceipt:
-        """The SDK's receipt wait, polling less often: many settlements wait at once."""
+        """The SDK's receipt wait, through the process's one receipt watcher."""
         tx = tx_hash if tx_hash.startswith("0x") else "0x" + tx_hash
-        receipt = self._w3.eth.wait_for_transaction_receipt(
-            HexStr(tx),
-            timeout=self._confirmation_timeout_seconds,
-            poll_latency=RECEIPT_POLL_SECONDS,
-        )
+        receipt = self._receipts.wait(tx, self._confirmation_timeout_seconds)
         seen = _receipts.get()
         if seen is not None:
             seen[tx.lower()] = receipt

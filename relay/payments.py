@@ -27,6 +27,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
@@ -81,7 +82,7 @@ from relay.errors import (
     RelayError,
     SettlementPending,
 )
-from relay.facilitator import build_facilitator, waited_receipt
+from relay.facilitator import build_facilitator, just_verified, waited_receipt
 from relay.memo import Memo
 from relay.nonces import NonceStore
 from relay.payment_headers import ParsedPayment, as_json, parse_payment, parse_stored
@@ -265,8 +266,14 @@ class Payments:
             raise _verify_failed(reason)
         return (result.payer or parsed.payer).lower()
 
-    def settle(self, parsed: ParsedPayment, req: PaymentRequirements) -> Settlement:
+    def settle(
+        self, parsed: ParsedPayment, req: PaymentRequirements, *, verified: bool = False
+    ) -> Settlement:
         """Settle on-chain and wait for the receipt.
+
+        The local facilitator simulates the transfer before broadcasting it (a replay or a
+        spent balance fails before any gas is spent) unless ``verified``: this request's
+        ``verify`` has just simulated it. A remote facilitator verifies inside its own settle.
 
         Raises PaymentSettlementFailed (details.reason, details.transaction); SettlementPending
         when it may have been broadcast but is unconfirmed (details.transaction: the hash, or
@@ -275,12 +282,14 @@ class Payments:
         """
         self._ensure_ready()
         payload = _as_v2(parsed, req)
-        result = self._call(
-            lambda: self._server.settle_payment(payload, req, phase="before-handler"),
-            settling=True,
-        )
+        settling: AbstractContextManager[None] = just_verified() if verified else nullcontext()
+        with settling:
+            result = self._call(
+                lambda: self._server.settle_payment(payload, req, phase="before-handler"),
+                settling=True,
+            )
         if not result.success:
-            self._settle_failed(result)
+            self._settle_failed(result.error_reason or "settlement_failed", result.transaction)
         settlement = self.confirm(parsed, req, result.transaction)
         if settlement is None:  # a remote facilitator's node may be ahead of ours
             raise settlement_pending(result.transaction)
@@ -369,9 +378,8 @@ class Payments:
 
     # ------------------------------------------------------------------ failures
 
-    def _settle_failed(self, result: SettleResponse) -> NoReturn:
-        reason = result.error_reason or "settlement_failed"
-        tx = result.transaction or None
+    def _settle_failed(self, reason: str, transaction: str | None) -> NoReturn:
+        tx = transaction or None
         if reason == ERR_SETTLEMENT_PENDING and tx:
             raise settlement_pending(tx)
         if tx is None:

@@ -16,7 +16,7 @@ from web3.exceptions import ContractLogicError, TransactionNotFound
 from web3.types import Nonce, TxParams
 
 from relay.abi import load_abi
-from relay.chain import RECEIPT_POLL_SECONDS, chain_unavailable, web3_for
+from relay.chain import chain_unavailable, receipt_watcher, web3_for
 from relay.configs import RefundConfig
 from relay.errors import InternalError
 from relay.nonces import NonceStore, reserve_nonce
@@ -52,6 +52,7 @@ class Refunder:
         token = Web3.to_checksum_address(config.chain.usdc_address)
         self._token = self._w3.eth.contract(address=token, abi=load_abi("USDC"))
         self._receipt_timeout = config.chain.receipt_timeout_seconds
+        self._receipts = receipt_watcher(config.chain.rpc_url)
         self._nonces = nonces
 
     @property
@@ -104,11 +105,7 @@ class Refunder:
         except Exception as exc:  # already known, or the node is away: the receipt decides
             log.info("refund broadcast: %s", type(exc).__name__)
         try:
-            receipt = self._w3.eth.wait_for_transaction_receipt(
-                HexStr(refund.tx_hash),
-                timeout=self._receipt_timeout,
-                poll_latency=RECEIPT_POLL_SECONDS,
-            )
+            receipt = self._receipts.wait(refund.tx_hash, self._receipt_timeout)
         except Exception as exc:
             log.warning("refund %s unconfirmed: %s", refund.tx_hash, type(exc).__name__)
             return self._unconfirmed(refund)

@@ -37,6 +37,7 @@ from relay.payment_headers import ParsedPayment, as_json
 from relay.payments import REQUIREMENTS_MISMATCH, Payments
 from relay.refunds import Refunder, raw_nonce
 from relay.settings import Settings
+from tests.chain_attacks import cancel
 from tests.fake_facilitator import FakeFacilitator
 from tests.x402_helpers import header, pay, pay_payload, pay_v1, signed
 
@@ -455,6 +456,32 @@ def test_settled_payment_cannot_be_replayed(
     # Ours simulates before broadcasting; the stock remote one broadcasts and reverts.
     assert reason_of(settle_exc) in ("invalid_exact_evm_nonce_already_used", "transaction_failed")
     assert chain.usdc_balance(payer) == balance
+
+
+def test_a_settle_not_just_verified_simulates_before_broadcast(
+    chain: DevChain, local: Payments, new_payer: Callable[..., tuple[str, str]]
+) -> None:
+    """A settle that no verify of the same request preceded (a retry, the reconciler) still
+    refuses a canceled or spent authorization before anything is broadcast: no gas spent."""
+    settler = chain.accounts[0].address
+    _, key = new_payer()
+    req, value, _ = challenge(local)
+    parsed = parse(local, "PAYMENT-SIGNATURE", pay(value, key))
+    cancel(chain, key, parsed.nonce)
+    sent = chain.w3.eth.get_transaction_count(settler)
+    with pytest.raises(PaymentSettlementFailed) as canceled:
+        local.settle(parsed, req)
+    assert reason_of(canceled) == "invalid_exact_evm_nonce_already_used"
+    assert chain.w3.eth.get_transaction_count(settler) == sent
+
+    _, key = new_payer()
+    parsed = parse(local, "PAYMENT-SIGNATURE", pay(value, key))
+    local.settle(parsed, req, verified=True)
+    sent = chain.w3.eth.get_transaction_count(settler)
+    with pytest.raises(PaymentSettlementFailed) as spent:
+        local.settle(parsed, req)
+    assert reason_of(spent) == "invalid_exact_evm_nonce_already_used"
+    assert chain.w3.eth.get_transaction_count(settler) == sent
 
 
 def test_concurrent_payments_all_settle(

@@ -83,8 +83,8 @@ def attempt(
     first: bool,
 ) -> Settlement:
     """Settle; after an earlier attempt, ask the chain first and never settle blindly again."""
-    if first:
-        return broadcast(services, payment, parsed, req)
+    if first:  # verified (and simulated) by this very request a moment ago
+        return broadcast(services, payment, parsed, req, verified=True)
     tx = payment.tx_hash  # the payment was read after its lease was taken
     reverted: PaymentSettlementFailed | None = None
     if tx:
@@ -115,10 +115,16 @@ def attempt(
 
 
 def broadcast(
-    services: Services, payment: PaymentRecord, parsed: ParsedPayment, req: PaymentRequirements
+    services: Services,
+    payment: PaymentRecord,
+    parsed: ParsedPayment,
+    req: PaymentRequirements,
+    *,
+    verified: bool = False,
 ) -> Settlement:
     """Settle through the facilitator, storing the transaction hash before it is sent; a
-    failure is checked against the chain (the authorization may have been used anyway)."""
+    failure is checked against the chain (the authorization may have been used anyway).
+    Unless ``verified`` just now, the transfer is simulated first."""
 
     def record(tx_hash: str, to: str) -> None:
         if to.lower() == req.asset.lower():  # not, e.g., a smart wallet's deployment
@@ -133,7 +139,7 @@ def broadcast(
     hold(services, payment)
     try:
         with recording_broadcasts(record), metrics.timed(metrics.SETTLEMENT_SECONDS):
-            return services.payments.settle(parsed, req)
+            return services.payments.settle(parsed, req, verified=verified)
     except PaymentSettlementFailed:
         found = chain_verdict(services, payment, parsed, req)
         if found is None:

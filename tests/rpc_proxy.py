@@ -1,9 +1,10 @@
-"""A JSON-RPC forwarder in front of anvil that notes when each raw transaction arrived.
+"""A JSON-RPC forwarder in front of anvil that notes what each client asked.
 
 Servers pointed at ``proxy.url`` reach the node through it unchanged (single calls and
-batches, kept-alive connections); ``proxy.broadcasts`` maps the hash of every transaction
-sent with ``eth_sendRawTransaction`` to the moment (``time.monotonic()``) the call first
-reached the proxy, which is when the server broadcast it.
+batches, kept-alive connections); ``proxy.calls`` lists every call as (method, params), and
+``proxy.broadcasts`` maps the hash of every transaction sent with ``eth_sendRawTransaction``
+to the moment (``time.monotonic()``) the call first reached the proxy, which is when the
+server broadcast it.
 """
 
 from __future__ import annotations
@@ -31,20 +32,31 @@ class RpcProxy(ServedInBackground):
         parts = urlsplit(upstream)
         self.upstream = (parts.hostname or "127.0.0.1", parts.port or 80)
         self.broadcasts: dict[str, float] = {}
+        self.calls: list[tuple[str, list[Any]]] = []
         self._lock = threading.Lock()
         self._local = threading.local()
+        self._connections: list[http.client.HTTPConnection] = []
         server = _Server(("127.0.0.1", 0), _Handler)
         server.proxy = self
         super().__init__(server)
 
+    def count(self, method: str) -> int:
+        """How many calls of ``method`` reached the node so far."""
+        with self._lock:
+            return sum(1 for name, _ in self.calls if name == method)
+
     def note(self, body: bytes, arrived: float) -> None:
-        """Record the raw transactions of one request (a call or a batch)."""
+        """Record the calls and raw transactions of one request (a call or a batch)."""
         try:
             calls = json.loads(body)
         except ValueError:
             return
         for call in calls if isinstance(calls, list) else [calls]:
-            if isinstance(call, dict) and call.get("method") == "eth_sendRawTransaction":
+            if not isinstance(call, dict):
+                continue
+            with self._lock:
+                self.calls.append((str(call.get("method")), list(call.get("params") or [])))
+            if call.get("method") == "eth_sendRawTransaction":
                 raw = str((call.get("params") or [""])[0])
                 tx_hash = Web3.keccak(hexstr=HexStr(raw)).to_0x_hex()
                 with self._lock:
@@ -70,7 +82,16 @@ class RpcProxy(ServedInBackground):
                 connection.close()
             connection = http.client.HTTPConnection(*self.upstream, timeout=UPSTREAM_TIMEOUT)
             self._local.connection = connection
+            with self._lock:
+                self._connections.append(connection)
         return connection
+
+    def stopping(self) -> None:
+        """Close the kept-alive connections to the node."""
+        with self._lock:
+            connections, self._connections = self._connections, []
+        for connection in connections:
+            connection.close()
 
 
 class _Server(ThreadingHTTPServer):

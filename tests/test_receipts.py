@@ -1,0 +1,115 @@
+"""Receipts are watched by one thread per process, and a first paid send simulates its
+transfer once: on a real anvil chain, counting the calls that reach it through an RPC proxy."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+from web3 import Web3
+from web3.exceptions import TimeExhausted
+
+from relay.chain import ReceiptWatcher
+from relay.dev.chain import DevChain
+from relay.settings import Settings
+from tests.conftest import Wallet, services_of
+from tests.rpc_proxy import RpcProxy
+from tests.test_send import BODY, make_app, paid
+
+WAITERS = 12
+#: transferWithAuthorization, with (v, r, s) and with one signature argument.
+TRANSFER_SELECTORS = tuple(
+    Web3.keccak(text=f"transferWithAuthorization({args})")[:4].hex()
+    for args in (
+        "address,address,uint256,uint256,uint256,bytes32,uint8,bytes32,bytes32",
+        "address,address,uint256,uint256,uint256,bytes32,bytes",
+    )
+)
+
+
+@pytest.fixture
+def proxy(chain: DevChain) -> Iterator[RpcProxy]:
+    with RpcProxy(chain.rpc_url) as served:
+        yield served
+
+
+def pending_transfers(chain: DevChain, count: int) -> list[str]:
+    """``count`` ETH transfers from a dev account, sent while automine is off."""
+    sender = chain.accounts[5].address
+    return [
+        chain.w3.eth.send_transaction(
+            {"from": sender, "to": chain.accounts[6].address, "value": 1 + n}
+        ).to_0x_hex()
+        for n in range(count)
+    ]
+
+
+def watcher_threads() -> int:
+    return sum(1 for thread in threading.enumerate() if thread.name == "receipts")
+
+
+def test_one_watcher_waits_for_every_receipt(chain: DevChain, proxy: RpcProxy) -> None:
+    watcher = ReceiptWatcher(proxy.url)
+    chain.set_automine(False)
+    try:
+        transactions = pending_transfers(chain, WAITERS)
+        with ThreadPoolExecutor(WAITERS) as pool:
+            waits = [pool.submit(watcher.wait, tx, 30) for tx in transactions]
+            time.sleep(0.8)  # three receipt polls each, were they polling on their own
+            assert watcher_threads() == 1
+            asked = proxy.count("eth_getTransactionReceipt")
+            # Each asked once at once, and once more on the first height the watcher read.
+            assert asked <= 2 * WAITERS
+            chain.mine()
+            receipts = [wait.result(timeout=5) for wait in waits]
+    finally:
+        chain.set_automine(True)
+    assert [r["transactionHash"].to_0x_hex() for r in receipts] == transactions
+    assert proxy.count("eth_getTransactionReceipt") <= 3 * WAITERS
+    deadline = time.monotonic() + 2
+    while watcher_threads() and time.monotonic() < deadline:  # nobody waits: it stops
+        time.sleep(0.05)
+    assert watcher_threads() == 0
+
+
+def test_a_receipt_that_never_comes_times_out(chain: DevChain, proxy: RpcProxy) -> None:
+    watcher = ReceiptWatcher(proxy.url)
+    chain.set_automine(False)
+    try:
+        (transaction,) = pending_transfers(chain, 1)
+        started = time.monotonic()
+        with pytest.raises(TimeExhausted):
+            watcher.wait(transaction, 0.4)
+        assert 0.4 <= time.monotonic() - started < 2
+    finally:
+        chain.drop_all_transactions()
+        chain.set_automine(True)
+
+
+def simulations(proxy: RpcProxy) -> int:
+    """eth_calls of transferWithAuthorization: the transfer simulated before broadcast."""
+    return sum(
+        1
+        for method, params in proxy.calls
+        if method == "eth_call" and _data(params).removeprefix("0x")[:8] in TRANSFER_SELECTORS
+    )
+
+
+def _data(params: list[Any]) -> str:
+    call = params[0] if params and isinstance(params[0], dict) else {}
+    return str(call.get("data") or call.get("input") or "")
+
+
+def test_a_first_paid_send_simulates_its_transfer_once(
+    paid_settings: Callable[..., Settings], proxy: RpcProxy, payer: Wallet
+) -> None:
+    app = make_app(paid_settings(rpc_url=proxy.url))
+    answer = paid(app.test_client(), BODY, payer.key)
+    assert answer.status_code == 200, answer.get_data(as_text=True)
+    assert simulations(proxy) == 1
+    assert proxy.count("eth_sendRawTransaction") == 1
+    services_of(app).payments.close()
