@@ -6,7 +6,7 @@ speed goals in one command.
         [--herd-clients 50] [--herd-rounds 5] [--only FIGURE,...] [--profile]
 
 Starts what the chosen figures need (all by default), each server under the same gunicorn
-settings (2 gthread workers x 8 threads; the relay with the Procfile's config module):
+settings (2 gthread workers x 16 threads; the relay with the Procfile's config module):
 
 - anvil with automining (the test USDC), and on it the relay (rules moderation), the x402
   SDK's Flask PaymentMiddleware on a fixed-price route and a bare Flask JSON echo
@@ -68,6 +68,7 @@ from functools import cached_property, partial
 from pathlib import Path
 from typing import TypeVar
 
+import redis
 import requests
 from eth_typing import HexStr
 
@@ -78,10 +79,10 @@ if str(REPO) not in sys.path:
 from bench import paid_sends, pyspy_profile, wrk_runs  # noqa: E402
 from bench.anchors import PAID_PATH  # noqa: E402
 from bench.gunicorn_servers import Server, venv_tool  # noqa: E402
-from tests.rpc_proxy import RpcProxy  # noqa: E402
 from bench.settlements import fund  # noqa: E402
 from relay.dev.chain import DevChain  # noqa: E402
 from tests.fake_gemini import FAKE_API_KEY, FakeGemini  # noqa: E402
+from tests.rpc_proxy import RpcProxy  # noqa: E402
 
 PAY_TO = "0x85F37873f97afa61263A27107f2e7b0B672d7CFF"
 US = paid_sends.US
@@ -110,6 +111,10 @@ T = TypeVar("T")
 # --- what runs -------------------------------------------------------------------------
 
 
+#: A Redis database of its own, emptied before the run.
+RATE_LIMIT_STORAGE_URL = "redis://127.0.0.1:6379/14"
+
+
 class Lab:
     """The chains, fakes and servers the chosen figures need, started on first use and
     stopped by ``stack`` (in reverse order) however the run ends."""
@@ -135,6 +140,8 @@ class Lab:
             "SMS_PROVIDER": "outbox",
             "DATABASE_URL": f"sqlite:///{path}",
             "QUOTE_RATE_LIMIT": "100000000/minute",
+            # Limits shared by both workers, as README's several-process set-up has them.
+            "RATE_LIMIT_STORAGE_URL": RATE_LIMIT_STORAGE_URL,
             "LOG_LEVEL": "WARNING",
             **extra,
         }
@@ -782,6 +789,7 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM unwinds like Ctrl-C, so every server, chain and fake is stopped either way.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     scratch = Path(tempfile.mkdtemp(prefix="relay-bench-"))
+    redis.Redis.from_url(RATE_LIMIT_STORAGE_URL).flushdb()
     try:
         with ExitStack() as stack:
             lab = Lab(stack, scratch)

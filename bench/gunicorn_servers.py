@@ -34,7 +34,7 @@ def venv_tool(name: str) -> str:
 
 @dataclass
 class Server:
-    """One gunicorn server of an app (2 gthread workers x 8 threads), on its own port."""
+    """One gunicorn server of an app (2 gthread workers x 16 threads), on its own port."""
 
     name: str
     app: str
@@ -49,7 +49,7 @@ class Server:
         command = [
             venv_tool("gunicorn"),
             *(["--config", "python:relay.gunicorn_conf"] if self.config else []),
-            *("--bind", f"127.0.0.1:{self.port}", "--workers", "2", "--threads", "8"),
+            *("--bind", f"127.0.0.1:{self.port}", "--workers", "2", "--threads", "16"),
             *("--worker-class", "gthread", "--log-level", "warning"),
             self.app,
         ]
