@@ -1,11 +1,11 @@
-"""Logs without secrets: the Sinch callback path carries SINCH_CALLBACK_SECRET in access
-logs, and any record may quote a URL with a key or an exception naming one."""
+"""Logs without secrets: any record may quote a URL with a key or an exception naming one
+(the access log, which carries SINCH_CALLBACK_SECRET in the callback path, is masked by
+``relay.access_log``)."""
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
 import threading
 import time
@@ -13,26 +13,6 @@ from collections.abc import Iterable
 from typing import Any
 
 from flask import g, has_request_context
-from gunicorn.glogging import Logger
-
-_CALLBACK = re.compile(r"(/webhooks/sinch/)[^/?\s]+")
-
-
-def mask_path(text: str) -> str:
-    """Replace the callback secret in a path or request line with ***."""
-    return _CALLBACK.sub(r"\1***", text)
-
-
-class MaskedAccessLogger(Logger):  # type: ignore[misc]
-    """gunicorn's logger, with the webhook secret masked in every access-log atom."""
-
-    def atoms(self, resp: Any, req: Any, environ: Any, request_time: Any) -> dict[str, Any]:
-        """The access-log fields, masked."""
-        atoms: dict[str, Any] = super().atoms(resp, req, environ, request_time)
-        for key in ("r", "U"):
-            if isinstance(atoms.get(key), str):
-                atoms[key] = mask_path(atoms[key])
-        return atoms
 
 
 class _ScrubbedRecord(logging.LogRecord):

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from relay.callbacks import CallbackPolicy, CallbackSender
-from relay.gemini import GeminiModerator
 from relay.ledger import Ledger, LedgerVerdictCache
 from relay.memo import Memo
 from relay.moderation import Moderator
@@ -74,6 +73,8 @@ def build_moderator(settings: Settings, cache: VerdictCache | None = None) -> Mo
     """Rules alone in development mode; otherwise rules, then Gemini, behind the cache."""
     if settings.moderation_provider == "rules":
         return RulesModerator()
+    from relay.gemini import GeminiModerator  # google-genai: loaded only for this provider
+
     gemini = settings.gemini()
     layered = LayeredModerator(RulesModerator(), GeminiModerator(gemini))
     longest = gemini.timeout_seconds * max(1, gemini.max_attempts) + 10.0

@@ -1,7 +1,8 @@
 """The wheel is all an operator needs: installed in a fresh virtualenv outside the
 checkout, it ships the token ABI and the migrations, so `relay db upgrade` creates the
 schema, `relay doctor` checks the token and a refund is signed and mined on the local
-chain."""
+chain. The serving processes (gunicorn's master and its workers) import only what serving
+needs."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import zipfile
 from pathlib import Path
 
 from relay import migrations
-from relay.dev.chain import DevChain
+from relay.dev.chain import DevChain, dev_accounts
+from relay.ledger import Ledger
 from tests.conftest import PAY_TO, new_wallet
 from tests.processes import REPO
 
@@ -120,3 +122,65 @@ def install_wheel(source: Path, tmp_path: Path) -> tuple[Path, Path]:
     )
     assert installed.returncode == 0, installed.stderr[-2000:]
     return wheel, python
+
+
+#: What a serving process never needs: development and operator tools, the MCP servers, the
+#: client, the worker loop, and what only another configuration uses (Gemini, with
+#: MODERATION_PROVIDER=rules).
+NOT_SERVING = (
+    "relay.cli",
+    "relay.client",
+    "relay.dev",
+    "relay.doctor",
+    "relay.mcp_paid",
+    "relay.mcp_tools",
+    "relay.worker",
+    "relay.flows.reconciling",
+    "relay.gemini",
+    "mcp",
+    "google.genai",
+)
+#: What the gunicorn master never needs: it forks every worker, so whatever it holds is
+#: resident in each of them as well.
+NOT_IN_MASTER = ("relay.settings", "flask", "web3", "eth_account", "x402", "sqlalchemy")
+
+SERVED = """
+import importlib, json, sys
+from relay import gunicorn_conf
+importlib.import_module(gunicorn_conf.logger_class.rpartition(".")[0])
+gunicorn_conf.on_starting(None)
+master = sorted(sys.modules)
+from relay.app import create_app
+create_app()
+gunicorn_conf.on_exit(None)
+print(json.dumps({"master": master, "worker": sorted(sys.modules)}))
+"""
+
+
+def loaded(modules: list[str], names: tuple[str, ...]) -> list[str]:
+    """The modules of ``modules`` that are one of ``names`` or inside one of them."""
+    return [m for m in modules if any(m == n or m.startswith(f"{n}.") for n in names)]
+
+
+def test_the_serving_processes_import_only_what_serving_needs(tmp_path: Path) -> None:
+    """The gunicorn master as the Procfile's web line runs it (the config module, its access
+    logger, its start-up check), then a worker's create_app(), in a fresh interpreter."""
+    database = f"sqlite:///{tmp_path / 'relay.db'}"
+    Ledger.upgrade_database(database)
+    env = {
+        "QUOTE_SECRET": "serving-test-secret-0123456789",
+        "PAY_TO_ADDRESS": PAY_TO,
+        "FACILITATOR": "local",
+        "RPC_URL": "http://127.0.0.1:9",  # never called while the app is built
+        "SETTLER_PRIVATE_KEY": dev_accounts(1)[0].private_key,
+        "MODERATION_PROVIDER": "rules",
+        "SMS_PROVIDER": "outbox",
+        "DATABASE_URL": database,
+        "PROMETHEUS_MULTIPROC_DIR": "",
+    }
+    served = run([sys.executable, "-c", SERVED], cwd=tmp_path, **env)
+    assert served.returncode == 0, served.stdout + served.stderr
+    modules = json.loads(served.stdout.strip().splitlines()[-1])
+    assert "relay.access_log" in modules["master"] and "relay.app" in modules["worker"]
+    assert loaded(modules["master"], NOT_IN_MASTER) == []
+    assert loaded(modules["worker"], NOT_SERVING) == []
