@@ -36,10 +36,19 @@ AUTHORIZATION_CANCELED = Web3.keccak(text="AuthorizationCanceled(address,bytes32
 TRANSFER = Web3.keccak(text="Transfer(address,address,uint256)").to_0x_hex()
 
 
-def web3_for(rpc_url: str, *, timeout: float = RPC_TIMEOUT_SECONDS, retries: bool = True) -> Web3:
+def web3_for(
+    rpc_url: str,
+    *,
+    timeout: float = RPC_TIMEOUT_SECONDS,
+    retries: bool = True,
+    known_chain: bool = False,
+) -> Web3:
     """A Web3 client of ``rpc_url``, every request bounded by ``timeout``; ``retries`` keeps
-    web3's own quick retries of read calls after a connection error."""
+    web3's own quick retries of read calls after a connection error; ``known_chain`` lets
+    web3 keep the chain id once asked (a signer's client: never one that checks the RPC)."""
     options: dict[str, Any] = {} if retries else {"exception_retry_configuration": None}
+    if known_chain:
+        options |= {"cache_allowed_requests": True, "cacheable_requests": {"eth_chainId"}}
     return Web3(Web3.HTTPProvider(rpc_url, request_kwargs={"timeout": timeout}, **options))
 
 

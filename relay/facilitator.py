@@ -29,9 +29,12 @@ from x402.pending_settlement_store import InMemoryPendingSettlementStore
 
 from relay.chain import receipt_watcher, web3_for
 from relay.configs import ChainConfig, PaymentConfig
+from relay.memo import Memo
 from relay.nonces import NonceStore, reserve_nonce
 
 HTTP_TIMEOUT_SECONDS = 60.0
+#: How long a payer's code, read by verify, serves the settle that follows.
+CODE_MEMO_SECONDS = 2.0
 
 #: Called with a settlement transaction's hash and target after signing, before broadcast.
 _on_broadcast: ContextVar[Callable[[str, str], None] | None] = ContextVar(
@@ -136,11 +139,19 @@ class SettlerSigner(FacilitatorWeb3Signer):
     def __init__(self, private_key: str, chain: ChainConfig, nonces: NonceStore) -> None:
         timeout = chain.receipt_timeout_seconds
         super().__init__(private_key, chain.rpc_url, confirmation_timeout_seconds=timeout)
-        self._w3 = web3_for(chain.rpc_url)
+        self._w3 = web3_for(chain.rpc_url, known_chain=True)
         # As on the SDK's own client: some testnets' blocks carry a long extraData.
         self._w3.middleware_onion.inject(ExtraDataToPOAMiddleware, layer=0)
         self._nonces = nonces
         self._receipts = receipt_watcher(chain.rpc_url)
+        self._codes: Memo[str, bytes] = Memo(4096, max_age=CODE_MEMO_SECONDS)
+
+    def get_code(self, address: str) -> bytes:
+        """The SDK's code look-up (an EOA or a smart wallet?), once for a payment's verify
+        and its settle a moment later; the transfer's own signature check on-chain is the
+        final word either way."""
+        read = super().get_code
+        return self._codes.get_or_make(address.lower(), lambda: read(address))
 
     def wait_for_transaction_receipt(self, tx_hash: str) -> TransactionReceipt:
         """The SDK's receipt wait, through the process's one receipt watcher."""

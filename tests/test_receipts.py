@@ -16,7 +16,7 @@ from web3.exceptions import TimeExhausted
 from relay.chain import ReceiptWatcher
 from relay.dev.chain import DevChain
 from relay.settings import Settings
-from tests.conftest import Wallet, services_of
+from tests.conftest import Wallet, new_wallet, services_of
 from tests.rpc_proxy import RpcProxy
 from tests.test_send import BODY, make_app, paid
 
@@ -104,12 +104,20 @@ def _data(params: list[Any]) -> str:
     return str(call.get("data") or call.get("input") or "")
 
 
-def test_a_first_paid_send_simulates_its_transfer_once(
-    paid_settings: Callable[..., Settings], proxy: RpcProxy, payer: Wallet
+def test_a_paid_send_asks_the_chain_each_thing_once(
+    paid_settings: Callable[..., Settings], proxy: RpcProxy, payer: Wallet, chain: DevChain
 ) -> None:
+    """Verify simulates the transfer and reads the payer's code; settle reuses both; the
+    chain id is asked once per client, not per call."""
     app = make_app(paid_settings(rpc_url=proxy.url))
-    answer = paid(app.test_client(), BODY, payer.key)
+    client = app.test_client()
+    assert paid(client, BODY, payer.key).status_code == 200
+    proxy.calls.clear()
+    other = new_wallet(chain, 10_000_000)
+    answer = paid(client, {**BODY, "message": "Your parcel is on its way"}, other.key)
     assert answer.status_code == 200, answer.get_data(as_text=True)
     assert simulations(proxy) == 1
+    assert proxy.count("eth_getCode") == 1
+    assert proxy.count("eth_chainId") == 0
     assert proxy.count("eth_sendRawTransaction") == 1
     services_of(app).payments.close()
