@@ -215,7 +215,6 @@ def post_send() -> Response:
     raw = request.get_data()
     paying = any(name in request.headers for name in PAYMENT_HEADERS)
     if not raw.strip() and not paying:
-        quoting.limit_model_calls(svc, client_key())  # unpaid traffic shares the quote limit
         outcome = answers.probe(svc, resource_url(svc))
     else:
         req = parse_message_request(

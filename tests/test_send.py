@@ -479,16 +479,24 @@ def test_password_on_both_passes_and_lockout(
     assert still_locked.get_json()["retry_after_seconds"] > 0
 
 
-def test_unpaid_sends_share_the_quote_rate_limit(
+def test_what_may_call_the_model_shares_the_quote_rate_limit(
     paid_settings: Callable[..., Settings], payer: Wallet
 ) -> None:
+    """Quotes and one-shot sends count; a quoted send's 402 and the bare probe call no
+    model and do not."""
     client = make_app(paid_settings(quote_rate_limit="2/minute")).test_client()
-    assert client.post("/api/quote", json=BODY).status_code == 200
-    assert post(client, BODY).status_code == 402
+    quoted = client.post("/api/quote", json=BODY)
+    assert quoted.status_code == 200
+    token = quoted.get_json()["quote_token"]
+    for _ in range(5):
+        assert post(client, {**BODY, "quote_token": token}).status_code == 402
+        assert client.post("/api/send").status_code == 402
+    assert post(client, BODY).status_code == 402  # one-shot: the second count
     limited = post(client, BODY)
     assert limited.status_code == 429
     assert limited.get_json()["error"] == "rate_limited"
     assert int(limited.headers["Retry-After"]) >= 1
+    assert client.post("/api/quote", json=BODY).status_code == 429
 
 
 def test_health_reports_readiness(

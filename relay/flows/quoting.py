@@ -120,7 +120,7 @@ def quote(
 
 def limit_model_calls(services: Services, client: str) -> None:
     """QUOTE_RATE_LIMIT per client: every request that may call the model (a quote, a
-    one-shot send, paid or not) and every unpaid send counts, in the shared storage."""
+    one-shot send, paid or not) counts, in the shared storage."""
     wait = services.quote_limiter.hit("quote", client)
     if wait is not None:
         raise RateLimited(retry_after=wait, details={"limit": services.settings.quote_rate_limit})

@@ -63,14 +63,16 @@ def send(
     """Challenge, or verify → claim → settle → dispatch.
 
     A payment seen before gets its stored answer first, even once its quote has expired;
-    anything else that is unpaid or may call the model counts against the client's limit.
+    a request without a quote token (it may call the model, paid or not) counts against
+    the client's limit. The 402 of a quoted send calls no model: its verdict is in the
+    token, and its answer is built once.
     """
     payments = services.payments
     parsed = payments.parse_payment(headers)
     stored = None if parsed is None else replay(services, parsed)
     if stored is not None:
         return stored
-    if parsed is None or req.quote_token is None:
+    if req.quote_token is None:
         limit_model_calls(services, client)
     order = order_for(services, req, paying=parsed is not None)
     if isinstance(req, SendRequest) and req.callback_url is not None:
