@@ -18,6 +18,7 @@ from relay.moderation import Category
 from relay.payment_headers import PAYMENT_HEADERS
 from relay.phishing_rules import RulesModerator
 from relay.pricing import token_prices
+from relay.quick_answers import resource_url
 from relay.ratelimit import rate_key
 from relay.segments import MULTI_SEGMENT_UNITS, SINGLE_SEGMENT_UNITS
 from relay.services import Services
@@ -186,12 +187,6 @@ def _check(probe: Callable[[], None]) -> wire.Reachability:
     return "ok"
 
 
-def resource_url(svc: Services) -> str:
-    """The x402 resource URL: the public address when configured (behind proxies)."""
-    public = svc.settings.public_base_url
-    return public.rstrip("/") + request.path if public else request.base_url
-
-
 def require_password(svc: Services) -> None:
     """Enforce X-Pay-Password when PAY_PASSWORD is set, with a lock-out after failures."""
     expected = svc.settings.pay_password
@@ -215,14 +210,16 @@ def post_send() -> Response:
     raw = request.get_data()
     paying = any(name in request.headers for name in PAYMENT_HEADERS)
     if not raw.strip() and not paying:
-        outcome = answers.probe(svc, resource_url(svc))
+        outcome = answers.probe(svc, resource_url(svc, request))
     else:
         req = parse_message_request(
             parse_json_object(raw),
             allow_token=True,
             max_message_chars=svc.settings.max_message_chars,
         )
-        outcome = sending.send(svc, req, dict(request.headers), resource_url(svc), client_key())
+        outcome = sending.send(
+            svc, req, dict(request.headers), resource_url(svc, request), client_key()
+        )
     response = Response(outcome.json(), outcome.status, mimetype="application/json")
     response.headers.update(outcome.headers)
     return response

@@ -26,6 +26,7 @@ from relay.errors import (
 )
 from relay.ledger import FORWARDED_NOTICE
 from relay.logs import configure_logging, hide_in_logs
+from relay.quick_answers import QuickAnswers
 from relay.services import Services, build_services
 from relay.settings import Settings, load_settings
 from relay.wire import to_json
@@ -62,6 +63,15 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.config["MAX_CONTENT_LENGTH"] = services.settings.body_limit
     app.extensions["relay"] = services
     hops = services.settings.trusted_proxy_hops
+    origins = services.settings.cors_origin_list
+
+    def common_headers(request_id: str, origin: str | None, method: str) -> list[tuple[str, str]]:
+        cors = cors_headers(origins, origin, method)
+        return [("X-Request-Id", request_id_of(request_id)), *cors]
+
+    app.wsgi_app = QuickAnswers(  # type: ignore[method-assign]
+        app.wsgi_app, services, common_headers, trusts_proxies=bool(hops)
+    )
     if hops:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)  # type: ignore[method-assign]
     from relay.api import api
@@ -73,7 +83,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     _register_error_handlers(app)
     app.before_request(_take_request_id)
     app.after_request(_echo_request_id)
-    app.after_request(_cors(services.settings.cors_origin_list))
+    app.after_request(_cors(origins))
     if not hops:
         app.before_request(_warn_about_proxies(services))
         _warn_if_proxied_before(services)
@@ -85,10 +95,13 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
 def _take_request_id() -> None:
-    """The request's id: X-Request-Id as sent (by a proxy or a client), or a new one; every
-    log line of the request carries it."""
-    sent = request.headers.get("X-Request-Id", "")
-    g.request_id = sent if _REQUEST_ID.fullmatch(sent) else uuid.uuid4().hex
+    """The request's id: every log line of the request carries it."""
+    g.request_id = request_id_of(request.headers.get("X-Request-Id", ""))
+
+
+def request_id_of(sent: str) -> str:
+    """X-Request-Id as sent (by a proxy or a client) when it looks like one, or a new one."""
+    return sent if _REQUEST_ID.fullmatch(sent) else uuid.uuid4().hex
 
 
 def _echo_request_id(response: Response) -> Response:
@@ -109,29 +122,41 @@ CORS_MAX_AGE_SECONDS = 600
 
 
 def _cors(origins: tuple[str, ...]) -> Callable[[Response], Response]:
-    """CORS for browser agents (CORS_ORIGINS): preflights answered, x402 headers allowed
-    and exposed. No cookies are used, so no credentials are ever allowed."""
+    """CORS for browser agents (CORS_ORIGINS) on every answer."""
 
     def add_headers(response: Response) -> Response:
-        origin = request.headers.get("Origin")
-        if origins and "*" not in origins:
-            response.vary.add("Origin")  # caches keep one answer per origin
-        if not origin or not origins:
-            return response
-        if "*" in origins:
-            response.headers["Access-Control-Allow-Origin"] = "*"
-        elif origin.rstrip("/") in origins:
-            response.headers["Access-Control-Allow-Origin"] = origin
-        else:
-            return response
-        response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSE_HEADERS
-        if request.method == "OPTIONS":
-            response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
-            response.headers["Access-Control-Allow-Headers"] = CORS_ALLOW_HEADERS
-            response.headers["Access-Control-Max-Age"] = str(CORS_MAX_AGE_SECONDS)
+        for name, value in cors_headers(origins, request.headers.get("Origin"), request.method):
+            if name == "Vary":
+                response.vary.add(value)
+            else:
+                response.headers[name] = value
         return response
 
     return add_headers
+
+
+def cors_headers(
+    origins: tuple[str, ...], origin: str | None, method: str
+) -> list[tuple[str, str]]:
+    """The CORS headers of an answer to ``origin``: preflights answered, x402 headers
+    allowed and exposed. No cookies are used, so no credentials are ever allowed."""
+    headers = [] if not origins or "*" in origins else [("Vary", "Origin")]  # one per origin
+    if not origin or not origins:
+        return headers
+    if "*" in origins:
+        headers.append(("Access-Control-Allow-Origin", "*"))
+    elif origin.rstrip("/") in origins:
+        headers.append(("Access-Control-Allow-Origin", origin))
+    else:
+        return headers
+    headers.append(("Access-Control-Expose-Headers", CORS_EXPOSE_HEADERS))
+    if method == "OPTIONS":
+        headers += [
+            ("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
+            ("Access-Control-Allow-Headers", CORS_ALLOW_HEADERS),
+            ("Access-Control-Max-Age", str(CORS_MAX_AGE_SECONDS)),
+        ]
+    return headers
 
 
 def _warn_about_proxies(services: Services) -> Callable[[], None]:

@@ -299,8 +299,14 @@ def _start_timer() -> None:
 def _count_answer(response: Response) -> Response:
     """Count the answer under its URL rule ("unmatched" when no rule matched)."""
     route = request.url_rule.rule if request.url_rule is not None else "unmatched"
-    REQUESTS.labels(route=route, code=str(response.status_code)).inc()
     started = g.get("metrics_started")
-    if started is not None:
-        REQUEST_SECONDS.labels(route=route).observe(time.perf_counter() - started)
+    seconds = None if started is None else time.perf_counter() - started
+    count_answer(route, response.status_code, seconds)
     return response
+
+
+def count_answer(route: str, status: int, seconds: float | None) -> None:
+    """Count one answer of ``route`` and, when timed, how long it took."""
+    REQUESTS.labels(route=route, code=str(status)).inc()
+    if seconds is not None:
+        REQUEST_SECONDS.labels(route=route).observe(seconds)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 import time
@@ -82,6 +83,7 @@ def lockout_rule(max_failures: int, lockout_seconds: int) -> str:
     return f"{max_failures}/{lockout_seconds} seconds"
 
 
+@functools.lru_cache(maxsize=4096)
 def rate_key(address: str) -> str:
     """The key a client's limits count under: an IPv4 address as it is, an IPv6 address
     as its /64 network (anything else, e.g. "unknown", as it is)."""

@@ -1,0 +1,108 @@
+"""The unpaid /api/send's 402s answered below Flask (relay.quick_answers): the same answer
+as the view's, byte for byte, and every other request left to the view."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from flask import Flask
+from prometheus_client import REGISTRY
+from flask.testing import FlaskClient
+
+from relay.app import create_app
+from relay.quick_answers import QuickAnswers
+from relay.services import build_services
+from relay.settings import Settings
+from tests.conftest import services_of
+
+US = "+13012576365"
+BODY = {"message": "Your order has shipped", "to": US}
+ORIGIN = "https://agent.example"
+#: With TRUSTED_PROXY_HOPS=0 a request through a proxy goes to the view (which warns).
+VIA_VIEW = {"X-Forwarded-For": "203.0.113.9"}
+
+
+def quick_of(app: Flask) -> QuickAnswers:
+    quick = app.wsgi_app
+    assert isinstance(quick, QuickAnswers)
+    return quick
+
+
+def answer(client: FlaskClient, body: Any, **headers: str) -> tuple[int, bytes, dict[str, str]]:
+    sent = {"X-Request-Id": "req-1", "Origin": ORIGIN, **headers}
+    response = client.post("/api/send", json=body, headers=sent)
+    return response.status_code, response.get_data(), dict(response.headers)
+
+
+def quoted(client: FlaskClient, body: dict[str, str] = BODY) -> dict[str, str]:
+    token = client.post("/api/quote", json=body).get_json()["quote_token"]
+    return {**body, "quote_token": token}
+
+
+def test_the_quick_402s_are_the_views(paid_settings: Callable[..., Settings]) -> None:
+    app = create_app(services=build_services(paid_settings(cors_origins=ORIGIN)))
+    client, quick = app.test_client(), quick_of(app)
+    for body in (None, quoted(client)):
+        before, counted = quick.answered, answers_counted()
+        fast = answer(client, body)
+        assert quick.answered == before + 1
+        assert answers_counted() == counted + 1
+        slow = answer(client, body, **VIA_VIEW)
+        assert quick.answered == before + 1
+        assert fast[0] == slow[0] == 402
+        assert fast[1] == slow[1]
+        assert fast[2] == slow[2]
+        assert fast[2]["X-Request-Id"] == "req-1"
+        assert fast[2]["Access-Control-Allow-Origin"] == ORIGIN
+        assert "PAYMENT-REQUIRED" in fast[2]
+
+
+def test_everything_else_is_left_to_the_view(paid_settings: Callable[..., Settings]) -> None:
+    app = create_app(services=build_services(paid_settings()))
+    client, quick, services = app.test_client(), quick_of(app), services_of(app)
+    body = quoted(client)
+    cases: list[tuple[Any, dict[str, str], int, str]] = [
+        ({**body, "message": "Other text"}, {}, 400, "quote_content_mismatch"),
+        ({**body, "quote_token": body["quote_token"][:-3] + "abc"}, {}, 400, "invalid_input"),
+        (BODY, {}, 402, "payment_required"),  # one-shot: moderated and counted by the view
+        (body, {"PAYMENT-SIGNATURE": "not base64"}, 400, "invalid_input"),
+        ({**body, "callback_url": "http://127.0.0.1/hook"}, {}, 400, "invalid_input"),
+    ]
+    for sent, headers, status, error in cases:
+        code, data, _ = answer(client, sent, **headers)
+        assert (code, error) == (status, _error(data)), sent
+    assert quick.answered == 0
+    raw = client.post("/api/send", data=b"{not json", content_type="application/json")
+    assert (raw.status_code, raw.get_json()["error"]) == (400, "invalid_input")
+    real_clock = services.clock
+    services.clock = lambda: real_clock() + 601
+    assert _error(answer(client, body)[1]) == "quote_expired"
+    services.clock = real_clock
+    services.ledger.set_opt_out(US, True, time.time())
+    services.ledger.is_opted_out(US)  # the process reads the registry again
+    code, data, _ = answer(client, body)
+    assert code == 422 and _error(data) == "recipient_opted_out"
+    assert quick.answered == 0
+
+
+def test_a_pay_password_keeps_every_send_in_the_view(
+    paid_settings: Callable[..., Settings],
+) -> None:
+    app = create_app(services=build_services(paid_settings(pay_password="s3cret-pass")))
+    client = app.test_client()
+    assert client.post("/api/send").status_code == 401
+    assert client.post("/api/send", headers={"X-Pay-Password": "s3cret-pass"}).status_code == 402
+    assert quick_of(app).answered == 0
+
+
+def answers_counted() -> float:
+    """402s of /api/send in the metrics."""
+    labels = {"route": "/api/send", "code": "402"}
+    return REGISTRY.get_sample_value("relay_http_requests_total", labels) or 0.0
+
+
+def _error(data: bytes) -> str:
+    return str(json.loads(data)["error"])
