@@ -199,8 +199,8 @@ class SettlerSigner(FacilitatorWeb3Signer):
         """Reserve a nonce last (after every other chain call), build and sign; a nonce
         that is never broadcast is given back at once."""
         sender = self._account.address
-        params = {"from": sender, "gas": self._gas_limit, "gasPrice": self._w3.eth.gas_price}
-        params["nonce"] = nonce = reserve_nonce(self._w3, self._nonces, sender)
+        nonce, gas_price = reserve_nonce(self._w3, self._nonces, sender)
+        params = {"from": sender, "gas": self._gas_limit, "gasPrice": gas_price, "nonce": nonce}
         try:
             tx = build(params)
             signed = self._account.sign_transaction(tx)

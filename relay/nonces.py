@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Protocol
+from typing import Any, Protocol, cast
 
 from eth_typing import ChecksumAddress
 from web3 import Web3
@@ -19,8 +19,12 @@ class NonceStore(Protocol):
     def release_nonce(self, address: str, nonce: int) -> None: ...
 
 
-def reserve_nonce(w3: Web3, nonces: NonceStore, address: ChecksumAddress) -> int:
-    """The next nonce of ``address`` from the shared store, given what the chain counts."""
-    pending = w3.eth.get_transaction_count(address, "pending")
-    latest = w3.eth.get_transaction_count(address, "latest")
-    return nonces.reserve_nonce(address, pending, latest, time.time())
+def reserve_nonce(w3: Web3, nonces: NonceStore, address: ChecksumAddress) -> tuple[int, int]:
+    """The next nonce of ``address`` from the shared store, given what the chain counts,
+    and the chain's gas price: the three are asked in one batch request."""
+    with w3.batch_requests() as batch:
+        batch.add(w3.eth.get_transaction_count(address, "pending"))
+        batch.add(w3.eth.get_transaction_count(address, "latest"))
+        batch.add(w3.eth.gas_price)
+        pending, latest, gas_price = (int(cast(Any, answer)) for answer in batch.execute())
+    return nonces.reserve_nonce(address, pending, latest, time.time()), gas_price

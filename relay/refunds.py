@@ -79,7 +79,7 @@ class Refunder:
             log.warning("refund not prepared: %s", type(exc).__name__)
             raise chain_unavailable() from exc
         try:
-            nonce = reserve_nonce(self._w3, self._nonces, sender)
+            nonce, _ = reserve_nonce(self._w3, self._nonces, sender)
         except Exception as exc:
             log.warning("refund not prepared: %s", type(exc).__name__)
             raise chain_unavailable() from exc

@@ -33,12 +33,20 @@ class RpcProxy(ServedInBackground):
         self.upstream = (parts.hostname or "127.0.0.1", parts.port or 80)
         self.broadcasts: dict[str, float] = {}
         self.calls: list[tuple[str, list[Any]]] = []
+        #: HTTP requests received (a batch of calls is one).
+        self.requests = 0
         self._lock = threading.Lock()
         self._local = threading.local()
         self._connections: list[http.client.HTTPConnection] = []
         server = _Server(("127.0.0.1", 0), _Handler)
         server.proxy = self
         super().__init__(server)
+
+    def forget(self) -> None:
+        """Start counting afresh."""
+        with self._lock:
+            self.calls.clear()
+            self.requests = 0
 
     def count(self, method: str) -> int:
         """How many calls of ``method`` reached the node so far."""
@@ -51,6 +59,8 @@ class RpcProxy(ServedInBackground):
             calls = json.loads(body)
         except ValueError:
             return
+        with self._lock:
+            self.requests += 1
         for call in calls if isinstance(calls, list) else [calls]:
             if not isinstance(call, dict):
                 continue

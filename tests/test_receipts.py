@@ -108,11 +108,12 @@ def test_a_paid_send_asks_the_chain_each_thing_once(
     paid_settings: Callable[..., Settings], proxy: RpcProxy, payer: Wallet, chain: DevChain
 ) -> None:
     """Verify simulates the transfer and reads the payer's code; settle reuses both; the
-    chain id is asked once per client, not per call."""
+    chain id is asked once per client, not per call; what the broadcast needs to know comes
+    in one batch."""
     app = make_app(paid_settings(rpc_url=proxy.url))
     client = app.test_client()
     assert paid(client, BODY, payer.key).status_code == 200
-    proxy.calls.clear()
+    proxy.forget()
     other = new_wallet(chain, 10_000_000)
     answer = paid(client, {**BODY, "message": "Your parcel is on its way"}, other.key)
     assert answer.status_code == 200, answer.get_data(as_text=True)
@@ -120,4 +121,8 @@ def test_a_paid_send_asks_the_chain_each_thing_once(
     assert proxy.count("eth_getCode") == 1
     assert proxy.count("eth_chainId") == 0
     assert proxy.count("eth_sendRawTransaction") == 1
+    # getCode, the simulation, one batch (gas price and two nonce counts), the broadcast
+    # and the receipt.
+    assert proxy.count("eth_getTransactionCount") == 2
+    assert proxy.requests == 5
     services_of(app).payments.close()
