@@ -33,6 +33,8 @@ from relay.memo import Memo
 from relay.nonces import NonceStore, reserve_nonce
 
 HTTP_TIMEOUT_SECONDS = 60.0
+#: A nonce reserved this recently needs no new timestamp when it is broadcast.
+FRESH_RESERVATION_SECONDS = 1.0
 #: How long a payer's code, read by verify, serves the settle that follows.
 CODE_MEMO_SECONDS = 2.0
 
@@ -199,6 +201,7 @@ class SettlerSigner(FacilitatorWeb3Signer):
         """Reserve a nonce last (after every other chain call), build and sign; a nonce
         that is never broadcast is given back at once."""
         sender = self._account.address
+        reserved = time.time()
         nonce, gas_price = reserve_nonce(self._w3, self._nonces, sender)
         params = {"from": sender, "gas": self._gas_limit, "gasPrice": gas_price, "nonce": nonce}
         try:
@@ -211,7 +214,9 @@ class SettlerSigner(FacilitatorWeb3Signer):
         record = _on_broadcast.get()
         if record is not None:
             record(tx_hash, str(tx.get("to") or ""))
-        # The reservation's age counts from here: it is broadcast now, not abandoned.
-        self._nonces.touch_nonce(sender, int(tx["nonce"]), time.time())
+        # The reservation's age counts from the broadcast (not abandoned), unless it was
+        # made a moment ago: NONCE_GAP_SECONDS is far longer.
+        if time.time() - reserved > FRESH_RESERVATION_SECONDS:
+            self._nonces.touch_nonce(sender, int(tx["nonce"]), time.time())
         self._w3.eth.send_raw_transaction(signed.raw_transaction)
         return tx_hash

@@ -10,6 +10,7 @@ numbers cannot receive SMS. PREMIUM_RATE, SHARED_COST, UAN, VOICEMAIL and PAGER
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Final
 
@@ -93,6 +94,7 @@ def _invalid(message: str, reason: str) -> InvalidInput:
     return InvalidInput(message, details={"field": "to", "reason": reason})
 
 
+@functools.lru_cache(maxsize=4096)
 def mask(e164: str) -> str:
     """A log-safe form: "+13012576365" -> "+1********65": the country code and the last two
     digits, nothing that narrows down a region or a subscriber."""

@@ -1,8 +1,10 @@
-"""Receipts are watched by one thread per process, and a first paid send simulates its
-transfer once: on a real anvil chain, counting the calls that reach it through an RPC proxy."""
+"""What a paid send costs, counted on a real anvil chain: receipts watched by one thread per
+process, the chain asked each thing once (the calls reaching it through an RPC proxy), and
+the ledger written only where a step needs it."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -11,13 +13,18 @@ from typing import Any
 
 import pytest
 from web3 import Web3
+from sqlalchemy import event
 from web3.exceptions import TimeExhausted
 
 from relay.chain import ReceiptWatcher
+from relay.errors import RequestInProgress
+from relay.flows.leases import hold, lease_seconds
+from relay.services import build_services
 from relay.dev.chain import DevChain
 from relay.settings import Settings
 from tests.conftest import Wallet, new_wallet, services_of
 from tests.rpc_proxy import RpcProxy
+from tests.test_ledger import payment
 from tests.test_send import BODY, make_app, paid
 
 WAITERS = 12
@@ -126,3 +133,33 @@ def test_a_paid_send_asks_the_chain_each_thing_once(
     assert proxy.count("eth_getTransactionCount") == 2
     assert proxy.requests == 5
     services_of(app).payments.close()
+
+
+def test_a_paid_send_writes_the_ledger_ten_times(
+    paid_settings: Callable[..., Settings], payer: Wallet, chain: DevChain
+) -> None:
+    """Claim, nonce, hash, settled, dispatching, outbox, message, delivered, answer, release:
+    a lease just taken and a nonce just reserved are not written again before broadcast."""
+    app = make_app(paid_settings())
+    client = app.test_client()
+    assert paid(client, BODY, payer.key).status_code == 200
+    commits: list[int] = []
+    event.listen(services_of(app).ledger.engine, "commit", lambda _conn: commits.append(1))
+    other = new_wallet(chain, 10_000_000)
+    answer = paid(client, {**BODY, "message": "Your parcel is on its way"}, other.key)
+    assert answer.status_code == 200, answer.get_data(as_text=True)
+    assert len(commits) == 10
+
+
+def test_a_lease_is_checked_before_a_step_unless_just_taken(
+    paid_settings: Callable[..., Settings],
+) -> None:
+    services = build_services(paid_settings())
+    now, seconds = services.clock(), lease_seconds(services)
+    row = payment(lease_until=now + seconds, lease_holder="request")
+    services.ledger.claim_payment(row)
+    assert services.ledger.take(row.id, now, seconds, force=True)  # an operator's repair
+    hold(services, row)  # taken this instant: nobody else may act while it runs
+    older = dataclasses.replace(row, lease_until=now + seconds - 2)
+    with pytest.raises(RequestInProgress):
+        hold(services, older)
