@@ -12,15 +12,15 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from web3 import Web3
 from sqlalchemy import event
+from web3 import Web3
 from web3.exceptions import TimeExhausted
 
 from relay.chain import ReceiptWatcher
+from relay.dev.chain import DevChain
 from relay.errors import RequestInProgress
 from relay.flows.leases import hold, lease_seconds
 from relay.services import build_services
-from relay.dev.chain import DevChain
 from relay.settings import Settings
 from tests.conftest import Wallet, new_wallet, services_of
 from tests.rpc_proxy import RpcProxy

@@ -9,8 +9,8 @@ from collections.abc import Callable
 from typing import Any
 
 from flask import Flask
-from prometheus_client import REGISTRY
 from flask.testing import FlaskClient
+from prometheus_client import REGISTRY
 
 from relay.app import create_app
 from relay.quick_answers import QuickAnswers
