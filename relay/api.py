@@ -47,14 +47,18 @@ def client_key() -> str:
 @api.post("/api/quote")
 def post_quote() -> Response:
     """Moderate and price a message; answer a signed quote (SPEC §3)."""
-    svc = services()
-    quoting.limit_model_calls(svc, client_key())
+    return jsonify(answer_quote(services(), request.get_data(), client_key()))
+
+
+def answer_quote(svc: Services, raw: bytes, client: str) -> dict[str, Any]:
+    """The quote of the request body ``raw``, counted against ``client``'s limit first."""
+    quoting.limit_model_calls(svc, client)
     req = parse_message_request(
-        parse_json_object(request.get_data()),
+        parse_json_object(raw),
         allow_token=False,
         max_message_chars=svc.settings.max_message_chars,
     )
-    return jsonify(quote_body(svc, quoting.quote(svc, req)))
+    return quote_body(svc, quoting.quote(svc, req))
 
 
 def quote_body(svc: Services, q: quoting.Quote) -> dict[str, Any]:

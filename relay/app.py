@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import re
 import threading
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -23,10 +21,11 @@ from relay.errors import (
     NotFound,
     PayloadTooLarge,
     RelayError,
+    unexpected,
 )
 from relay.ledger import FORWARDED_NOTICE
-from relay.logs import configure_logging, hide_in_logs
-from relay.quick_answers import QuickAnswers
+from relay.logs import configure_logging, hide_in_logs, request_id_of
+from relay.quick_answers import REQUEST_ID_KEY, QuickAnswers
 from relay.services import Services, build_services
 from relay.settings import Settings, load_settings
 from relay.wire import to_json
@@ -66,16 +65,16 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     origins = services.settings.cors_origin_list
 
     def common_headers(request_id: str, origin: str | None, method: str) -> list[tuple[str, str]]:
-        cors = cors_headers(origins, origin, method)
-        return [("X-Request-Id", request_id_of(request_id)), *cors]
+        return [("X-Request-Id", request_id), *cors_headers(origins, origin, method)]
+
+    from relay.api import answer_quote, api
+    from relay.docs import docs
 
     app.wsgi_app = QuickAnswers(  # type: ignore[method-assign]
-        app.wsgi_app, services, common_headers, trusts_proxies=bool(hops)
+        app.wsgi_app, services, common_headers, answer_quote, trusts_proxies=bool(hops)
     )
     if hops:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)  # type: ignore[method-assign]
-    from relay.api import api
-    from relay.docs import docs
 
     app.register_blueprint(api)
     app.register_blueprint(docs)
@@ -90,18 +89,10 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     return app
 
 
-#: A request id a client or proxy sends is kept if it looks like one; otherwise one is made.
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
-
-
 def _take_request_id() -> None:
-    """The request's id: every log line of the request carries it."""
-    g.request_id = request_id_of(request.headers.get("X-Request-Id", ""))
-
-
-def request_id_of(sent: str) -> str:
-    """X-Request-Id as sent (by a proxy or a client) when it looks like one, or a new one."""
-    return sent if _REQUEST_ID.fullmatch(sent) else uuid.uuid4().hex
+    """The request's id (relay.logs binds it for the log lines), echoed in the answer."""
+    sent = request.environ.get(REQUEST_ID_KEY)
+    g.request_id = sent or request_id_of(request.headers.get("X-Request-Id", ""))
 
 
 def _echo_request_id(response: Response) -> Response:
@@ -222,6 +213,5 @@ def _register_error_handlers(app: Flask) -> None:
         return response
 
     @app.errorhandler(Exception)
-    def unexpected(error: Exception) -> Response:
-        log.exception("unhandled error", exc_info=error)
-        return error_response(InternalError())
+    def unexpected_error(error: Exception) -> Response:
+        return error_response(unexpected(error))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
+
+log = logging.getLogger(__name__)
 
 
 class RelayError(Exception):
@@ -220,3 +223,9 @@ class ErrorBody(BaseModel):
         description="Also sent as the Retry-After header when set."
     )
     details: dict[str, Any]
+
+
+def unexpected(error: Exception) -> InternalError:
+    """An error nothing expected: logged with its traceback, answered as a bare 500."""
+    log.exception("unhandled error", exc_info=error)
+    return InternalError()

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import threading
 import time
-from collections.abc import Iterable
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
-
-from flask import g, has_request_context
 
 
 class _ScrubbedRecord(logging.LogRecord):
@@ -60,11 +62,31 @@ def scrub(text: str) -> str:
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 
 
+#: A request id a client or proxy sends is kept if it looks like one; otherwise one is made.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+_request_id: ContextVar[str] = ContextVar("relay_request_id", default="-")
+
+
+def request_id_of(sent: str) -> str:
+    """X-Request-Id as sent (by a proxy or a client) when it looks like one, or a new one."""
+    return sent if _REQUEST_ID.fullmatch(sent) else uuid.uuid4().hex
+
+
+@contextmanager
+def serving(request_id: str) -> Iterator[None]:
+    """Every log line within the block carries ``request_id``."""
+    token = _request_id.set(request_id)
+    try:
+        yield
+    finally:
+        _request_id.reset(token)
+
+
 class _RequestId(logging.Filter):
     """Adds the id of the HTTP request being served (or "-") to every record."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = g.get("request_id", "-") if has_request_context() else "-"
+        record.request_id = _request_id.get()
         return True
 
 

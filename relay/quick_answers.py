@@ -1,13 +1,20 @@
-"""The 402s of an unpaid POST /api/send, answered below Flask.
+"""The busiest answers of the API, given below Flask: quotes, and the 402s of an unpaid
+POST /api/send.
 
-An agent's first request is unpaid: the bare probe, or a quoted send without a payment.
-Its answer is the 402 challenge, built once per amount and URL (relay.flows.answers), so
-what costs is the framework around it. ``QuickAnswers`` sits in the WSGI stack in front
-of Flask (behind ProxyFix, so it sees the client's address and host as Flask does), takes
-only those requests, and runs the very same flow Flask's view runs (``answers.probe``,
-``sending.send``) with the same request id, CORS headers and metrics as every answer.
-Anything else, and any request whose answer is not a 402 (an expired token, an opted-out
-number, a body that does not parse), goes on to Flask unchanged, which answers it in full.
+An agent quotes, then its first send is unpaid: the bare probe, or a quoted send without a
+payment, whose answer is the 402 challenge built once per amount and URL
+(relay.flows.answers). Around such work the framework costs as much as the work itself.
+``QuickAnswers`` sits in the WSGI stack in front of Flask (behind ProxyFix, so it sees the
+client's address and host as Flask does), gives every request its id (``relay.logs``: each
+log line of the request carries it, Flask's answers echo it too), and runs, for those
+requests, the very functions
+Flask's views run (``api.answer_quote``, ``answers.probe``, ``sending.send``), with the same
+request id, CORS headers, metrics and error bodies as every answer.
+
+What it leaves to Flask, untouched: other routes and methods, bodies over MAX_BODY_BYTES
+or of unknown length, requests through a proxy the app does not trust (Flask's hook warns of
+it), and any /api/send that carries a payment, needs the pay password, may call the model
+(no quote token) or is answered with anything but a 402.
 """
 
 from __future__ import annotations
@@ -15,59 +22,61 @@ from __future__ import annotations
 import io
 import time
 from collections.abc import Callable, Iterable
-from http import HTTPStatus
 from typing import TYPE_CHECKING
 
 from werkzeug import Request
+from werkzeug.http import HTTP_STATUS_CODES
 
 from relay import metrics
+from relay.errors import RelayError, unexpected
 from relay.flows import answers, sending
 from relay.inputs import MessageRequest, parse_json_object, parse_message_request
+from relay.logs import request_id_of, serving
 from relay.memo import Memo
 from relay.payment_headers import PAYMENT_HEADERS
 from relay.ratelimit import rate_key
 from relay.services import Services
-from relay.wire import SendRequest
+from relay.wire import SendRequest, to_json
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
-ROUTE = "/api/send"
-#: A quoted send's body is its message, number and token: a few KiB at most.
+SEND, QUOTE = "/api/send", "/api/quote"
+#: Where the request's id (relay.logs) waits in the WSGI environment for Flask's hooks.
+REQUEST_ID_KEY = "relay.request_id"
+#: A message, its number and a quote token: a few KiB at most.
 MAX_BODY_BYTES = 8192
-#: Bodies already parsed, by their bytes (each at most MAX_BODY_BYTES).
+#: Send bodies already parsed, by their bytes (each at most MAX_BODY_BYTES).
 PARSED_BODIES = 2048
 _PAYMENT_KEYS = tuple("HTTP_" + name.upper().replace("-", "_") for name in PAYMENT_HEADERS)
-_STATUS = f"402 {HTTPStatus.PAYMENT_REQUIRED.phrase}"
 #: What a request's URL is made of (werkzeug's Request.base_url reads these).
 _URL_PARTS = (
-    "wsgi.url_scheme",
-    "HTTP_HOST",
-    "SERVER_NAME",
-    "SERVER_PORT",
-    "SCRIPT_NAME",
-    "PATH_INFO",
-)
+    "wsgi.url_scheme", "HTTP_HOST", "SERVER_NAME", "SERVER_PORT", "SCRIPT_NAME", "PATH_INFO"
+)  # fmt: skip
 
-#: What every answer carries beside its own headers (its request id, CORS), from the
-#: X-Request-Id and Origin sent and the method.
+#: What every answer carries beside its own headers (its request id, CORS), from its
+#: request id, the Origin sent and the method.
 AnswerHeaders = Callable[[str, str | None, str], list[tuple[str, str]]]
+#: Status, JSON body and headers.
+Answer = tuple[int, str, dict[str, str]]
 
 
 class QuickAnswers:
-    """WSGI middleware: the unpaid /api/send's 402s, without the framework."""
+    """WSGI middleware: quotes and the unpaid /api/send's 402s, without the framework."""
 
     def __init__(
         self,
         app: WSGIApplication,
         services: Services,
         common_headers: AnswerHeaders,
+        answer_quote: Callable[[Services, bytes, str], dict[str, object]],
         *,
         trusts_proxies: bool,
     ) -> None:
         self._app = app
         self._services = services
         self._common_headers = common_headers
+        self._answer_quote = answer_quote
         self._trusts_proxies = trusts_proxies
         self._parsed: Memo[bytes, MessageRequest] = Memo(PARSED_BODIES)
         self._urls: Memo[tuple[object, ...], str] = Memo(PARSED_BODIES)
@@ -75,66 +84,95 @@ class QuickAnswers:
         self.answered = 0
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        if not self._takes(environ):
+        request_id = request_id_of(environ.get("HTTP_X_REQUEST_ID", ""))
+        environ[REQUEST_ID_KEY] = request_id
+        with serving(request_id):
+            return self._answer(environ, start_response, request_id)
+
+    def _answer(
+        self, environ: WSGIEnvironment, start_response: StartResponse, request_id: str
+    ) -> Iterable[bytes]:
+        route = self._route(environ)
+        if route is None:
             return self._app(environ, start_response)
         started = time.perf_counter()
         length = int(environ.get("CONTENT_LENGTH") or 0)
         raw = environ["wsgi.input"].read(length) if length else b""
-        outcome = self._outcome(raw, environ)
-        if outcome is None:  # Flask answers it, reading the same body
+        answer = self._quote(raw, environ) if route == QUOTE else self._send(raw, environ)
+        if answer is None:  # Flask answers it, reading the same body
             environ["wsgi.input"] = io.BytesIO(raw)
             return self._app(environ, start_response)
-        body = outcome.json().encode()
+        status, text, own = answer
+        body = text.encode()
         headers = [
             ("Content-Type", "application/json"),
             ("Content-Length", str(len(body))),
-            *outcome.headers.items(),
-            *self._common_headers(
-                environ.get("HTTP_X_REQUEST_ID", ""), environ.get("HTTP_ORIGIN"), "POST"
-            ),
+            *own.items(),
+            *self._common_headers(request_id, environ.get("HTTP_ORIGIN"), "POST"),
         ]
-        start_response(_STATUS, headers)
-        metrics.count_answer(ROUTE, outcome.status, time.perf_counter() - started)
+        start_response(f"{status} {HTTP_STATUS_CODES[status].upper()}", headers)
+        metrics.count_answer(route, status, time.perf_counter() - started)
         self.answered += 1
         return [body]
 
-    def _takes(self, environ: WSGIEnvironment) -> bool:
-        """An unpaid POST /api/send with a small body of known length, no password to check
-        and no proxy in front that the app does not trust (Flask's hook warns of it)."""
+    def _route(self, environ: WSGIEnvironment) -> str | None:
+        """The route this layer answers, for a POST with a small body of known length and
+        no proxy in front that the app does not trust; None for anything else."""
+        route = environ.get("PATH_INFO")
         length = environ.get("CONTENT_LENGTH") or "0"
-        return (
-            environ.get("PATH_INFO") == ROUTE
+        taken = (
+            route in (SEND, QUOTE)
             and environ.get("REQUEST_METHOD") == "POST"
-            and not any(key in environ for key in _PAYMENT_KEYS)
             and "HTTP_TRANSFER_ENCODING" not in environ
             and length.isdigit()
             and int(length) <= MAX_BODY_BYTES
-            and not self._services.settings.pay_password
             and (self._trusts_proxies or "HTTP_X_FORWARDED_FOR" not in environ)
         )
+        if not taken or (route == SEND and not self._unpaid(environ)):
+            return None
+        return str(route)
 
-    def _outcome(self, raw: bytes, environ: WSGIEnvironment) -> answers.Outcome | None:
-        """The 402 the view would answer, or None to leave the request to it."""
+    def _unpaid(self, environ: WSGIEnvironment) -> bool:
+        """A send with no payment and no pay password to check."""
+        paying = any(key in environ for key in _PAYMENT_KEYS)
+        return not paying and not self._services.settings.pay_password
+
+    def _quote(self, raw: bytes, environ: WSGIEnvironment) -> Answer:
+        """The quote view's answer: the quote, or the error it raised."""
+        client = rate_key(environ.get("REMOTE_ADDR") or "unknown")
+        try:
+            return 200, to_json(self._answer_quote(self._services, raw, client)), {}
+        except RelayError as error:
+            return error.status, to_json(error.body()), error.response_headers()
+        except Exception as error:
+            failed = unexpected(error)
+            return failed.status, to_json(failed.body()), failed.response_headers()
+
+    def _send(self, raw: bytes, environ: WSGIEnvironment) -> Answer | None:
+        """The 402 the send view would answer, or None to leave the request to it."""
         svc = self._services
         try:
             url = self._url(environ)
             if not raw.strip():
-                return answers.probe(svc, url)
-            req = self._parsed.get(raw)
-            if req is None:
-                parsed = parse_message_request(
-                    parse_json_object(raw),
-                    allow_token=True,
-                    max_message_chars=svc.settings.max_message_chars,
-                )
-                req = self._parsed.put(raw, parsed)
-            if req.quote_token is None or (isinstance(req, SendRequest) and req.callback_url):
-                return None  # a one-shot send may call the model: the full path counts it
-            client = rate_key(environ.get("REMOTE_ADDR") or "unknown")
-            outcome = sending.send(svc, req, {}, url, client)
+                outcome = answers.probe(svc, url)
+            else:
+                req = self._parsed.get(raw)
+                if req is None:
+                    parsed = parse_message_request(
+                        parse_json_object(raw),
+                        allow_token=True,
+                        max_message_chars=svc.settings.max_message_chars,
+                    )
+                    req = self._parsed.put(raw, parsed)
+                if req.quote_token is None or (isinstance(req, SendRequest) and req.callback_url):
+                    return None  # a one-shot send may call the model: the view counts it
+                client = rate_key(environ.get("REMOTE_ADDR") or "unknown")
+                outcome = sending.send(svc, req, {}, url, client)
         except Exception:  # the view answers it again, with its error handling
             return None
-        return outcome if outcome.status == HTTPStatus.PAYMENT_REQUIRED else None
+        if outcome.status != 402:
+            return None
+        return outcome.status, outcome.json(), outcome.headers
 
     def _url(self, environ: WSGIEnvironment) -> str:
         """The resource URL, worked out once per scheme, host and path."""

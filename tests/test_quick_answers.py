@@ -1,5 +1,5 @@
-"""The unpaid /api/send's 402s answered below Flask (relay.quick_answers): the same answer
-as the view's, byte for byte, and every other request left to the view."""
+"""Quotes and the unpaid /api/send's 402s answered below Flask (relay.quick_answers): the
+same answers as the views', and every other request left to them."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from prometheus_client import REGISTRY
@@ -64,6 +65,7 @@ def test_everything_else_is_left_to_the_view(paid_settings: Callable[..., Settin
     app = create_app(services=build_services(paid_settings()))
     client, quick, services = app.test_client(), quick_of(app), services_of(app)
     body = quoted(client)
+    start = quick.answered  # the quote itself
     cases: list[tuple[Any, dict[str, str], int, str]] = [
         ({**body, "message": "Other text"}, {}, 400, "quote_content_mismatch"),
         ({**body, "quote_token": body["quote_token"][:-3] + "abc"}, {}, 400, "invalid_input"),
@@ -74,7 +76,7 @@ def test_everything_else_is_left_to_the_view(paid_settings: Callable[..., Settin
     for sent, headers, status, error in cases:
         code, data, _ = answer(client, sent, **headers)
         assert (code, error) == (status, _error(data)), sent
-    assert quick.answered == 0
+    assert quick.answered == start
     raw = client.post("/api/send", data=b"{not json", content_type="application/json")
     assert (raw.status_code, raw.get_json()["error"]) == (400, "invalid_input")
     real_clock = services.clock
@@ -85,7 +87,7 @@ def test_everything_else_is_left_to_the_view(paid_settings: Callable[..., Settin
     services.ledger.is_opted_out(US)  # the process reads the registry again
     code, data, _ = answer(client, body)
     assert code == 422 and _error(data) == "recipient_opted_out"
-    assert quick.answered == 0
+    assert quick.answered == start
 
 
 def test_a_pay_password_keeps_every_send_in_the_view(
@@ -106,3 +108,55 @@ def answers_counted() -> float:
 
 def _error(data: bytes) -> str:
     return str(json.loads(data)["error"])
+
+
+def quote_answer(client: FlaskClient, body: Any, **headers: str) -> tuple[int, Any, dict[str, str]]:
+    sent = {"X-Request-Id": "req-2", "Origin": ORIGIN, **headers}
+    response = client.post("/api/quote", json=body, headers=sent)
+    assert int(response.headers["Content-Length"]) == len(response.get_data())
+    return response.status_code, response.get_json(), dict(response.headers)
+
+
+def without_token(quote: dict[str, Any]) -> dict[str, Any]:
+    """A quote's body less what each quote has of its own (its token)."""
+    step = {**quote["next_step"], "body": {**quote["next_step"]["body"], "quote_token": "-"}}
+    return {**quote, "quote_token": "-", "next_step": step}
+
+
+def test_quotes_and_their_errors_are_the_views(paid_settings: Callable[..., Settings]) -> None:
+    settings = paid_settings(cors_origins=ORIGIN, quote_rate_limit="4/minute")
+    app = create_app(services=build_services(settings))
+    client, quick = app.test_client(), quick_of(app)
+    fast = quote_answer(client, BODY)
+    slow = quote_answer(client, BODY, **VIA_VIEW)
+    assert quick.answered == 1
+    assert fast[0] == slow[0] == 200
+    assert without_token(fast[1]) == without_token(slow[1])
+    for answer in (fast, slow):  # each token is of its own length
+        answer[2].pop("Content-Length")
+    assert fast[2] == slow[2]
+    bad = {"message": "", "to": "12"}
+    errors = [quote_answer(client, bad), quote_answer(client, bad, **VIA_VIEW)]
+    assert quick.answered == 2
+    assert errors[0] == errors[1] and errors[0][0] == 400
+    limited = quote_answer(client, BODY)  # the fifth count of the client: quick and view alike
+    assert quick.answered == 3
+    assert limited[0] == 429 and limited[1]["error"] == "rate_limited"
+    assert int(limited[2]["Retry-After"]) >= 1
+
+
+def test_an_unexpected_failure_of_a_quote_is_a_500_in_our_shape(
+    paid_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    app = create_app(services=build_services(paid_settings()))
+    services = services_of(app)
+
+    def broken(_text: str) -> Any:
+        raise RuntimeError("the moderator broke")
+
+    services.moderator.moderate = broken  # type: ignore[method-assign]
+    code, body, headers = quote_answer(app.test_client(), BODY)
+    assert code == 500 and body["error"] == "internal_error"
+    assert headers["X-Request-Id"] == "req-2"
+    assert quick_of(app).answered == 1
+    assert "unhandled error" in caplog.text
