@@ -95,7 +95,7 @@ FIGURES = (*WRK_PATHS, "paid", "payers", "herd", "rss")
 NEEDS = {
     "402": ("relay", "sdk"),
     "probe": ("relay", "bare"),
-    "quote-cached": ("relay", "bare"),
+    "quote-cached": ("gemini_relay", "bare"),
     "quote-new": ("gemini_relay", "bare"),
     "paid": ("relay", "sdk"),
     "payers": ("block_relay", "block_sdk"),
@@ -279,8 +279,8 @@ def wrk_cases(lab: Lab, chosen: list[str]) -> list[WrkCase]:
         ),
         "quote-cached": lambda: WrkCase(
             "quote-cached",
-            "quote, cached text",
-            lab.relay,
+            "quote, cached text (fake Gemini)",
+            lab.gemini_relay,
             fixed(post("/api/quote", SHIPPED, 200)),
             lab.bare,
             echo,
