@@ -27,9 +27,14 @@ MAX_TOKEN_CHARS = 2048
 MAX_CALLBACK_CHARS = 2048
 
 
+_ENCODER = simplejson.JSONEncoder(use_decimal=True)
+
+
 def to_json(obj: Any, **options: Any) -> str:
     """The JSON text of an answer: Decimal amounts written as exact numbers, never floats."""
-    return simplejson.dumps(obj, use_decimal=True, **options)
+    if options:
+        return simplejson.dumps(obj, use_decimal=True, **options)
+    return _ENCODER.encode(obj)
 
 
 class WireModel(BaseModel):
