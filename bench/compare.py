@@ -694,6 +694,9 @@ def print_profiles(profiles: list[tuple[WrkCase, pyspy_profile.Profile]]) -> Non
         print(f" ({share:.0%} of all samples taken)")
         for fraction, label in profile.top(5):
             print(f"  {100 * fraction:5.1f}%  {label}")
+        print("  running (self time, share of all samples):")
+        for fraction, label in profile.top_running(5):
+            print(f"  {100 * fraction:5.1f}%  {label}")
 
 
 def print_table(rows: list[Row]) -> None:

@@ -1,15 +1,18 @@
 """Where a relay view spends its time: py-spy's raw samples, reduced to the frames below it.
 
-``record(pid, seconds, out)`` starts ``py-spy record --subprocesses --format raw`` on a
-gunicorn master (so its workers are sampled too). py-spy's raw (collapsed) format is one
+``record(pid, seconds, out)`` starts ``py-spy record --subprocesses --gil --format raw`` on
+a gunicorn master (so its workers are sampled too), sampling the thread that holds the GIL:
+where the CPU goes, not where threads wait. py-spy's raw (collapsed) format is one
 line per distinct stack, ``frame;frame;...;frame COUNT``, outermost frame first, a frame
 being ``function (file:line)``; lines py-spy adds about processes or threads are frames
 that match no view and are skipped with the rest.
 
-``below_view(text, view_file)`` keeps the stacks that pass through a function of
-``view_file`` (the Flask views, relay/api.py) and counts, for every function deeper than
-the first such frame, the samples whose stack holds it (inclusive; once per sample even
-when recursive), keyed by function and file, whatever the line.
+``below_view(text)`` keeps the stacks that pass through a view (``VIEWS``: the Flask views of
+relay/api.py, and the functions of relay/quick_answers.py that answer in front of Flask) and
+counts, for every function deeper than the first such frame, the samples whose stack holds
+it (inclusive; once per sample even when recursive), keyed by function and file, whatever
+the line. It also counts, over every sample, the function running at its top (self time):
+where a path's CPU goes when the view itself is a small part of it.
 """
 
 from __future__ import annotations
@@ -39,6 +42,13 @@ class Profile:
     views: Counter[str] = field(default_factory=Counter)
     inclusive: Counter[tuple[str, str]] = field(default_factory=Counter)
     lines: dict[tuple[str, str], Counter[int]] = field(default_factory=dict)
+    running: Counter[tuple[str, str]] = field(default_factory=Counter)
+
+    def top_running(self, count: int = 5) -> list[tuple[float, str]]:
+        """The ``count`` functions most often at the top of a stack: (share of all samples,
+        label)."""
+        busy = max(self.busy, 1)
+        return [(n / busy, f"{f} ({file})") for (f, file), n in self.running.most_common(count)]
 
     def top(self, count: int = 5) -> list[tuple[float, str]]:
         """The ``count`` heaviest functions: (share of the view's samples, label)."""
@@ -54,7 +64,7 @@ class Profile:
 def record(pid: int, seconds: int, out: Path, py_spy: str) -> subprocess.Popen[bytes]:
     """Start sampling the process ``pid`` and its children for ``seconds``."""
     command = [
-        *(py_spy, "record", "--subprocesses", "--format", "raw", "--rate", str(RATE)),
+        *(py_spy, "record", "--subprocesses", "--gil", "--format", "raw", "--rate", str(RATE)),
         *("-o", str(out), "--pid", str(pid), "--duration", str(seconds)),
     ]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -90,8 +100,16 @@ def parse_line(line: str) -> tuple[list[Frame | None], int] | None:
     return [parse_frame(part) for part in stack.split(";")], int(count)
 
 
-def below_view(text: str, view_file: str = "relay/api.py") -> Profile:
-    """The profile of the stacks that pass through ``view_file``."""
+#: Where a request's own work starts: the Flask views, and the functions that answer in
+#: front of Flask (relay/quick_answers.py).
+VIEWS: tuple[tuple[str, tuple[str, ...] | None], ...] = (
+    ("relay/api.py", None),
+    ("relay/quick_answers.py", ("QuickAnswers._send", "QuickAnswers._quote")),
+)
+
+
+def below_view(text: str) -> Profile:
+    """The profile of the stacks that pass through a view (VIEWS)."""
     profile = Profile()
     for line in text.splitlines():
         parsed = parse_line(line)
@@ -99,7 +117,10 @@ def below_view(text: str, view_file: str = "relay/api.py") -> Profile:
             continue
         frames, count = parsed
         profile.busy += count
-        view_at = next((i for i, f in enumerate(frames) if is_view(f, view_file)), None)
+        top = next((f for f in reversed(frames) if f is not None), None)
+        if top is not None:
+            profile.running[(top.function, top.file)] += count
+        view_at = next((i for i, f in enumerate(frames) if is_view(f)), None)
         if view_at is None:
             continue
         view = frames[view_at]
@@ -110,9 +131,14 @@ def below_view(text: str, view_file: str = "relay/api.py") -> Profile:
     return profile
 
 
-def is_view(frame: Frame | None, view_file: str) -> bool:
-    """A function of ``view_file`` running (not the module being imported)."""
-    return frame is not None and frame.file.endswith(view_file) and frame.function != "<module>"
+def is_view(frame: Frame | None) -> bool:
+    """A view running (not its module being imported)."""
+    if frame is None or frame.function == "<module>":
+        return False
+    return any(
+        frame.file.endswith(file) and (functions is None or frame.function in functions)
+        for file, functions in VIEWS
+    )
 
 
 def add_below(profile: Profile, frames: list[Frame], count: int) -> None:
