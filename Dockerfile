@@ -16,7 +16,7 @@ USER relay
 WORKDIR /home/relay
 ENV PORT=8000 \
     WEB_CONCURRENCY=2 \
-    GUNICORN_THREADS=8 \
+    GUNICORN_THREADS=16 \
     PYTHONUNBUFFERED=1
 EXPOSE 8000
 # The web process; the same image runs `relay worker` and `relay db upgrade`.
