@@ -175,7 +175,7 @@ class ReceiptWatcher:
     waiting on one block cost one height query per poll, not twenty receipt queries."""
 
     def __init__(self, rpc_url: str, poll_seconds: float = BLOCK_POLL_SECONDS) -> None:
-        self._w3 = web3_for(rpc_url)
+        self._w3 = web3_for(rpc_url, retries=False)  # it asks again at the next poll
         self._poll = poll_seconds
         self._lock = threading.Lock()
         self._waiting: dict[int, _Waiter] = {}
@@ -204,6 +204,7 @@ class ReceiptWatcher:
     def _watch(self) -> None:
         seen: int | None = None
         checked = float("-inf")
+        failing = False
         while True:
             with self._lock:
                 waiting = list(self._waiting.values())
@@ -219,8 +220,11 @@ class ReceiptWatcher:
                         if waiter.receipt is not None:
                             waiter.done.set()
                     seen, checked = height, time.monotonic()
+                failing = False
             except Exception as exc:  # the waiters time out; the next poll tries again
-                log.warning("receipt watch failed: %s", type(exc).__name__)
+                if not failing:  # once per outage, not every poll
+                    log.warning("receipt watch failed: %s", type(exc).__name__)
+                failing = True
             time.sleep(self._poll)
 
     def _receipt(self, transaction: str) -> TxReceipt | None:

@@ -35,6 +35,8 @@ class RpcProxy(ServedInBackground):
         self.calls: list[tuple[str, list[Any]]] = []
         #: HTTP requests received (a batch of calls is one).
         self.requests = 0
+        #: While set, every request is answered 503, as by a node that is away.
+        self.down = False
         self._lock = threading.Lock()
         self._local = threading.local()
         self._connections: list[http.client.HTTPConnection] = []
@@ -122,8 +124,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        self.server.proxy.note(body, time.monotonic())
-        status, answer = self.server.proxy.forward(body)
+        proxy = self.server.proxy
+        proxy.note(body, time.monotonic())
+        status, answer = (503, b"{}") if proxy.down else proxy.forward(body)
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(answer)))

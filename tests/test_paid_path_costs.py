@@ -97,6 +97,26 @@ def test_a_receipt_that_never_comes_times_out(chain: DevChain, proxy: RpcProxy) 
         chain.set_automine(True)
 
 
+def test_a_node_that_goes_away_is_logged_once_per_outage(
+    chain: DevChain, proxy: RpcProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    watcher = ReceiptWatcher(proxy.url, poll_seconds=0.02)
+    chain.set_automine(False)
+    try:
+        (transaction,) = pending_transfers(chain, 1)
+        with ThreadPoolExecutor(1) as pool:
+            wait = pool.submit(watcher.wait, transaction, 1.5)
+            time.sleep(0.2)
+            proxy.down = True  # the node goes away while the receipt is awaited
+            with pytest.raises(TimeExhausted):
+                wait.result(timeout=10)
+    finally:
+        chain.drop_all_transactions()
+        chain.set_automine(True)
+    failures = [r for r in caplog.records if "receipt watch failed" in r.getMessage()]
+    assert len(failures) == 1
+
+
 def simulations(proxy: RpcProxy) -> int:
     """eth_calls of transferWithAuthorization: the transfer simulated before broadcast."""
     return sum(
