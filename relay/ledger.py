@@ -14,7 +14,9 @@ from typing import Any
 import simplejson
 from sqlalchemy import (
     Connection,
+    Delete,
     Engine,
+    Table,
     create_engine,
     delete,
     event,
@@ -24,6 +26,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
 from relay import migrations
@@ -198,12 +201,24 @@ class Ledger(MessageBook, NonceBook, EventBook):
             row = conn.execute(select(verdicts.c.verdict).where(verdicts.c.key == key)).first()
         return None if row is None else dict(row.verdict)
 
-    def put_verdict(self, key: str, verdict: dict[str, Any], now: float) -> bool:
-        """Store a verdict; the first one stored for a key wins (False: not this one)."""
+    def put_verdict(
+        self,
+        key: str,
+        verdict: dict[str, Any],
+        now: float,
+        *,
+        lease: tuple[str, str] | None = None,
+    ) -> bool:
+        """Store a verdict; the first one stored for a key wins (False: not this one). With
+        ``lease`` (name, holder), that lease is given up in the same transaction."""
         try:
             with self.engine.begin() as conn:
                 conn.execute(insert(verdicts).values(key=key, verdict=verdict, created_at=now))
+                if lease is not None:
+                    conn.execute(_release(*lease))
         except IntegrityError:
+            if lease is not None:
+                self.release_lease(*lease)
             return False
         return True
 
@@ -411,26 +426,19 @@ class Ledger(MessageBook, NonceBook, EventBook):
 
     # Fleet leases ------------------------------------------------------------------
     def acquire_lease(self, name: str, holder: str, now: float, seconds: float) -> bool:
-        """Take or renew the lease ``name`` for ``holder``; False while another holds it."""
-        renew = (
-            update(leases)
-            .where(
-                leases.c.name == name,
-                (leases.c.holder == holder) | (leases.c.expires_at <= now),
-            )
-            .values(holder=holder, expires_at=now + seconds)
+        """Take or renew the lease ``name`` for ``holder``; False while another holds it.
+        One statement: inserted when new, taken over when ours or run out."""
+        upsert = _dialect_insert(self.engine)(leases).values(
+            name=name, holder=holder, expires_at=now + seconds
+        )
+        upsert = upsert.on_conflict_do_update(
+            index_elements=[leases.c.name],
+            set_={"holder": holder, "expires_at": now + seconds},
+            where=(leases.c.holder == holder) | (leases.c.expires_at <= now),
         )
         with self.engine.begin() as conn:
-            if conn.execute(renew).rowcount == 1:
-                return True
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(
-                    insert(leases).values(name=name, holder=holder, expires_at=now + seconds)
-                )
-        except IntegrityError:
-            return False
-        return True
+            taken = conn.execute(upsert.execution_options(preserve_rowcount=True))
+            return bool(taken.rowcount == 1)
 
     def busy_leases(self, now: float) -> int:
         """How many leases (fleet-wide or on payments) someone holds now: a sign of live
@@ -447,7 +455,16 @@ class Ledger(MessageBook, NonceBook, EventBook):
     def release_lease(self, name: str, holder: str) -> None:
         """Give the lease up (if still held by ``holder``)."""
         with self.engine.begin() as conn:
-            conn.execute(delete(leases).where(leases.c.name == name, leases.c.holder == holder))
+            conn.execute(_release(name, holder))
+
+
+def _release(name: str, holder: str) -> Delete:
+    return delete(leases).where(leases.c.name == name, leases.c.holder == holder)
+
+
+def _dialect_insert(engine: Engine) -> Callable[[Table], Any]:
+    """INSERT with ON CONFLICT for this database (PostgreSQL or SQLite)."""
+    return postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
 
 
 class Conflict(Exception):
@@ -485,9 +502,11 @@ class LedgerVerdictCache:
         verdict = Verdict.from_dict({**stored, "confidence": float(stored["confidence"])})
         return self._memory.put(key, verdict)
 
-    def put(self, key: str, verdict: Verdict) -> None:
-        """Remember a verdict (unless another was stored first: that one stays)."""
-        if self._ledger.put_verdict(key, verdict.to_dict(), self._clock()):
+    def put(self, key: str, verdict: Verdict, *, releasing: str | None = None) -> None:
+        """Remember a verdict (unless another was stored first: that one stays); with
+        ``releasing``, that holder's claim is given up in the same transaction."""
+        lease = None if releasing is None else (_lease_name(key), releasing)
+        if self._ledger.put_verdict(key, verdict.to_dict(), self._clock(), lease=lease):
             self._memory.put(key, verdict)
 
     def claim(self, key: str, holder: str, seconds: float) -> bool:

@@ -21,8 +21,9 @@ class VerdictCache(Protocol):
         """The verdict stored under KEY, if any."""
         ...
 
-    def put(self, key: str, verdict: Verdict) -> None:
-        """Remember a verdict under KEY."""
+    def put(self, key: str, verdict: Verdict, *, releasing: str | None = None) -> None:
+        """Remember a verdict under KEY; with ``releasing``, give that holder's claim up in
+        the same write."""
         ...
 
     def claim(self, key: str, holder: str, seconds: float) -> bool:
@@ -45,8 +46,9 @@ class MemoryVerdictCache:
         """The verdict stored under KEY, if any (and mark it recently used)."""
         return self._items.get(key)
 
-    def put(self, key: str, verdict: Verdict) -> None:
-        """Remember a verdict, evicting the least recently used beyond max_entries."""
+    def put(self, key: str, verdict: Verdict, *, releasing: str | None = None) -> None:
+        """Remember a verdict, evicting the least recently used beyond max_entries (there
+        is no claim to give up)."""
         self._items.put(key, verdict, keep_first=True)
 
     def claim(self, key: str, holder: str, seconds: float) -> bool:
@@ -137,12 +139,16 @@ class CachingModerator:
             if time.monotonic() > deadline:
                 raise unavailable("another worker is still moderating this text")
             time.sleep(self._poll_seconds)
+        released = False
         try:
             found = self._cache.get(key)  # finished just before we claimed
             if found is not None:
                 return dataclasses.replace(found, cached=False)
             verdict = self._inner.moderate(text)
-            self._cache.put(key, dataclasses.replace(verdict, cached=False))
+            stored = dataclasses.replace(verdict, cached=False)
+            self._cache.put(key, stored, releasing=self._holder)
+            released = True
             return verdict
         finally:
-            self._cache.release(key, self._holder)
+            if not released:
+                self._cache.release(key, self._holder)

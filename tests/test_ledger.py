@@ -396,6 +396,26 @@ def test_a_verdict_read_or_stored_once_is_served_from_memory(ledger: Ledger, url
     assert len(statements) == 1  # only the miss asked the database
 
 
+def test_a_new_texts_claim_and_verdict_take_two_writes(ledger: Ledger, url: str) -> None:
+    """The claim is one statement; the verdict is stored and the claim given up in one
+    transaction. A verdict that lost to an earlier one still gives its claim up."""
+    first = Verdict(True, "ok", 0.9, "fine", "gemini-2.5-flash", 10, 2, 0, False, "vrd_1")
+    cache = LedgerVerdictCache(ledger, time.time)
+    commits: list[int] = []
+    event.listen(ledger.engine, "commit", lambda _conn: commits.append(1))
+    assert cache.claim("key", "a", 30.0)
+    assert not cache.claim("key", "b", 30.0)  # another process computes meanwhile
+    cache.put("key", first, releasing="a")
+    assert len(commits) == 3  # the two claims and the verdict with its release
+    assert cache.claim("key", "b", 30.0)  # given up with the verdict
+    book = Ledger.from_url(url)  # another process
+    other = LedgerVerdictCache(book, time.time)
+    other.put("key", dataclasses.replace(first, verdict_id="vrd_2"), releasing="b")
+    assert other.get("key") == first
+    assert cache.claim("key", "c", 30.0)
+    book.engine.dispose()
+
+
 def test_a_remembered_opt_out_is_only_for_free_answers(ledger: Ledger, url: str) -> None:
     phone = "+13012576365"
     assert ledger.is_opted_out(phone, recent=True) is False
