@@ -184,15 +184,23 @@ class ReceiptWatcher:
     def wait(self, transaction: str, timeout: float) -> TxReceipt:
         """The receipt of ``transaction``, asked at once (an automining chain has it already)
         and then watched; web3's TimeExhausted after ``timeout`` seconds."""
-        receipt = self._receipt(transaction)
+        try:
+            receipt = self._receipt(transaction)
+        except Exception as exc:  # a blip just after broadcast: the watcher asks again
+            log.info("receipt lookup failed, watching: %s", type(exc).__name__)
+            receipt = None
         if receipt is not None:
             return receipt
         waiter = _Waiter(transaction)
         with self._lock:
             self._waiting[id(waiter)] = waiter
             if not self._running:
+                try:
+                    threading.Thread(target=self._watch, name="receipts", daemon=True).start()
+                except BaseException:
+                    del self._waiting[id(waiter)]
+                    raise
                 self._running = True
-                threading.Thread(target=self._watch, name="receipts", daemon=True).start()
         try:
             if not waiter.done.wait(timeout) or waiter.receipt is None:
                 raise TimeExhausted(f"no receipt of {transaction} after {timeout} s")
@@ -215,10 +223,7 @@ class ReceiptWatcher:
                 height = int(self._w3.eth.block_number)
                 # A new block, or a while since the last look (a node may index late).
                 if height != seen or time.monotonic() - checked >= RECHECK_SECONDS:
-                    for waiter in waiting:
-                        waiter.receipt = self._receipt(waiter.transaction)
-                        if waiter.receipt is not None:
-                            waiter.done.set()
+                    self._look(waiting)
                     seen, checked = height, time.monotonic()
                 failing = False
             except Exception as exc:  # the waiters time out; the next poll tries again
@@ -226,6 +231,17 @@ class ReceiptWatcher:
                     log.warning("receipt watch failed: %s", type(exc).__name__)
                 failing = True
             time.sleep(self._poll)
+
+    def _look(self, waiting: list[_Waiter]) -> None:
+        """Ask for the receipt of each waiter that has none yet; a receipt found is kept,
+        whatever a lagging node says later."""
+        for waiter in waiting:
+            if waiter.done.is_set():
+                continue
+            receipt = self._receipt(waiter.transaction)
+            if receipt is not None:
+                waiter.receipt = receipt
+                waiter.done.set()
 
     def _receipt(self, transaction: str) -> TxReceipt | None:
         try:

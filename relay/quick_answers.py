@@ -11,10 +11,10 @@ requests, the very functions
 Flask's views run (``api.answer_quote``, ``answers.probe``, ``sending.send``), with the same
 request id, CORS headers, metrics and error bodies as every answer.
 
-What it leaves to Flask, untouched: other routes and methods, bodies over MAX_BODY_BYTES
-or of unknown length, requests through a proxy the app does not trust (Flask's hook warns of
-it), and any /api/send that carries a payment, needs the pay password, may call the model
-(no quote token) or is answered with anything but a 402.
+What it leaves to Flask, untouched: other routes and methods, bodies over QUICK_BODY_BYTES
+(or the app's own limit) or of unknown length, requests through a proxy the app does not
+trust (Flask's hook warns of it), and any /api/send that carries a payment, needs the pay
+password, may call the model (no quote token) or is answered with anything but a 402.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ SEND, QUOTE = "/api/send", "/api/quote"
 #: Where the request's id (relay.logs) waits in the WSGI environment for Flask's hooks.
 REQUEST_ID_KEY = "relay.request_id"
 #: A message, its number and a quote token: a few KiB at most.
-MAX_BODY_BYTES = 8192
-#: Send bodies already parsed, by their bytes (each at most MAX_BODY_BYTES).
+QUICK_BODY_BYTES = 8192
+#: Bodies of quoted sends already answered, by their bytes (each at most QUICK_BODY_BYTES).
 PARSED_BODIES = 2048
 _PAYMENT_KEYS = tuple("HTTP_" + name.upper().replace("-", "_") for name in PAYMENT_HEADERS)
 #: What a request's URL is made of (werkzeug's Request.base_url reads these).
@@ -78,6 +78,8 @@ class QuickAnswers:
         self._common_headers = common_headers
         self._answer_quote = answer_quote
         self._trusts_proxies = trusts_proxies
+        #: Never more than Flask would read: a larger body is its 413.
+        self._max_body = min(QUICK_BODY_BYTES, services.settings.body_limit)
         self._parsed: Memo[bytes, MessageRequest] = Memo(PARSED_BODIES)
         self._urls: Memo[tuple[object, ...], str] = Memo(PARSED_BODIES)
         #: Answers given here (for the tests and the curious).
@@ -125,7 +127,7 @@ class QuickAnswers:
             and environ.get("REQUEST_METHOD") == "POST"
             and "HTTP_TRANSFER_ENCODING" not in environ
             and length.isdigit()
-            and int(length) <= MAX_BODY_BYTES
+            and int(length) <= self._max_body
             and (self._trusts_proxies or "HTTP_X_FORWARDED_FOR" not in environ)
         )
         if not taken or (route == SEND and not self._unpaid(environ)):
@@ -156,18 +158,22 @@ class QuickAnswers:
             if not raw.strip():
                 outcome = answers.probe(svc, url)
             else:
-                req = self._parsed.get(raw)
-                if req is None:
-                    parsed = parse_message_request(
+                known = self._parsed.get(raw)
+                req = (
+                    known
+                    if known is not None
+                    else parse_message_request(
                         parse_json_object(raw),
                         allow_token=True,
                         max_message_chars=svc.settings.max_message_chars,
                     )
-                    req = self._parsed.put(raw, parsed)
+                )
                 if req.quote_token is None or (isinstance(req, SendRequest) and req.callback_url):
                     return None  # a one-shot send may call the model: the view counts it
                 client = rate_key(environ.get("REMOTE_ADDR") or "unknown")
                 outcome = sending.send(svc, req, {}, url, client)
+                if known is None and outcome.status == 402:  # a genuine, fresh quote's body
+                    self._parsed.put(raw, req)
         except Exception:  # the view answers it again, with its error handling
             return None
         if outcome.status != 402:

@@ -23,6 +23,9 @@ from web3 import Web3
 from tests.http_thread import ServedInBackground
 
 UPSTREAM_TIMEOUT = 60
+NO_BATCHES = json.dumps(
+    {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": "batches not supported"}}
+).encode()
 
 
 class RpcProxy(ServedInBackground):
@@ -37,6 +40,12 @@ class RpcProxy(ServedInBackground):
         self.requests = 0
         #: While set, every request is answered 503, as by a node that is away.
         self.down = False
+        #: The next this many requests are answered 503 (a blip).
+        self.fail_next = 0
+        #: Calls of these methods are answered ``null``, as by a node that lags behind.
+        self.lagging: set[str] = set()
+        #: While set, a batch of calls is refused, as by a node that takes none.
+        self.refuses_batches = False
         self._lock = threading.Lock()
         self._local = threading.local()
         self._connections: list[http.client.HTTPConnection] = []
@@ -73,6 +82,22 @@ class RpcProxy(ServedInBackground):
                 tx_hash = Web3.keccak(hexstr=HexStr(raw)).to_0x_hex()
                 with self._lock:
                     self.broadcasts.setdefault(tx_hash, arrived)
+
+    def failing(self) -> bool:
+        """Whether this request is to be answered 503."""
+        with self._lock:
+            blip, self.fail_next = self.fail_next > 0, max(0, self.fail_next - 1)
+        return self.down or blip
+
+    def lag(self, body: bytes, answer: bytes) -> bytes:
+        """The answer, or ``null`` for a single call of a lagging method."""
+        try:
+            call = json.loads(body)
+        except ValueError:
+            return answer
+        if isinstance(call, dict) and call.get("method") in self.lagging:
+            return json.dumps({"jsonrpc": "2.0", "id": call.get("id"), "result": None}).encode()
+        return answer
 
     def forward(self, body: bytes) -> tuple[int, bytes]:
         """The node's answer to ``body``, over this thread's kept-alive connection."""
@@ -126,7 +151,11 @@ class _Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         proxy = self.server.proxy
         proxy.note(body, time.monotonic())
-        status, answer = (503, b"{}") if proxy.down else proxy.forward(body)
+        if proxy.refuses_batches and body.lstrip().startswith(b"["):
+            status, answer = 200, NO_BATCHES
+        else:
+            status, answer = (503, b"{}") if proxy.failing() else proxy.forward(body)
+            answer = proxy.lag(body, answer)
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(answer)))

@@ -4,7 +4,6 @@ the ledger written only where a step needs it."""
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,7 +15,7 @@ from sqlalchemy import event
 from web3 import Web3
 from web3.exceptions import TimeExhausted
 
-from relay.chain import ReceiptWatcher
+from relay.chain import ReceiptWatcher, _Waiter
 from relay.dev.chain import DevChain
 from relay.errors import RequestInProgress
 from relay.flows.leases import hold, lease_seconds
@@ -117,6 +116,34 @@ def test_a_node_that_goes_away_is_logged_once_per_outage(
     assert len(failures) == 1
 
 
+def test_a_blip_just_after_broadcast_is_watched_through(chain: DevChain, proxy: RpcProxy) -> None:
+    watcher = ReceiptWatcher(proxy.url)
+    chain.set_automine(False)
+    try:
+        (transaction,) = pending_transfers(chain, 1)
+        proxy.fail_next = 1  # the first look, just after broadcast, meets a 503
+        with ThreadPoolExecutor(1) as pool:
+            wait = pool.submit(watcher.wait, transaction, 10)
+            time.sleep(0.2)
+            chain.mine()
+            assert wait.result(timeout=10)["transactionHash"].to_0x_hex() == transaction
+    finally:
+        chain.set_automine(True)
+
+
+def test_a_receipt_found_is_kept_whatever_a_lagging_node_says(
+    chain: DevChain, proxy: RpcProxy
+) -> None:
+    watcher = ReceiptWatcher(proxy.url)
+    (transaction,) = pending_transfers(chain, 1)  # automine: mined at once
+    waiter = _Waiter(transaction)
+    watcher._look([waiter])
+    assert waiter.done.is_set() and waiter.receipt is not None
+    proxy.lagging.add("eth_getTransactionReceipt")  # another node behind the balancer
+    watcher._look([waiter])  # a poll before the waiting thread woke up
+    assert waiter.receipt is not None
+
+
 def simulations(proxy: RpcProxy) -> int:
     """eth_calls of transferWithAuthorization: the transfer simulated before broadcast."""
     return sum(
@@ -155,11 +182,23 @@ def test_a_paid_send_asks_the_chain_each_thing_once(
     services_of(app).payments.close()
 
 
-def test_a_paid_send_writes_the_ledger_ten_times(
+def test_a_node_that_takes_no_batches_is_asked_one_call_at_a_time(
+    paid_settings: Callable[..., Settings], proxy: RpcProxy, payer: Wallet
+) -> None:
+    proxy.refuses_batches = True
+    app = make_app(paid_settings(rpc_url=proxy.url))
+    answer = paid(app.test_client(), BODY, payer.key)
+    assert answer.status_code == 200, answer.get_data(as_text=True)
+    assert proxy.count("eth_sendRawTransaction") == 1
+    services_of(app).payments.close()
+
+
+def test_a_paid_send_writes_the_ledger_eleven_times(
     paid_settings: Callable[..., Settings], payer: Wallet, chain: DevChain
 ) -> None:
-    """Claim, nonce, hash, settled, dispatching, outbox, message, delivered, answer, release:
-    a lease just taken and a nonce just reserved are not written again before broadcast."""
+    """Claim, nonce, lease renewed before broadcast, hash, settled, dispatching, outbox,
+    message, delivered, answer, release: a nonce reserved a moment ago is not written again
+    before broadcast."""
     app = make_app(paid_settings())
     client = app.test_client()
     assert paid(client, BODY, payer.key).status_code == 200
@@ -168,18 +207,18 @@ def test_a_paid_send_writes_the_ledger_ten_times(
     other = new_wallet(chain, 10_000_000)
     answer = paid(client, {**BODY, "message": "Your parcel is on its way"}, other.key)
     assert answer.status_code == 200, answer.get_data(as_text=True)
-    assert len(commits) == 10
+    assert len(commits) == 11
 
 
-def test_a_lease_is_checked_before_a_step_unless_just_taken(
+def test_a_lease_is_checked_before_a_step_even_just_taken(
     paid_settings: Callable[..., Settings],
 ) -> None:
+    """A forced repair a moment after a request took the payment: the request stops before
+    its broadcast."""
     services = build_services(paid_settings())
     now, seconds = services.clock(), lease_seconds(services)
     row = payment(lease_until=now + seconds, lease_holder="request")
     services.ledger.claim_payment(row)
     assert services.ledger.take(row.id, now, seconds, force=True)  # an operator's repair
-    hold(services, row)  # taken this instant: nobody else may act while it runs
-    older = dataclasses.replace(row, lease_until=now + seconds - 2)
     with pytest.raises(RequestInProgress):
-        hold(services, older)
+        hold(services, row)

@@ -160,3 +160,14 @@ def test_an_unexpected_failure_of_a_quote_is_a_500_in_our_shape(
     assert headers["X-Request-Id"] == "req-2"
     assert quick_of(app).answered == 1
     assert "unhandled error" in caplog.text
+
+
+def test_a_body_over_the_apps_limit_is_flasks_413(paid_settings: Callable[..., Settings]) -> None:
+    settings = paid_settings(max_body_bytes=4096, max_segments=1)
+    assert settings.body_limit < 8192  # smaller than what the quick path reads at most
+    app = create_app(services=build_services(settings))
+    big = {"message": "x" * settings.body_limit, "to": US}
+    for path in ("/api/quote", "/api/send"):
+        answer = app.test_client().post(path, json=big)
+        assert (answer.status_code, answer.get_json()["error"]) == (413, "payload_too_large")
+    assert quick_of(app).answered == 0

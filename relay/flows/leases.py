@@ -16,7 +16,6 @@ from relay.services import Services
 log = logging.getLogger(__name__)
 
 IN_PROGRESS_RETRY_SECONDS = 2
-FRESH_LEASE_SECONDS = 1.0
 
 
 def lease_seconds(services: Services) -> float:
@@ -33,19 +32,9 @@ def busy(**details: Any) -> RequestInProgress:
 
 def hold(services: Services, payment: PaymentRecord) -> None:
     """Renew our lease before a step with an outside effect; RequestInProgress (and no
-    effect) if another worker has taken the payment over.
-
-    A lease taken or renewed less than FRESH_LEASE_SECONDS ago is left as it is: nobody can
-    have taken it over while it runs (only an operator's forced repair, with no other
-    process running), and it still runs nearly its whole length, at least twice the
-    longest step."""
+    effect) if another worker has taken the payment over (even a forced repair moments
+    after the lease was taken)."""
     now = services.clock()
-    seconds = lease_seconds(services)
-    if (
-        payment.lease_until is not None
-        and payment.lease_until - now > seconds - FRESH_LEASE_SECONDS
-    ):
-        return
-    if not services.ledger.renew(payment.id, payment.holder, now, seconds):
+    if not services.ledger.renew(payment.id, payment.holder, now, lease_seconds(services)):
         log.warning("payment %s was taken over; this worker stops", payment.id)
         raise busy()
