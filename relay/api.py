@@ -8,17 +8,17 @@ from decimal import Decimal
 from typing import Any, cast
 
 from flask import Blueprint, Response, current_app, jsonify, request
+from werkzeug import Request
 
 from relay import wire
 from relay.errors import NotFound, Unauthorized
 from relay.flows import answers, quoting, sending
 from relay.flows.status import message_status, sinch_callback
-from relay.inputs import parse_json_object, parse_message_request
+from relay.inputs import MessageRequest, parse_json_object, parse_message_request
 from relay.moderation import Category
 from relay.payment_headers import PAYMENT_HEADERS
 from relay.phishing_rules import RulesModerator
 from relay.pricing import token_prices
-from relay.quick_answers import resource_url
 from relay.ratelimit import rate_key
 from relay.segments import MULTI_SEGMENT_UNITS, SINGLE_SEGMENT_UNITS
 from relay.services import Services
@@ -53,12 +53,16 @@ def post_quote() -> Response:
 def answer_quote(svc: Services, raw: bytes, client: str) -> dict[str, Any]:
     """The quote of the request body ``raw``, counted against ``client``'s limit first."""
     quoting.limit_model_calls(svc, client)
-    req = parse_message_request(
+    return quote_body(svc, quoting.quote(svc, message_request(svc, raw, allow_token=False)))
+
+
+def message_request(svc: Services, raw: bytes, *, allow_token: bool) -> MessageRequest:
+    """The message request in the body ``raw`` (a send's may carry a quote token)."""
+    return parse_message_request(
         parse_json_object(raw),
-        allow_token=False,
+        allow_token=allow_token,
         max_message_chars=svc.settings.max_message_chars,
     )
-    return quote_body(svc, quoting.quote(svc, req))
 
 
 def quote_body(svc: Services, q: quoting.Quote) -> dict[str, Any]:
@@ -191,6 +195,13 @@ def _check(probe: Callable[[], None]) -> wire.Reachability:
     return "ok"
 
 
+def resource_url(svc: Services, request: Request) -> str:
+    """The x402 resource URL of a request: the public address when configured (behind
+    proxies), else the URL it came to, without its query."""
+    public = svc.settings.public_base_url
+    return public.rstrip("/") + request.path if public else request.base_url
+
+
 def require_password(svc: Services) -> None:
     """Enforce X-Pay-Password when PAY_PASSWORD is set, with a lock-out after failures."""
     expected = svc.settings.pay_password
@@ -216,11 +227,7 @@ def post_send() -> Response:
     if not raw.strip() and not paying:
         outcome = answers.probe(svc, resource_url(svc, request))
     else:
-        req = parse_message_request(
-            parse_json_object(raw),
-            allow_token=True,
-            max_message_chars=svc.settings.max_message_chars,
-        )
+        req = message_request(svc, raw, allow_token=True)
         outcome = sending.send(
             svc, req, dict(request.headers), resource_url(svc, request), client_key()
         )

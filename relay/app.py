@@ -8,12 +8,14 @@ from collections.abc import Callable
 from typing import Any
 
 import simplejson
-from flask import Flask, Response, g, request
+from flask import Flask, Response, request
 from flask.json.provider import JSONProvider
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from relay import metrics
+from relay.api import api
+from relay.docs import docs
 from relay.errors import (
     InternalError,
     InvalidInput,
@@ -24,7 +26,7 @@ from relay.errors import (
     unexpected,
 )
 from relay.ledger import FORWARDED_NOTICE
-from relay.logs import configure_logging, hide_in_logs, request_id_of
+from relay.logs import configure_logging, hide_in_logs
 from relay.quick_answers import REQUEST_ID_KEY, QuickAnswers
 from relay.services import Services, build_services
 from relay.settings import Settings, load_settings
@@ -67,11 +69,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     def common_headers(request_id: str, origin: str | None, method: str) -> list[tuple[str, str]]:
         return [("X-Request-Id", request_id), *cors_headers(origins, origin, method)]
 
-    from relay.api import answer_quote, api
-    from relay.docs import docs
-
     app.wsgi_app = QuickAnswers(  # type: ignore[method-assign]
-        app.wsgi_app, services, common_headers, answer_quote, trusts_proxies=bool(hops)
+        app.wsgi_app, services, common_headers, trusts_proxies=bool(hops)
     )
     if hops:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)  # type: ignore[method-assign]
@@ -80,7 +79,6 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.register_blueprint(docs)
     metrics.init_app(app)
     _register_error_handlers(app)
-    app.before_request(_take_request_id)
     app.after_request(_echo_request_id)
     app.after_request(_cors(origins))
     if not hops:
@@ -89,15 +87,10 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     return app
 
 
-def _take_request_id() -> None:
-    """The request's id (relay.logs binds it for the log lines), echoed in the answer."""
-    sent = request.environ.get(REQUEST_ID_KEY)
-    g.request_id = sent or request_id_of(request.headers.get("X-Request-Id", ""))
-
-
 def _echo_request_id(response: Response) -> Response:
-    """X-Request-Id on every answer, so a client can quote it in a report."""
-    response.headers["X-Request-Id"] = g.get("request_id", "")
+    """X-Request-Id on every answer, so a client can quote it in a report (the id every
+    log line of the request carries: relay.quick_answers gives it to each request)."""
+    response.headers["X-Request-Id"] = request.environ[REQUEST_ID_KEY]
     return response
 
 

@@ -11,6 +11,9 @@ from web3 import Web3
 
 log = logging.getLogger(__name__)
 
+#: The nodes (RPC URLs) of this process that refused a batch request.
+_UNBATCHED: set[str] = set()
+
 
 class NonceStore(Protocol):
     """Hands out an account's transaction nonces across processes."""
@@ -31,16 +34,23 @@ def reserve_nonce(w3: Web3, nonces: NonceStore, address: ChecksumAddress) -> tup
 
 def _chain_counts(w3: Web3, address: ChecksumAddress) -> tuple[int, int, int]:
     """The account's pending and mined transaction counts and the gas price, in one batch
-    request; one by one from a node that takes no batches."""
-    try:
-        with w3.batch_requests() as batch:
-            batch.add(w3.eth.get_transaction_count(address, "pending"))
-            batch.add(w3.eth.get_transaction_count(address, "latest"))
-            batch.add(w3.eth.gas_price)
-            pending, latest, gas_price = (int(cast(Any, answer)) for answer in batch.execute())
-        return pending, latest, gas_price
-    except Exception as exc:
-        log.info("batch request refused, asking one by one: %s", type(exc).__name__)
+    request; one by one from a node that takes no batches (asked once, then remembered)."""
+    node = str(getattr(w3.provider, "endpoint_uri", ""))
+    refused = False
+    if node not in _UNBATCHED:
+        try:
+            with w3.batch_requests() as batch:
+                batch.add(w3.eth.get_transaction_count(address, "pending"))
+                batch.add(w3.eth.get_transaction_count(address, "latest"))
+                batch.add(w3.eth.gas_price)
+                answers = [int(cast(Any, answer)) for answer in batch.execute()]
+            return answers[0], answers[1], answers[2]
+        except Exception as exc:
+            log.info("batch request failed, asking one by one: %s", type(exc).__name__)
+            refused = True
     pending = w3.eth.get_transaction_count(address, "pending")
     latest = w3.eth.get_transaction_count(address, "latest")
-    return pending, latest, int(w3.eth.gas_price)
+    gas_price = int(w3.eth.gas_price)
+    if refused:  # the node answers single calls: it is the batch it refuses
+        _UNBATCHED.add(node)
+    return pending, latest, gas_price

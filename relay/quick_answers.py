@@ -28,9 +28,10 @@ from werkzeug import Request
 from werkzeug.http import HTTP_STATUS_CODES
 
 from relay import metrics
+from relay.api import answer_quote, message_request, resource_url
 from relay.errors import RelayError, unexpected
 from relay.flows import answers, sending
-from relay.inputs import MessageRequest, parse_json_object, parse_message_request
+from relay.inputs import MessageRequest
 from relay.logs import request_id_of, serving
 from relay.memo import Memo
 from relay.payment_headers import PAYMENT_HEADERS
@@ -69,14 +70,12 @@ class QuickAnswers:
         app: WSGIApplication,
         services: Services,
         common_headers: AnswerHeaders,
-        answer_quote: Callable[[Services, bytes, str], dict[str, object]],
         *,
         trusts_proxies: bool,
     ) -> None:
         self._app = app
         self._services = services
         self._common_headers = common_headers
-        self._answer_quote = answer_quote
         self._trusts_proxies = trusts_proxies
         #: Never more than Flask would read: a larger body is its 413.
         self._max_body = min(QUICK_BODY_BYTES, services.settings.body_limit)
@@ -143,51 +142,39 @@ class QuickAnswers:
         """The quote view's answer: the quote, or the error it raised."""
         client = rate_key(environ.get("REMOTE_ADDR") or "unknown")
         try:
-            return 200, to_json(self._answer_quote(self._services, raw, client)), {}
-        except RelayError as error:
-            return error.status, to_json(error.body()), error.response_headers()
+            return 200, to_json(answer_quote(self._services, raw, client)), {}
         except Exception as error:
-            failed = unexpected(error)
+            failed = error if isinstance(error, RelayError) else unexpected(error)
             return failed.status, to_json(failed.body()), failed.response_headers()
 
     def _send(self, raw: bytes, environ: WSGIEnvironment) -> Answer | None:
         """The 402 the send view would answer, or None to leave the request to it."""
-        svc = self._services
         try:
-            url = self._url(environ)
-            if not raw.strip():
-                outcome = answers.probe(svc, url)
-            else:
-                known = self._parsed.get(raw)
-                req = (
-                    known
-                    if known is not None
-                    else parse_message_request(
-                        parse_json_object(raw),
-                        allow_token=True,
-                        max_message_chars=svc.settings.max_message_chars,
-                    )
-                )
-                if req.quote_token is None or (isinstance(req, SendRequest) and req.callback_url):
-                    return None  # a one-shot send may call the model: the view counts it
-                client = rate_key(environ.get("REMOTE_ADDR") or "unknown")
-                outcome = sending.send(svc, req, {}, url, client)
-                if known is None and outcome.status == 402:  # a genuine, fresh quote's body
-                    self._parsed.put(raw, req)
+            outcome = self._unpaid_send(raw, environ)
         except Exception:  # the view answers it again, with its error handling
             return None
-        if outcome.status != 402:
+        if outcome is None or outcome.status != 402:
             return None
         return outcome.status, outcome.json(), outcome.headers
+
+    def _unpaid_send(self, raw: bytes, environ: WSGIEnvironment) -> answers.Outcome | None:
+        """The send view's flow for an unpaid send; None for one without a quote token (it
+        may call the model: the view counts it) or with a callback to check."""
+        svc = self._services
+        url = self._url(environ)
+        if not raw.strip():
+            return answers.probe(svc, url)
+        known = self._parsed.get(raw)
+        req = known if known is not None else message_request(svc, raw, allow_token=True)
+        if req.quote_token is None or (isinstance(req, SendRequest) and req.callback_url):
+            return None
+        client = rate_key(environ.get("REMOTE_ADDR") or "unknown")
+        outcome = sending.send(svc, req, {}, url, client)
+        if known is None and outcome.status == 402:  # a genuine, fresh quote's body
+            self._parsed.put(raw, req)
+        return outcome
 
     def _url(self, environ: WSGIEnvironment) -> str:
         """The resource URL, worked out once per scheme, host and path."""
         key = tuple(environ.get(name) for name in _URL_PARTS)
         return self._urls.get_or_make(key, lambda: resource_url(self._services, Request(environ)))
-
-
-def resource_url(svc: Services, request: Request) -> str:
-    """The x402 resource URL of a request: the public address when configured (behind
-    proxies), else the URL it came to, without its query."""
-    public = svc.settings.public_base_url
-    return public.rstrip("/") + request.path if public else request.base_url

@@ -13,6 +13,7 @@ import http.client
 import json
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
@@ -46,6 +47,11 @@ class RpcProxy(ServedInBackground):
         self.lagging: set[str] = set()
         #: While set, a batch of calls is refused, as by a node that takes none.
         self.refuses_batches = False
+        #: Batch requests received.
+        self.batches = 0
+        #: Called (once) when a raw transaction arrives, before it reaches the node: what
+        #: someone else gets mined just ahead of it.
+        self.before_broadcast: Callable[[], object] | None = None
         self._lock = threading.Lock()
         self._local = threading.local()
         self._connections: list[http.client.HTTPConnection] = []
@@ -72,6 +78,7 @@ class RpcProxy(ServedInBackground):
             return
         with self._lock:
             self.requests += 1
+            self.batches += isinstance(calls, list)
         for call in calls if isinstance(calls, list) else [calls]:
             if not isinstance(call, dict):
                 continue
@@ -151,6 +158,9 @@ class _Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         proxy = self.server.proxy
         proxy.note(body, time.monotonic())
+        if proxy.before_broadcast is not None and b"eth_sendRawTransaction" in body:
+            ahead, proxy.before_broadcast = proxy.before_broadcast, None
+            ahead()
         if proxy.refuses_batches and body.lstrip().startswith(b"["):
             status, answer = 200, NO_BATCHES
         else:

@@ -42,6 +42,7 @@ from tests.conftest import (
     state_of,
 )
 from tests.fake_sinch import FakeSinch
+from tests.rpc_proxy import RpcProxy
 from tests.x402_helpers import client_for, header, pay, pay_payload, signed
 
 US = "+13012576365"
@@ -220,6 +221,31 @@ def test_a_canceled_authorization_is_a_certain_failure(
         answer = future.result()
     assert answer.status_code == 402, answer.get_data(as_text=True)
     assert answer.get_json()["details"]["reason"] == CANCELED
+    assert services.ledger.outbox_messages() == []
+    assert chain.usdc_balance(payer.address) == FUNDS
+
+
+def test_a_cancel_mined_between_verify_and_broadcast_is_a_certain_failure(
+    paid_settings: Callable[..., Settings], chain: DevChain, payer: Wallet
+) -> None:
+    """A first paid send simulates its transfer in verify only: the payer gets a cancel
+    mined after that and just ahead of the settlement. The relay's transaction reverts (its
+    gas is the cost), and the payment fails for certain: nothing moved, nothing sent."""
+    with RpcProxy(chain.rpc_url) as proxy:
+        app = create_app(services=build_services(paid_settings(rpc_url=proxy.url)))
+        services = services_of(app)
+        client = app.test_client()
+        body = {"message": "Canceled after verify", "to": US}
+        signature = pay(challenge(client, body), payer.key)
+        parsed = services.payments.parse_payment({"PAYMENT-SIGNATURE": signature})
+        assert parsed is not None
+        proxy.before_broadcast = lambda: cancel(chain, payer.key, parsed.nonce)
+        answer = send(client, body, signature)
+        services.payments.close()
+    assert answer.status_code == 402, answer.get_data(as_text=True)
+    assert answer.get_json()["details"]["reason"] == CANCELED
+    assert proxy.before_broadcast is None  # the cancel went ahead of the broadcast
+    assert proxy.count("eth_sendRawTransaction") == 1  # the relay's, mined and reverted
     assert services.ledger.outbox_messages() == []
     assert chain.usdc_balance(payer.address) == FUNDS
 

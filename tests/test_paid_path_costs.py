@@ -183,13 +183,17 @@ def test_a_paid_send_asks_the_chain_each_thing_once(
 
 
 def test_a_node_that_takes_no_batches_is_asked_one_call_at_a_time(
-    paid_settings: Callable[..., Settings], proxy: RpcProxy, payer: Wallet
+    paid_settings: Callable[..., Settings], proxy: RpcProxy, payer: Wallet, chain: DevChain
 ) -> None:
     proxy.refuses_batches = True
     app = make_app(paid_settings(rpc_url=proxy.url))
-    answer = paid(app.test_client(), BODY, payer.key)
+    client = app.test_client()
+    assert paid(client, BODY, payer.key).status_code == 200
+    other = new_wallet(chain, 10_000_000)
+    answer = paid(client, {**BODY, "message": "Your parcel is on its way"}, other.key)
     assert answer.status_code == 200, answer.get_data(as_text=True)
-    assert proxy.count("eth_sendRawTransaction") == 1
+    assert proxy.count("eth_sendRawTransaction") == 2
+    assert proxy.batches == 1  # refused once, then not asked again
     services_of(app).payments.close()
 
 
