@@ -200,29 +200,49 @@ def test_an_authorization_used_without_a_log_found_is_kept_for_review(
     assert services.ledger.outbox_messages() == []
 
 
+@dataclasses.dataclass
+class Signed:
+    """A relay app and a payment signed for one message, not yet sent."""
+
+    services: Services
+    client: FlaskClient
+    body: dict[str, Any]
+    signature: str
+    nonce: str
+
+
+def signed_payment(settings: Settings, text: str, key: str) -> Signed:
+    app = create_app(services=build_services(settings))
+    services, client = services_of(app), app.test_client()
+    body = {"message": text, "to": US}
+    signature = pay(challenge(client, body), key)
+    parsed = services.payments.parse_payment({"PAYMENT-SIGNATURE": signature})
+    assert parsed is not None
+    return Signed(services, client, body, signature, parsed.nonce)
+
+
+def assert_failed_for_certain(answer: Any, signed: Signed, chain: DevChain, payer: Wallet) -> None:
+    """402 authorization_canceled: nothing sent, nothing moved."""
+    assert answer.status_code == 402, answer.get_data(as_text=True)
+    assert answer.get_json()["details"]["reason"] == CANCELED
+    assert signed.services.ledger.outbox_messages() == []
+    assert chain.usdc_balance(payer.address) == FUNDS
+
+
 def test_a_canceled_authorization_is_a_certain_failure(
     paid_settings: Callable[..., Settings], chain: DevChain, payer: Wallet, no_automine: None
 ) -> None:
     """The payer cancels the authorization and gets the cancel mined ahead of the relay's
     settlement: nothing moved, the payment fails for certain and sends nothing."""
-    app = create_app(services=build_services(paid_settings()))
-    services = services_of(app)
-    client = app.test_client()
-    body = {"message": "Canceled", "to": US}
-    signature = pay(challenge(client, body), payer.key)
-    parsed = services.payments.parse_payment({"PAYMENT-SIGNATURE": signature})
-    assert parsed is not None
-    cancel(chain, payer.key, parsed.nonce)
+    signed = signed_payment(paid_settings(), "Canceled", payer.key)
+    cancel(chain, payer.key, signed.nonce)
     before = settler_nonce(chain, "pending")
     with ThreadPoolExecutor(1) as pool:
-        future = pool.submit(send, client, body, signature)
+        future = pool.submit(send, signed.client, signed.body, signed.signature)
         wait_for(lambda: settler_nonce(chain, "pending") == before + 1)
         chain.mine()
         answer = future.result()
-    assert answer.status_code == 402, answer.get_data(as_text=True)
-    assert answer.get_json()["details"]["reason"] == CANCELED
-    assert services.ledger.outbox_messages() == []
-    assert chain.usdc_balance(payer.address) == FUNDS
+    assert_failed_for_certain(answer, signed, chain, payer)
 
 
 def test_a_cancel_mined_between_verify_and_broadcast_is_a_certain_failure(
@@ -232,22 +252,14 @@ def test_a_cancel_mined_between_verify_and_broadcast_is_a_certain_failure(
     mined after that and just ahead of the settlement. The relay's transaction reverts (its
     gas is the cost), and the payment fails for certain: nothing moved, nothing sent."""
     with RpcProxy(chain.rpc_url) as proxy:
-        app = create_app(services=build_services(paid_settings(rpc_url=proxy.url)))
-        services = services_of(app)
-        client = app.test_client()
-        body = {"message": "Canceled after verify", "to": US}
-        signature = pay(challenge(client, body), payer.key)
-        parsed = services.payments.parse_payment({"PAYMENT-SIGNATURE": signature})
-        assert parsed is not None
-        proxy.before_broadcast = lambda: cancel(chain, payer.key, parsed.nonce)
-        answer = send(client, body, signature)
-        services.payments.close()
-    assert answer.status_code == 402, answer.get_data(as_text=True)
-    assert answer.get_json()["details"]["reason"] == CANCELED
+        settings = paid_settings(rpc_url=proxy.url)
+        signed = signed_payment(settings, "Canceled after verify", payer.key)
+        proxy.before_broadcast = lambda: cancel(chain, payer.key, signed.nonce)
+        answer = send(signed.client, signed.body, signed.signature)
+        signed.services.payments.close()
     assert proxy.before_broadcast is None  # the cancel went ahead of the broadcast
     assert proxy.count("eth_sendRawTransaction") == 1  # the relay's, mined and reverted
-    assert services.ledger.outbox_messages() == []
-    assert chain.usdc_balance(payer.address) == FUNDS
+    assert_failed_for_certain(answer, signed, chain, payer)
 
 
 # 5. A late repair sends twice -------------------------------------------------------------
