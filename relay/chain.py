@@ -10,8 +10,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from eth_typing import ChecksumAddress, HexStr
+import requests
+import urllib3
+from eth_typing import URI, ChecksumAddress, HexStr
 from web3 import Web3
+from web3._utils.http_session_manager import HTTPSessionManager
 from web3.exceptions import TimeExhausted, TransactionNotFound
 from web3.types import TxReceipt
 
@@ -24,6 +27,9 @@ log = logging.getLogger(__name__)
 
 #: Every RPC request's timeout (the doctor uses a shorter one).
 RPC_TIMEOUT_SECONDS = 10.0
+#: Kept-alive connections per RPC client (more are opened when threads need them, not kept).
+POOL_CONNECTIONS = 32
+JSON_HEADERS = {"Content-Type": "application/json"}
 RETRY_AFTER_SECONDS = 5
 #: How often the process's receipt watcher asks for the chain's height while anyone waits.
 BLOCK_POLL_SECONDS = 0.05
@@ -49,7 +55,42 @@ def web3_for(
     options: dict[str, Any] = {} if retries else {"exception_retry_configuration": None}
     if known_chain:
         options |= {"cache_allowed_requests": True, "cacheable_requests": {"eth_chainId"}}
-    return Web3(Web3.HTTPProvider(rpc_url, request_kwargs={"timeout": timeout}, **options))
+    provider = Web3.HTTPProvider(rpc_url, request_kwargs={"timeout": timeout}, **options)
+    # web3 posts every request through its session manager: ours is a pool of kept-alive
+    # connections that the process's threads share.
+    provider._request_session_manager = PooledPoster(timeout)
+    return Web3(provider)
+
+
+class PooledPoster(HTTPSessionManager):
+    """What web3's HTTP provider posts its JSON-RPC requests through: one urllib3 pool of
+    kept-alive connections per client, shared by every thread, instead of a requests session
+    per thread (a third of the client's cost per request). Failures are raised as the
+    requests exceptions web3 expects, so its retries and our error handling see the same."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__()
+        self._timeout = timeout
+        self._pool = urllib3.PoolManager(num_pools=4, maxsize=POOL_CONNECTIONS, retries=False)
+
+    def make_post_request(
+        self, endpoint_uri: URI, data: bytes | dict[str, Any], **kwargs: Any
+    ) -> bytes:
+        timeout = kwargs.get("timeout") or self._timeout
+        headers = kwargs.get("headers") or JSON_HEADERS
+        try:
+            response = self._pool.request(
+                "POST", endpoint_uri, body=data, headers=headers, timeout=timeout
+            )
+        except urllib3.exceptions.NewConnectionError as exc:  # a TimeoutError to urllib3
+            raise requests.ConnectionError(str(exc)) from exc
+        except (urllib3.exceptions.TimeoutError, TimeoutError) as exc:
+            raise requests.Timeout(str(exc)) from exc
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise requests.ConnectionError(str(exc)) from exc
+        if response.status >= 400:
+            raise requests.HTTPError(f"{response.status} from the RPC")
+        return bytes(response.data)
 
 
 def chain_unavailable() -> ChainUnavailable:

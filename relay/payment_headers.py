@@ -16,7 +16,8 @@ from web3 import Web3
 from x402 import PaymentPayload, PaymentPayloadV1
 from x402.extensions.payment_identifier import (
     PAYMENT_IDENTIFIER,
-    extract_and_validate_payment_identifier,
+    extract_payment_identifier,
+    validate_payment_identifier,
 )
 from x402.http import decode_payment_signature_header
 
@@ -168,13 +169,24 @@ def _payment_key(payload: PaymentPayload | PaymentPayloadV1) -> str:
 
 
 def _payment_identifier(payload: PaymentPayload | PaymentPayloadV1) -> str | None:
-    """The payment-identifier extension's id (v2 only); InvalidInput if malformed."""
-    if not isinstance(payload, PaymentPayload):
+    """The payment-identifier extension's id (v2 only); InvalidInput if malformed.
+
+    A payer echoes the extension back with the JSON Schema the 402 declared, but any schema
+    it sends is its own: running it would let a payer pick the rules (and the cost) of its
+    own check. The SDK's checks without it are the declared schema's rules (a boolean
+    ``required``, an id of 16 to 128 letters, digits, hyphens and underscores).
+    """
+    if not isinstance(payload, PaymentPayload) or not payload.extensions:
         return None
-    payment_id, validation = extract_and_validate_payment_identifier(payload)
+    extension = payload.extensions.get(PAYMENT_IDENTIFIER)
+    if not extension:
+        return None
+    if isinstance(extension, dict):
+        extension = {key: value for key, value in extension.items() if key != "schema"}
+    validation = validate_payment_identifier(extension)
     if not validation.valid:
         raise InvalidInput(
             "The payment-identifier extension is not valid: " + "; ".join(validation.errors),
             details={"field": PAYMENT_IDENTIFIER, "problem": "; ".join(validation.errors)},
         )
-    return payment_id
+    return extract_payment_identifier(payload, validate=False)

@@ -49,6 +49,8 @@ class RpcProxy(ServedInBackground):
         self.refuses_batches = False
         #: Batch requests received.
         self.batches = 0
+        #: TCP connections accepted from clients.
+        self.connections = 0
         #: Called (once) when a raw transaction arrives, before it reaches the node: what
         #: someone else gets mined just ahead of it.
         self.before_broadcast: Callable[[], object] | None = None
@@ -153,6 +155,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
+
+    def setup(self) -> None:
+        super().setup()
+        with self.server.proxy._lock:
+            self.server.proxy.connections += 1
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))

@@ -287,6 +287,33 @@ def test_payment_identifier_is_read_and_validated(
     assert exc.value.details["field"] == PAYMENT_IDENTIFIER
 
 
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"not": {}},  # would refuse every identifier
+        {"$ref": "http://127.0.0.1:9/schema.json"},  # would make the relay fetch it
+        {"properties": {"id": {"pattern": "^(a+)+$"}}},  # a slow pattern of the payer's choosing
+    ],
+)
+def test_a_schema_sent_back_by_the_payer_is_not_run(
+    local: Payments, new_payer: Callable[..., tuple[str, str]], schema: dict[str, object]
+) -> None:
+    """The identifier is checked by the rules the 402 declared, whatever schema comes back."""
+    _, key = new_payer(0)
+    _, value, _ = challenge(local)
+    payload = pay_payload(value, key, payment_id="pay_0123456789abcdef")
+    assert payload.extensions is not None
+    payload.extensions[PAYMENT_IDENTIFIER]["schema"] = schema
+    parsed = local.parse_payment({"PAYMENT-SIGNATURE": header(payload)})
+    assert parsed is not None and parsed.payment_identifier == "pay_0123456789abcdef"
+
+    payload.extensions[PAYMENT_IDENTIFIER]["schema"] = {}  # a schema that accepts anything
+    payload.extensions[PAYMENT_IDENTIFIER]["info"]["id"] = "a" * 129
+    with pytest.raises(InvalidInput) as exc:
+        local.parse_payment({"PAYMENT-SIGNATURE": header(payload)})
+    assert exc.value.details["field"] == PAYMENT_IDENTIFIER
+
+
 def test_no_payment_header_is_none(local: Payments) -> None:
     assert local.parse_payment({"Content-Type": "application/json"}) is None
 

@@ -1,0 +1,89 @@
+"""The relay's JSON-RPC client (relay/chain.py ``web3_for``): web3 posting through one pool
+of kept-alive connections, its failures raised as the requests exceptions web3 retries on."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from relay.chain import web3_for
+from relay.dev.chain import DevChain
+from tests.rpc_proxy import RpcProxy
+
+
+@pytest.fixture
+def proxy(chain: DevChain) -> Iterator[RpcProxy]:
+    with RpcProxy(chain.rpc_url) as served:
+        yield served
+
+
+def test_threads_share_kept_alive_connections(chain: DevChain, proxy: RpcProxy) -> None:
+    """Sixteen threads asking one after the other reuse one connection, not one each."""
+    w3 = web3_for(proxy.url)
+    heights: list[int] = []
+    one_at_a_time, all_asked = threading.Lock(), threading.Barrier(16)
+
+    def ask() -> None:
+        with one_at_a_time:
+            heights.append(w3.eth.block_number)
+        all_asked.wait(timeout=10)  # every thread stays alive until all have asked
+
+    threads = [threading.Thread(target=ask) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(heights) == 16
+    assert proxy.requests == 16
+    assert proxy.connections == 1
+
+
+def test_concurrent_calls_and_batches_get_their_own_answers(
+    chain: DevChain, proxy: RpcProxy
+) -> None:
+    w3 = web3_for(proxy.url)
+    accounts = [account.address for account in chain.accounts]
+
+    def balances(address: str) -> tuple[int, int]:
+        with w3.batch_requests() as batch:
+            batch.add(w3.eth.get_balance(address))
+            batch.add(w3.eth.get_transaction_count(address))
+            balance, count = batch.execute()
+        return int(balance), int(count)
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(balances, accounts * 4))
+    eth = chain.w3.eth
+    expected = [(eth.get_balance(a), eth.get_transaction_count(a)) for a in accounts]
+    assert got == expected * 4
+    assert proxy.batches == len(accounts) * 4
+
+
+def test_a_node_answering_an_error_status_is_an_http_error(
+    chain: DevChain, proxy: RpcProxy
+) -> None:
+    proxy.down = True
+    with pytest.raises(requests.HTTPError):
+        web3_for(proxy.url, retries=False).eth.get_block_number()
+
+
+def test_a_refused_connection_is_a_connection_error() -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    with pytest.raises(requests.ConnectionError):
+        web3_for(f"http://127.0.0.1:{port}", retries=False).eth.get_block_number()
+
+
+def test_a_node_that_never_answers_times_out() -> None:
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)  # connections are queued, never answered
+        port = silent.getsockname()[1]
+        with pytest.raises(requests.Timeout):
+            web3_for(f"http://127.0.0.1:{port}", timeout=0.3, retries=False).eth.get_block_number()
