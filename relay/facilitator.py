@@ -15,7 +15,6 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
-from web3 import Web3
 from web3.middleware import ExtraDataToPOAMiddleware
 from x402 import FacilitatorClientSync, x402FacilitatorSync
 from x402.http import FacilitatorConfig, HTTPFacilitatorClientSync
@@ -27,6 +26,7 @@ from x402.mechanisms.evm.exact.facilitator import ExactEvmScheme, ExactEvmScheme
 from x402.mechanisms.evm.types import TransactionReceipt
 from x402.pending_settlement_store import InMemoryPendingSettlementStore
 
+from relay.calldata import checksum, plain_function
 from relay.chain import receipt_watcher, web3_for
 from relay.configs import ChainConfig, PaymentConfig
 from relay.memo import Memo
@@ -169,6 +169,18 @@ class SettlerSigner(FacilitatorWeb3Signer):
             logs=list(receipt.get("logs") or []),
         )
 
+    def read_contract(
+        self, address: str, abi: list[dict[str, Any]], function_name: str, *args: Any
+    ) -> Any:
+        """The SDK's contract read; a call that returns nothing (the settlement's
+        simulation) is encoded directly rather than through a web3 contract object."""
+        function = plain_function(abi, function_name, args)
+        if function is None or function.returns:
+            return super().read_contract(address, abi, function_name, *args)
+        call = {"from": self._account.address, "to": checksum(address), "data": function(args)}
+        self._w3.eth.call(call)  # type: ignore[arg-type]
+        return []  # what web3 answers for a function without outputs
+
     def write_contract(
         self,
         address: str,
@@ -178,24 +190,22 @@ class SettlerSigner(FacilitatorWeb3Signer):
         data_suffix: str | None = None,
     ) -> str:
         """The SDK's contract call, recording the hash before broadcast."""
-        contract = self._w3.eth.contract(address=Web3.to_checksum_address(address), abi=abi)
-        call = getattr(contract.functions, function_name)(*args)
-
-        def build(params: dict[str, Any]) -> dict[str, Any]:
-            tx = dict(call.build_transaction(params))
-            if data_suffix:
-                data = tx["data"]
-                if isinstance(data, bytes | bytearray):
-                    data = "0x" + bytes(data).hex()
-                tx["data"] = append_data_suffix(data, data_suffix)
-            return tx
-
-        return self._broadcast(build)
+        function = plain_function(abi, function_name, args)
+        if function is not None:
+            data = "0x" + function(args).hex()
+        else:
+            contract = self._w3.eth.contract(address=checksum(address), abi=abi)
+            data = str(contract.encode_abi(function_name, args=list(args)))
+        if data_suffix:
+            data = append_data_suffix(data, data_suffix)
+        return self.send_transaction(address, bytes.fromhex(data.removeprefix("0x")))
 
     def send_transaction(self, to: str, data: bytes) -> str:
         """The SDK's raw call, recording the hash before broadcast."""
-        target = Web3.to_checksum_address(to)
-        return self._broadcast(lambda params: {**params, "to": target, "data": data})
+        target, chain_id = checksum(to), self.get_chain_id()
+        return self._broadcast(
+            lambda params: {**params, "to": target, "data": data, "value": 0, "chainId": chain_id}
+        )
 
     def _broadcast(self, build: Callable[[dict[str, Any]], dict[str, Any]]) -> str:
         """Reserve a nonce last (after every other chain call), build and sign; a nonce
