@@ -8,6 +8,7 @@ import logging
 import secrets
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ from sqlalchemy import (
     Delete,
     Engine,
     Table,
+    Update,
+    bindparam,
     create_engine,
     delete,
     event,
@@ -105,6 +108,24 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 #: How old a process's memory of an opt-out may be for a free answer (a quote, a 402).
 OPT_OUT_MEMO_SECONDS = 5.0
+
+
+@lru_cache(maxsize=256)
+def _transition(from_states: tuple[str, ...], names: tuple[str, ...], held: bool) -> Update:
+    """The UPDATE of a state move from ``from_states`` setting the columns ``names`` too
+    (and, when ``held``, only while the lease holder is the one given): built once."""
+    query = (
+        update(payments)
+        .where(payments.c.id == bindparam("payment_id"), payments.c.state.in_(from_states))
+        .values(
+            state=bindparam("new_state"),
+            updated_at=bindparam("now"),
+            **{name: bindparam(f"new_{name}") for name in names},
+        )
+    )
+    if held:
+        query = query.where(payments.c.lease_holder == bindparam("holder"))
+    return query
 
 
 class SchemaMissing(Exception):
@@ -251,7 +272,7 @@ class Ledger(MessageBook, NonceBook, EventBook):
         """
         try:
             with self.engine.begin() as conn:
-                conn.execute(insert(payments).values(**payment.columns()))
+                conn.execute(insert(payments), payment.columns())
         except IntegrityError:
             raise self._conflict(payment) from None
 
@@ -310,16 +331,14 @@ class Ledger(MessageBook, NonceBook, EventBook):
         another payment.
         """
         check_move(from_states, to_state)
-        query = (
-            update(payments)
-            .where(payments.c.id == payment_id, payments.c.state.in_(from_states))
-            .values(state=str(to_state), updated_at=now, **fields)
-        )
+        query = _transition(tuple(from_states), tuple(sorted(fields)), holder is not None)
+        values = {f"new_{name}": value for name, value in fields.items()}
+        params = {"payment_id": payment_id, "new_state": str(to_state), "now": now, **values}
         if holder is not None:
-            query = query.where(payments.c.lease_holder == holder)
+            params["holder"] = holder
         try:
             with self.engine.begin() as conn:
-                return conn.execute(query).rowcount == 1
+                return conn.execute(query, params).rowcount == 1
         except IntegrityError:
             if "log_index" not in fields:
                 raise

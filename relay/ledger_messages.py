@@ -27,12 +27,9 @@ class MessageBook:
         columns = {k: v for k, v in message.columns().items() if k != "events"}
         try:
             with self.engine.begin() as conn:
-                conn.execute(insert(messages).values(**columns))
-                conn.execute(
-                    insert(message_events).values(
-                        message_id=message.message_id, status=message.status, at=message.created_at
-                    )
-                )
+                conn.execute(insert(messages), columns)
+                event = {"message_id": message.message_id, "status": message.status}
+                conn.execute(insert(message_events), {**event, "at": message.created_at})
         except IntegrityError:
             pass
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Protocol, cast
+from typing import Protocol
 
 from eth_typing import ChecksumAddress
 from web3 import Web3
+from web3.types import RPCEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +39,18 @@ def _chain_counts(w3: Web3, address: ChecksumAddress) -> tuple[int, int, int]:
     node = str(getattr(w3.provider, "endpoint_uri", ""))
     refused = False
     if node not in _UNBATCHED:
+        calls = [
+            (RPCEndpoint("eth_getTransactionCount"), [address, "pending"]),
+            (RPCEndpoint("eth_getTransactionCount"), [address, "latest"]),
+            (RPCEndpoint("eth_gasPrice"), []),
+        ]
         try:
-            with w3.batch_requests() as batch:
-                batch.add(w3.eth.get_transaction_count(address, "pending"))
-                batch.add(w3.eth.get_transaction_count(address, "latest"))
-                batch.add(w3.eth.gas_price)
-                answers = [int(cast(Any, answer)) for answer in batch.execute()]
-            return answers[0], answers[1], answers[2]
+            # Three plain numbers: asked of the provider itself, past web3's formatters.
+            answers = w3.provider.make_batch_request(calls)  # type: ignore[attr-defined]
+            if not isinstance(answers, list) or len(answers) != len(calls):
+                raise ValueError(f"not an answer to the batch: {str(answers)[:200]}")
+            pending, latest, gas_price = (int(str(answer["result"]), 16) for answer in answers)
+            return pending, latest, gas_price
         except Exception as exc:
             log.info("batch request failed, asking one by one: %s", type(exc).__name__)
             refused = True

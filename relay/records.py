@@ -16,12 +16,23 @@ class _Record:
     @classmethod
     def from_row(cls, row: Mapping[Any, Any]) -> Self:
         """The record of one row."""
-        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        return cls(**{k: v for k, v in row.items() if k in names})
+        return cls(**{name: row[name] for name in _names(cls) if name in row})
 
     def columns(self) -> dict[str, Any]:
-        """The record as column values."""
-        return dataclasses.asdict(self)  # type: ignore[call-overload, no-any-return]
+        """The record as column values (the values themselves, not copies)."""
+        return {name: getattr(self, name) for name in _names(type(self))}
+
+
+_NAMES: dict[type[_Record], tuple[str, ...]] = {}
+
+
+def _names(record: type[_Record]) -> tuple[str, ...]:
+    """The record's field names, in order (read once per class)."""
+    names = _NAMES.get(record)
+    if names is None:
+        names = tuple(f.name for f in dataclasses.fields(record))  # type: ignore[arg-type]
+        _NAMES[record] = names
+    return names
 
 
 @dataclass(frozen=True)

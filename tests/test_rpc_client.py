@@ -7,6 +7,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 import requests
@@ -87,3 +88,18 @@ def test_a_node_that_never_answers_times_out() -> None:
         port = silent.getsockname()[1]
         with pytest.raises(requests.Timeout):
             web3_for(f"http://127.0.0.1:{port}", timeout=0.3, retries=False).eth.get_block_number()
+
+
+def test_a_call_is_one_request(chain: DevChain, proxy: RpcProxy) -> None:
+    """web3's validation asks the node its chain id twice around every eth_call; the
+    relay's clients sign their own transactions with the chain id they read, and leave it
+    out (and with it the ENS look-ups of every address argument)."""
+    owner = chain.accounts[3].address
+    balance_of = "0x70a08231" + owner[2:].lower().rjust(64, "0")
+    call: Any = {"from": owner, "to": chain.token.address, "data": balance_of}
+    full = web3_for(proxy.url, lean=False)
+    assert full.eth.call(call) == web3_for(proxy.url).eth.call(call)
+    assert [name for name, _ in proxy.calls] == [
+        *("eth_chainId", "eth_call", "eth_chainId"),
+        "eth_call",
+    ]

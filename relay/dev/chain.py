@@ -247,7 +247,7 @@ class DevChain:
             else:
                 time.sleep(0.02)
 
-        self.w3 = web3_for(self.rpc_url, timeout=30)
+        self.w3 = web3_for(self.rpc_url, timeout=30, lean=False)  # the node signs for it
         chain_id = self._first_answer(process, deadline)
         if chain_id != CHAIN_ID:
             raise DevChainError(f"anvil reports chain id {chain_id}, expected {CHAIN_ID}")
