@@ -45,6 +45,7 @@ from relay.schema import (
     notices,
     opt_outs,
     payments,
+    row_where,
     verdicts,
     webhook_calls,
 )
@@ -108,6 +109,21 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 #: How old a process's memory of an opt-out may be for a free answer (a quote, a 402).
 OPT_OUT_MEMO_SECONDS = 5.0
+
+
+#: A lease extended (:until) while it is still ours (:holder).
+_RENEW = (
+    update(payments)
+    .where(payments.c.id == bindparam("payment_id"), payments.c.lease_holder == bindparam("holder"))
+    .values(lease_until=bindparam("until"))
+)
+#: A lease given up, if it is still ours.
+_RELEASE = (
+    update(payments)
+    .where(payments.c.id == bindparam("payment_id"), payments.c.lease_holder == bindparam("holder"))
+    .values(lease_until=None, lease_holder=None)
+)
+_OPTED_OUT = select(opt_outs.c.phone).where(opt_outs.c.phone == bindparam("phone"))
 
 
 @lru_cache(maxsize=256)
@@ -253,7 +269,7 @@ class Ledger(MessageBook, NonceBook, EventBook):
             if known is not None:
                 return known
         with self.engine.connect() as conn:
-            row = conn.execute(select(opt_outs.c.phone).where(opt_outs.c.phone == phone)).first()
+            row = conn.execute(_OPTED_OUT, {"phone": phone}).first()
         return self._opt_outs.put(phone, row is not None)
 
     def set_opt_out(self, phone: str, opted_out: bool, now: float) -> None:
@@ -298,21 +314,25 @@ class Ledger(MessageBook, NonceBook, EventBook):
         found = self._first(select(payments).where(condition))
         return None if found is None else PaymentRecord.from_row(found)
 
+    def _payment_by(self, column: str, value: str) -> PaymentRecord | None:
+        found = self._first(row_where(payments, column), {"value": value})
+        return None if found is None else PaymentRecord.from_row(found)
+
     def quote_claim(self, quote_id: str) -> PaymentRecord | None:
         """The payment holding a claim on this quote, if any."""
-        return self._payment(payments.c.quote_id == quote_id)
+        return self._payment_by("quote_id", quote_id)
 
     def payment(self, payment_id: str) -> PaymentRecord | None:
         """The payment with this id."""
-        return self._payment(payments.c.id == payment_id)
+        return self._payment_by("id", payment_id)
 
     def payment_by_key(self, payment_key: str) -> PaymentRecord | None:
         """The payment for this exact payment payload."""
-        return self._payment(payments.c.payment_key == payment_key)
+        return self._payment_by("payment_key", payment_key)
 
     def payment_by_identifier(self, identifier: str) -> PaymentRecord | None:
         """The payment that used this payment-identifier."""
-        return self._payment(payments.c.payment_identifier == identifier)
+        return self._payment_by("payment_identifier", identifier)
 
     def transition(
         self,
@@ -364,24 +384,15 @@ class Ledger(MessageBook, NonceBook, EventBook):
 
     def renew(self, payment_id: str, holder: str, now: float, seconds: float) -> bool:
         """Extend our lease before a step that takes time; False if it was lost."""
-        query = (
-            update(payments)
-            .where(payments.c.id == payment_id, payments.c.lease_holder == holder)
-            .values(lease_until=now + seconds)
-        )
+        params = {"payment_id": payment_id, "holder": holder, "until": now + seconds}
         with self.engine.begin() as conn:
-            return conn.execute(query).rowcount == 1
+            return conn.execute(_RENEW, params).rowcount == 1
 
     def release(self, payment_id: str, holder: str) -> None:
         """End our lease on a payment (not someone else's): the next retry or repair may
         act at once."""
-        query = (
-            update(payments)
-            .where(payments.c.id == payment_id, payments.c.lease_holder == holder)
-            .values(lease_until=None, lease_holder=None)
-        )
         with self.engine.begin() as conn:
-            conn.execute(query)
+            conn.execute(_RELEASE, {"payment_id": payment_id, "holder": holder})
 
     def unfinished_payments(self, states: tuple[str, ...]) -> list[PaymentRecord]:
         """Payments still in one of these states, oldest first."""

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Engine, Row, insert, select, update
+from sqlalchemy import Engine, Row, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from relay.records import MessageEvent, MessageRecord, RefundRecord
-from relay.schema import message_events, messages, outbox, refunds
+from relay.schema import message_events, messages, outbox, refunds, row_where
+
+_NEW_STATUS = (
+    update(messages)
+    .where(messages.c.message_id == bindparam("id"))
+    .values(status=bindparam("new"), updated_at=bindparam("now"))
+)
 
 
 class MessageBook:
@@ -16,9 +22,9 @@ class MessageBook:
 
     engine: Engine
 
-    def _first(self, query: Any) -> dict[str, Any] | None:
+    def _first(self, query: Any, params: dict[str, Any] | None = None) -> dict[str, Any] | None:
         with self.engine.connect() as conn:
-            row: Row[Any] | None = conn.execute(query).first()
+            row: Row[Any] | None = conn.execute(query, params).first()
         return None if row is None else dict(row._mapping)
 
     # Messages ----------------------------------------------------------------------
@@ -35,7 +41,7 @@ class MessageBook:
 
     def message(self, message_id: str) -> MessageRecord | None:
         """A message with its status history."""
-        found = self._first(select(messages).where(messages.c.message_id == message_id))
+        found = self._first(row_where(messages, "message_id"), {"value": message_id})
         if found is None:
             return None
         query = (
@@ -51,19 +57,12 @@ class MessageBook:
         self, message_id: str, status: str, now: float, detail: str | None = None
     ) -> bool:
         """Record a delivery report; False for an unknown message."""
+        event = {"message_id": message_id, "status": status, "at": now, "detail": detail}
         with self.engine.begin() as conn:
-            changed = conn.execute(
-                update(messages)
-                .where(messages.c.message_id == message_id)
-                .values(status=status, updated_at=now)
-            ).rowcount
-            if changed:
-                conn.execute(
-                    insert(message_events).values(
-                        message_id=message_id, status=status, at=now, detail=detail
-                    )
-                )
-        return bool(changed)
+            changed = conn.execute(_NEW_STATUS, {"id": message_id, "new": status, "now": now})
+            if changed.rowcount:
+                conn.execute(insert(message_events), event)
+        return bool(changed.rowcount)
 
     def list_messages(self, limit: int = 50) -> list[MessageRecord]:
         """The most recent messages (without their history)."""
@@ -101,7 +100,7 @@ class MessageBook:
 
     def refund(self, payment_id: str) -> RefundRecord | None:
         """The refund of a payment, if any."""
-        found = self._first(select(refunds).where(refunds.c.payment_id == payment_id))
+        found = self._first(row_where(refunds, "payment_id"), {"value": payment_id})
         return None if found is None else RefundRecord.from_row(found)
 
     def list_refunds(self, limit: int = 50) -> list[RefundRecord]:
@@ -115,7 +114,7 @@ class MessageBook:
         """Store an outgoing SMS once per client reference; returns the stored row."""
         try:
             with self.engine.begin() as conn:
-                conn.execute(insert(outbox).values(**row))
+                conn.execute(insert(outbox), row)
         except IntegrityError:
             pass
         found = self.outbox_find(row["client_reference"])
@@ -124,7 +123,7 @@ class MessageBook:
 
     def outbox_find(self, client_reference: str) -> dict[str, Any] | None:
         """The outbox message stored under a client reference."""
-        return self._first(select(outbox).where(outbox.c.client_reference == client_reference))
+        return self._first(row_where(outbox, "client_reference"), {"value": client_reference})
 
     def outbox_messages(self) -> list[dict[str, Any]]:
         """Every message in the development outbox, oldest first."""

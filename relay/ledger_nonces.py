@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Connection, Engine, delete, func, insert, select, update
+from sqlalchemy import Connection, Engine, Update, bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from relay.retry import Backoff, retry
@@ -20,6 +20,42 @@ NONCE_ATTEMPTS = 100
 #: A reservation lost to another process is tried again a random moment later, so that the
 #: two do not collide again.
 NONCE_BACKOFF = Backoff(NONCE_ATTEMPTS, 0.002, 0.05)
+
+
+_reservations, _marks = nonce_reservations, settler_nonces
+_theirs = _reservations.c.address == bindparam("account")
+#: The statements of a reservation, built once.
+_FORGET_MINED = delete(_reservations).where(_theirs, _reservations.c.nonce < bindparam("latest"))
+_FORGET_ALL = delete(_reservations).where(_theirs)
+_RESERVED = (
+    select(_reservations.c.nonce, _reservations.c.reserved_at)
+    .where(_theirs)
+    .order_by(_reservations.c.nonce)
+)
+_MARK = select(_marks.c.next_nonce).where(_marks.c.address == bindparam("account"))
+_RESET_MARK = (
+    update(_marks)
+    .where(_marks.c.address == bindparam("account"))
+    .values(next_nonce=bindparam("restart"))
+)
+_RETAKE = (
+    update(_reservations)
+    .where(_theirs, _reservations.c.nonce == bindparam("retaken"))
+    .where(_reservations.c.reserved_at == bindparam("was"))
+    .values(reserved_at=bindparam("now"))
+)
+
+
+def _raise_mark_to(higher: Any) -> Update:
+    return (
+        update(_marks)
+        .where(_marks.c.address == bindparam("account"))
+        .values(next_nonce=higher, updated_at=bindparam("now"))
+    )
+
+
+_RAISE_MARK = _raise_mark_to(func.max(_marks.c.next_nonce, bindparam("at_least")))
+_RAISE_MARK_POSTGRESQL = _raise_mark_to(func.greatest(_marks.c.next_nonce, bindparam("at_least")))
 
 
 class NonceRace(RuntimeError):
@@ -51,37 +87,27 @@ class NonceBook:
         return retry(attempt, NONCE_BACKOFF, retryable=lambda error: isinstance(error, NonceRace))
 
     def _try_reserve(self, address: str, pending: int, latest: int, now: float) -> int | None:
-        table, marks = nonce_reservations, settler_nonces
-        mine = table.c.address == address
+        mine = {"account": address}
         stale = now - NONCE_GAP_SECONDS
         try:
             with self.engine.begin() as conn:
-                conn.execute(delete(table).where(mine, table.c.nonce < latest))
-                query = select(table.c.nonce, table.c.reserved_at).where(mine)
-                rows = conn.execute(query.order_by(table.c.nonce)).all()
-                mark = conn.execute(
-                    select(marks.c.next_nonce).where(marks.c.address == address)
-                ).scalar()
+                conn.execute(_FORGET_MINED, {**mine, "latest": latest})
+                rows = conn.execute(_RESERVED, mine).all()
+                mark = conn.execute(_MARK, mine).scalar()
                 high = pending if mark is None else int(mark)
                 if high > pending + MAX_NONCE_AHEAD:  # the chain was reset: start over
-                    conn.execute(delete(table).where(mine))
-                    conn.execute(
-                        update(marks).where(marks.c.address == address).values(next_nonce=pending)
-                    )
+                    conn.execute(_FORGET_ALL, mine)
+                    conn.execute(_RESET_MARK, {**mine, "restart": pending})
                     rows, high = [], pending
                 lowest = rows[0] if rows else None
                 if lowest is not None and lowest.nonce == pending and lowest.reserved_at < stale:
-                    retake = (
-                        update(table)
-                        .where(mine, table.c.nonce == pending)
-                        .where(table.c.reserved_at == lowest.reserved_at)
-                        .values(reserved_at=now)
-                    )
-                    return pending if conn.execute(retake).rowcount == 1 else None
+                    retake = {**mine, "retaken": pending, "was": lowest.reserved_at, "now": now}
+                    return pending if conn.execute(_RETAKE, retake).rowcount == 1 else None
                 gap = lowest is not None and lowest.nonce > pending and lowest.reserved_at < stale
                 after = rows[-1].nonce + 1 if rows else pending
                 nonce = pending if gap else max(high, pending, after)
-                conn.execute(insert(table).values(address=address, nonce=nonce, reserved_at=now))
+                row = {"address": address, "nonce": nonce, "reserved_at": now}
+                conn.execute(insert(nonce_reservations), row)
                 self._raise_mark(conn, address, mark, max(high, nonce + 1), now)
         except IntegrityError:
             return None
@@ -90,22 +116,13 @@ class NonceBook:
     @staticmethod
     def _raise_mark(conn: Connection, address: str, mark: Any, next_nonce: int, now: float) -> None:
         """Raise (never lower) the account's high-water mark, whatever others wrote since."""
-        marks = settler_nonces
         if mark is None:
-            conn.execute(
-                insert(marks).values(address=address, next_nonce=next_nonce, updated_at=now)
-            )
+            row = {"address": address, "next_nonce": next_nonce, "updated_at": now}
+            conn.execute(insert(settler_nonces), row)
             return
-        higher = (
-            func.greatest(marks.c.next_nonce, next_nonce)
-            if conn.dialect.name == "postgresql"
-            else func.max(marks.c.next_nonce, next_nonce)
-        )
-        conn.execute(
-            update(marks)
-            .where(marks.c.address == address)
-            .values(next_nonce=higher, updated_at=now)
-        )
+        raised = {"account": address, "at_least": next_nonce, "now": now}
+        postgresql = conn.dialect.name == "postgresql"
+        conn.execute(_RAISE_MARK_POSTGRESQL if postgresql else _RAISE_MARK, raised)
 
     def release_nonce(self, address: str, nonce: int) -> None:
         """A reserved nonce that will never be broadcast: the next reservation takes it

@@ -1,7 +1,11 @@
 """The ledger's tables (SQLAlchemy Core): the one description of the schema, which the
-migrations in relay/migrations/ must match (a test compares them)."""
+migrations in relay/migrations/ must match (a test compares them); and the look-up of a row
+by one column."""
 
 from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -15,7 +19,10 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    bindparam,
+    select,
 )
+from sqlalchemy.sql import Select
 
 metadata = MetaData()
 
@@ -192,3 +199,10 @@ leases = Table(
     Column("holder", String(64), nullable=False),
     Column("expires_at", Float, nullable=False),
 )
+
+
+@lru_cache(maxsize=64)
+def row_where(table: Table, column: str) -> Select[Any]:
+    """SELECT * FROM table WHERE column = :value, built once per table and column (a
+    statement built anew for every look-up costs more than the look-up)."""
+    return select(table).where(table.c[column] == bindparam("value"))
