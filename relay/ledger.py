@@ -15,7 +15,6 @@ from typing import Any
 import simplejson
 from sqlalchemy import (
     Connection,
-    Delete,
     Engine,
     Table,
     Update,
@@ -235,7 +234,7 @@ class Ledger(MessageBook, NonceBook, EventBook):
     def get_verdict(self, key: str) -> dict[str, Any] | None:
         """The cached verdict stored under KEY, if any."""
         with self.engine.connect() as conn:
-            row = conn.execute(select(verdicts.c.verdict).where(verdicts.c.key == key)).first()
+            row = conn.execute(_VERDICT, {"key": key}).first()
         return None if row is None else dict(row.verdict)
 
     def put_verdict(
@@ -250,9 +249,9 @@ class Ledger(MessageBook, NonceBook, EventBook):
         ``lease`` (name, holder), that lease is given up in the same transaction."""
         try:
             with self.engine.begin() as conn:
-                conn.execute(insert(verdicts).values(key=key, verdict=verdict, created_at=now))
+                conn.execute(insert(verdicts), {"key": key, "verdict": verdict, "created_at": now})
                 if lease is not None:
-                    conn.execute(_release(*lease))
+                    conn.execute(_RELEASE_LEASE, _held(*lease))
         except IntegrityError:
             if lease is not None:
                 self.release_lease(*lease)
@@ -458,16 +457,9 @@ class Ledger(MessageBook, NonceBook, EventBook):
     def acquire_lease(self, name: str, holder: str, now: float, seconds: float) -> bool:
         """Take or renew the lease ``name`` for ``holder``; False while another holds it.
         One statement: inserted when new, taken over when ours or run out."""
-        upsert = _dialect_insert(self.engine)(leases).values(
-            name=name, holder=holder, expires_at=now + seconds
-        )
-        upsert = upsert.on_conflict_do_update(
-            index_elements=[leases.c.name],
-            set_={"holder": holder, "expires_at": now + seconds},
-            where=(leases.c.holder == holder) | (leases.c.expires_at <= now),
-        )
+        params = {**_held(name, holder), "until": now + seconds, "now": now}
         with self.engine.begin() as conn:
-            taken = conn.execute(upsert.execution_options(preserve_rowcount=True))
+            taken = conn.execute(_take_lease(self.engine.dialect.name), params)
             return bool(taken.rowcount == 1)
 
     def busy_leases(self, now: float) -> int:
@@ -485,16 +477,35 @@ class Ledger(MessageBook, NonceBook, EventBook):
     def release_lease(self, name: str, holder: str) -> None:
         """Give the lease up (if still held by ``holder``)."""
         with self.engine.begin() as conn:
-            conn.execute(_release(name, holder))
+            conn.execute(_RELEASE_LEASE, _held(name, holder))
 
 
-def _release(name: str, holder: str) -> Delete:
-    return delete(leases).where(leases.c.name == name, leases.c.holder == holder)
+def _held(name: str, holder: str) -> dict[str, str]:
+    return {"lease": name, "holder": holder}
 
 
-def _dialect_insert(engine: Engine) -> Callable[[Table], Any]:
+_RELEASE_LEASE = delete(leases).where(
+    leases.c.name == bindparam("lease"), leases.c.holder == bindparam("holder")
+)
+_VERDICT = select(verdicts.c.verdict).where(verdicts.c.key == bindparam("key"))
+
+
+@lru_cache(maxsize=4)
+def _take_lease(dialect: str) -> Any:
+    """The lease inserted when new, taken over when ours or run out (one statement)."""
+    upsert = _dialect_insert(dialect)(leases).values(
+        name=bindparam("lease"), holder=bindparam("holder"), expires_at=bindparam("until")
+    )
+    return upsert.on_conflict_do_update(
+        index_elements=[leases.c.name],
+        set_={"holder": bindparam("holder"), "expires_at": bindparam("until")},
+        where=(leases.c.holder == bindparam("holder")) | (leases.c.expires_at <= bindparam("now")),
+    ).execution_options(preserve_rowcount=True)
+
+
+def _dialect_insert(dialect: str) -> Callable[[Table], Any]:
     """INSERT with ON CONFLICT for this database (PostgreSQL or SQLite)."""
-    return postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+    return postgresql.insert if dialect == "postgresql" else sqlite.insert
 
 
 class Conflict(Exception):
