@@ -75,6 +75,7 @@ class PlainFunction:
         return self.selector + encode(self.types, list(args))
 
 
+MAX_FUNCTIONS = 256
 #: By (id of the ABI list, function name): the ABI itself (so that its id is never reused
 #: while it is here) and its function, or None when web3 is to encode it.
 _functions: dict[tuple[int, str], tuple[list[dict[str, Any]], PlainFunction | None]] = {}
@@ -87,6 +88,8 @@ def plain_function(
     key = (id(abi), name)
     known = _functions.get(key)
     if known is None or known[0] is not abi:
+        if len(_functions) >= MAX_FUNCTIONS:  # ABIs built anew for each call: start over
+            _functions.clear()
         known = (abi, _plain(abi, name))
         _functions[key] = known
     function = known[1]

@@ -18,6 +18,7 @@ from x402.mechanisms.evm.exact.eip3009_utils import (
     TRANSFER_WITH_AUTHORIZATION_VRS_ABI,
 )
 
+from relay import calldata
 from relay.calldata import checksum, plain_function
 
 PAYER = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"
@@ -107,3 +108,10 @@ def test_a_new_abi_at_a_reused_address_is_read_afresh() -> None:
         assert plain_function(abi, "balanceOf", [PAYER]) is not None
         other = [{**BALANCE_OF_ABI[0], "inputs": [{"name": "a", "type": "uint256[]"}]}]
         assert plain_function(other, "balanceOf", [PAYER]) is None
+
+
+def test_abis_built_anew_for_every_call_are_not_kept_without_bound() -> None:
+    for _ in range(3 * calldata.MAX_FUNCTIONS):
+        abi = [dict(entry) for entry in BALANCE_OF_ABI]
+        assert plain_function(abi, "balanceOf", [PAYER]) is not None
+    assert len(calldata._functions) <= calldata.MAX_FUNCTIONS
