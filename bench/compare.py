@@ -9,8 +9,11 @@ Starts what the chosen figures need (all by default), each server under the same
 settings (2 gthread workers x 16 threads; the relay with the Procfile's config module):
 
 - anvil with automining (the test USDC), and on it the relay (rules moderation), the x402
-  SDK's Flask PaymentMiddleware on a fixed-price route and a bare Flask JSON echo
-  (bench/anchors.py);
+  SDK's Flask PaymentMiddleware on a fixed-price route, settled by the SDK's own
+  facilitator and web3 signer (each worker from its own dev account: that signer orders
+  nonces within one process), and a bare Flask JSON echo (bench/anchors.py); for the paid
+  figure also the same middleware settled by the relay's facilitator (no goal: the
+  difference is the relay's ledger);
 - a fake Gemini answering at once (tests/fake_gemini.py) and a second relay moderating
   with it, for the new-text quotes;
 - anvil mining a block every second behind a JSON-RPC proxy that notes when each
@@ -76,7 +79,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench import paid_sends, pyspy_profile, wrk_runs  # noqa: E402
+from bench import anchors, paid_sends, pyspy_profile, wrk_runs  # noqa: E402
 from bench.anchors import PAID_PATH  # noqa: E402
 from bench.gunicorn_servers import Server, venv_tool  # noqa: E402
 from bench.settlements import fund  # noqa: E402
@@ -97,7 +100,7 @@ NEEDS = {
     "probe": ("relay", "bare"),
     "quote-cached": ("gemini_relay", "bare"),
     "quote-new": ("gemini_relay", "bare"),
-    "paid": ("relay", "sdk"),
+    "paid": ("relay", "sdk", "sdk_on_relay_facilitator"),
     "payers": ("block_relay", "block_sdk"),
     "herd": ("gemini_relay",),
     "rss": ("relay", "sdk"),
@@ -153,6 +156,13 @@ class Lab:
             self._migrated.add(path)
         return env
 
+    def anchor_env(self, chain: DevChain, env: dict[str, str], name: str) -> dict[str, str]:
+        """The SDK anchor's environment: a settler account of its own per worker (dev
+        accounts 1 and 2; the relay settles from account 0)."""
+        keys = ",".join(account.private_key for account in chain.accounts[1:3])
+        claims = str(self.scratch / f"{name}-settlers")
+        return {**env, anchors.SETTLER_KEYS_ENV: keys, anchors.CLAIMS_ENV: claims}
+
     def serve(self, name: str, app: str, env: dict[str, str], *, config: bool = False) -> Server:
         server = Server(name, app, env, config=config)
         self.stack.callback(server.stop)
@@ -174,7 +184,13 @@ class Lab:
 
     @cached_property
     def sdk(self) -> Server:
-        return self.serve("x402 SDK middleware", "bench.anchors:sdk_app()", self.automine_env)
+        env = self.anchor_env(self.chain, self.automine_env, "sdk")
+        return self.serve("x402 SDK middleware", "bench.anchors:sdk_app()", env)
+
+    @cached_property
+    def sdk_on_relay_facilitator(self) -> Server:
+        app = "bench.anchors:sdk_app('relay')"
+        return self.serve("x402 SDK middleware, relay's facilitator", app, self.automine_env)
 
     @cached_property
     def bare(self) -> Server:
@@ -214,9 +230,8 @@ class Lab:
 
     @cached_property
     def block_sdk(self) -> Server:
-        return self.serve(
-            "x402 SDK middleware, 1 s blocks", "bench.anchors:sdk_app()", self.block_env
-        )
+        env = self.anchor_env(self.block_chain, self.block_env, "block-sdk")
+        return self.serve("x402 SDK middleware, 1 s blocks", "bench.anchors:sdk_app()", env)
 
     def start(self, figures: Iterable[str]) -> None:
         for figure in figures:
@@ -358,14 +373,19 @@ def profile_cases(
 # --- paid sends, automine --------------------------------------------------------------
 
 
+#: The paid figure's servers: the relay, the SDK anchor, and the SDK middleware settling
+#: through the relay's own facilitator (no goal: what the relay's ledger costs).
+PAID_WHO = (*WHO, "hybrid")
+
+
 @dataclass
 class PaidFigure:
     """Per round: paid sends per second (1 / mean latency), p50 and p90 latency."""
 
-    rates: dict[str, list[float]] = field(default_factory=lambda: {w: [] for w in WHO})
-    p50_ms: dict[str, list[float]] = field(default_factory=lambda: {w: [] for w in WHO})
-    p90_ms: dict[str, list[float]] = field(default_factory=lambda: {w: [] for w in WHO})
-    failures: dict[str, list[str]] = field(default_factory=lambda: {w: [] for w in WHO})
+    rates: dict[str, list[float]] = field(default_factory=lambda: {w: [] for w in PAID_WHO})
+    p50_ms: dict[str, list[float]] = field(default_factory=lambda: {w: [] for w in PAID_WHO})
+    p90_ms: dict[str, list[float]] = field(default_factory=lambda: {w: [] for w in PAID_WHO})
+    failures: dict[str, list[str]] = field(default_factory=lambda: {w: [] for w in PAID_WHO})
 
 
 def texts(tag: str, count: int) -> list[str]:
@@ -377,6 +397,7 @@ def run_paid(lab: Lab, rounds: int, sends: int) -> PaidFigure:
     pairs = [
         ("relay", lab.relay, paid_sends.prepare_relay),
         ("anchor", lab.sdk, paid_sends.prepare_anchor),
+        ("hybrid", lab.sdk_on_relay_facilitator, paid_sends.prepare_anchor),
     ]
     stamp = f"{time.time_ns():x}"
     for _, server, prepare in pairs:  # warm up: every worker's first settlement
@@ -584,6 +605,14 @@ def paid_rows(paid: PaidFigure) -> list[Row]:
             "",
             None,
         ),
+        Row(
+            "paid sends/s vs SDK on the relay's facilitator",
+            spread(paid.rates["relay"], 2, 2),
+            spread(paid.rates["hybrid"], 2, 2),
+            ratio_text(median_ratio(paid.rates["relay"], paid.rates["hybrid"])),
+            "(the ledger's cost)",
+            None,
+        ),
     ]
 
 
@@ -660,7 +689,7 @@ def print_details(results: Results, args: argparse.Namespace) -> None:
 
 
 def print_paid(paid: PaidFigure, sends: int) -> None:
-    for who in WHO:
+    for who in PAID_WHO:
         rates = ", ".join(f"{r:.2f}" for r in paid.rates[who])
         p50s = ", ".join(f"{p:.0f}" for p in paid.p50_ms[who])
         p90s = ", ".join(f"{p:.0f}" for p in paid.p90_ms[who])
