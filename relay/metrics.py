@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from decimal import Decimal
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from eth_account import Account
@@ -307,6 +308,14 @@ def _count_answer(response: Response) -> Response:
 
 def count_answer(route: str, status: int, seconds: float | None) -> None:
     """Count one answer of ``route`` and, when timed, how long it took."""
-    REQUESTS.labels(route=route, code=str(status)).inc()
+    counted, timed = _answer_series(route, status)
+    counted.inc()
     if seconds is not None:
-        REQUEST_SECONDS.labels(route=route).observe(seconds)
+        timed.observe(seconds)
+
+
+@lru_cache(maxsize=1024)
+def _answer_series(route: str, status: int) -> tuple[Counter, Histogram]:
+    """The labelled series of a route and status, looked up once (a look-up by labels
+    takes a lock and checks every label value, each time)."""
+    return REQUESTS.labels(route=route, code=str(status)), REQUEST_SECONDS.labels(route=route)
