@@ -23,7 +23,8 @@ from eth_utils.address import is_hex_address, to_checksum_address
 
 _INTEGER = re.compile(r"u?int\d+")
 _FIXED_BYTES = re.compile(r"bytes(\d+)")
-#: What each plain ABI type accepts, as web3 would after its normalisers.
+#: What each plain ABI type accepts: only what web3 takes as it is (its normalisers would
+#: change or refuse anything else, so that is left to them).
 _PLAIN: dict[str, Callable[[Any], bool]] = {
     "address": lambda value: _is_address(value),
     "bool": lambda value: isinstance(value, bool),
@@ -39,10 +40,11 @@ def checksum(address: str) -> ChecksumAddress:
 
 
 def _is_address(value: Any) -> bool:
-    """A hex address in lower case or with a valid checksum (a broken one is a typo)."""
-    if not isinstance(value, str) or not is_hex_address(value):
+    """An address as web3 takes one: ``0x`` and its checksummed form. Anything else (lower
+    case, no prefix, a broken checksum) is left to web3, which refuses it."""
+    if not isinstance(value, str) or len(value) != 42 or not is_hex_address(value):
         return False
-    return value == value.lower() or checksum(value) == value
+    return checksum(value) == value
 
 
 def _check_for(abi_type: str) -> Callable[[Any], bool] | None:
@@ -52,7 +54,7 @@ def _check_for(abi_type: str) -> Callable[[Any], bool] | None:
         return lambda value: isinstance(value, int) and not isinstance(value, bool)
     if sized := _FIXED_BYTES.fullmatch(abi_type):
         size = int(sized[1])
-        return lambda value: isinstance(value, bytes) and len(value) <= size
+        return lambda value: isinstance(value, bytes) and len(value) == size
     return None  # tuples, arrays, fixed-point: web3's
 
 

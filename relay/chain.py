@@ -9,10 +9,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
+from urllib.parse import unquote
 
+import certifi
 import requests
 import urllib3
 from eth_typing import URI, ChecksumAddress, HexStr
+from requests.utils import get_environ_proxies
 from web3 import Web3
 from web3._utils.http_session_manager import HTTPSessionManager
 from web3.exceptions import TimeExhausted, TransactionNotFound
@@ -73,7 +76,7 @@ def web3_for(
     provider = Web3.HTTPProvider(rpc_url, request_kwargs={"timeout": timeout}, **options)
     # web3 posts every request through its session manager: ours is a pool of kept-alive
     # connections that the process's threads share.
-    provider._request_session_manager = PooledPoster(timeout)
+    provider._request_session_manager = PooledPoster(rpc_url, timeout)
     w3 = Web3(provider)
     if lean:
         for name in NODE_SIGNING_MIDDLEWARE:
@@ -84,32 +87,63 @@ def web3_for(
 class PooledPoster(HTTPSessionManager):
     """What web3's HTTP provider posts its JSON-RPC requests through: one urllib3 pool of
     kept-alive connections per client, shared by every thread, instead of a requests session
-    per thread (a third of the client's cost per request). Failures are raised as the
-    requests exceptions web3 expects, so its retries and our error handling see the same."""
+    per thread (a third of the client's cost per request).
 
-    def __init__(self, timeout: float) -> None:
+    It keeps what requests gave the provider: credentials in the URL sent as basic
+    authentication, the proxy of ``HTTPS_PROXY``/``HTTP_PROXY`` unless ``NO_PROXY`` names
+    the host, certificates checked against ``REQUESTS_CA_BUNDLE`` or certifi's, a few
+    redirects followed (a moved 307/308 endpoint keeps the POST and its body); and failures
+    are raised as the requests exceptions web3 retries on, so its retries and our error
+    handling see the same."""
+
+    def __init__(self, endpoint: str, timeout: float) -> None:
         super().__init__()
         self._timeout = timeout
-        self._pool = urllib3.PoolManager(num_pools=4, maxsize=POOL_CONNECTIONS, retries=False)
+        url = urllib3.util.parse_url(endpoint)
+        self._headers = dict(JSON_HEADERS)
+        if url.auth:
+            self._headers |= urllib3.make_headers(basic_auth=unquote(url.auth))
+        self._url = url._replace(auth=None).url
+        options: dict[str, Any] = {
+            "num_pools": 4,
+            "maxsize": POOL_CONNECTIONS,
+            "retries": urllib3.Retry(total=None, connect=0, read=0, status=0, other=0, redirect=5),
+            "ca_certs": os.environ.get("REQUESTS_CA_BUNDLE") or certifi.where(),
+        }
+        proxy = get_environ_proxies(self._url).get(url.scheme or "http")
+        if proxy:
+            via = urllib3.util.parse_url(proxy)
+            login = urllib3.make_headers(proxy_basic_auth=unquote(via.auth)) if via.auth else None
+            self._pool: urllib3.PoolManager = urllib3.ProxyManager(
+                via._replace(auth=None).url, proxy_headers=login, **options
+            )
+        else:
+            self._pool = urllib3.PoolManager(**options)
 
     def make_post_request(
         self, endpoint_uri: URI, data: bytes | dict[str, Any], **kwargs: Any
     ) -> bytes:
         timeout = kwargs.get("timeout") or self._timeout
-        headers = kwargs.get("headers") or JSON_HEADERS
         try:
             response = self._pool.request(
-                "POST", endpoint_uri, body=data, headers=headers, timeout=timeout
+                "POST", self._url, body=data, headers=self._headers, timeout=timeout
             )
-        except urllib3.exceptions.NewConnectionError as exc:  # a TimeoutError to urllib3
-            raise requests.ConnectionError(str(exc)) from exc
-        except (urllib3.exceptions.TimeoutError, TimeoutError) as exc:
-            raise requests.Timeout(str(exc)) from exc
+        except urllib3.exceptions.MaxRetryError as exc:  # a failure while following a redirect
+            raise _requests_error(exc.reason or exc) from exc
         except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise requests.ConnectionError(str(exc)) from exc
-        if response.status >= 400:
+            raise _requests_error(exc) from exc
+        if response.status >= 300:
             raise requests.HTTPError(f"{response.status} from the RPC")
         return bytes(response.data)
+
+
+def _requests_error(exc: BaseException) -> requests.RequestException:
+    """The requests exception web3 (and our handlers) expect for a urllib3 failure."""
+    if isinstance(exc, urllib3.exceptions.NewConnectionError):  # a TimeoutError to urllib3
+        return requests.ConnectionError(str(exc))
+    if isinstance(exc, urllib3.exceptions.TimeoutError | TimeoutError):
+        return requests.Timeout(str(exc))
+    return requests.ConnectionError(str(exc))
 
 
 def chain_unavailable() -> ChainUnavailable:

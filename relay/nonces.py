@@ -49,7 +49,7 @@ def _chain_counts(w3: Web3, address: ChecksumAddress) -> tuple[int, int, int]:
             answers = w3.provider.make_batch_request(calls)  # type: ignore[attr-defined]
             if not isinstance(answers, list) or len(answers) != len(calls):
                 raise ValueError(f"not an answer to the batch: {str(answers)[:200]}")
-            pending, latest, gas_price = (int(str(answer["result"]), 16) for answer in answers)
+            pending, latest, gas_price = (_quantity(answer["result"]) for answer in answers)
             return pending, latest, gas_price
         except Exception as exc:
             log.info("batch request failed, asking one by one: %s", type(exc).__name__)
@@ -60,3 +60,13 @@ def _chain_counts(w3: Web3, address: ChecksumAddress) -> tuple[int, int, int]:
     if refused:  # the node answers single calls: it is the batch it refuses
         _UNBATCHED.add(node)
     return pending, latest, gas_price
+
+
+def _quantity(value: object) -> int:
+    """A JSON-RPC quantity: hex as the spec has it ("0x1a"), or a plain number as some nodes
+    answer; anything else is not an answer."""
+    if isinstance(value, str) and value.startswith("0x"):
+        return int(value, 16)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise ValueError(f"not a quantity: {str(value)[:40]}")

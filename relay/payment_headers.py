@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypedDict
 
 from pydantic import BaseModel
-from web3 import Web3
 from x402 import PaymentPayload, PaymentPayloadV1
 from x402.extensions.payment_identifier import (
     PAYMENT_IDENTIFIER,
@@ -28,6 +27,10 @@ V2_HEADER, V1_HEADER = "PAYMENT-SIGNATURE", "X-PAYMENT"
 PAYMENT_HEADERS = (V2_HEADER, V1_HEADER)
 
 _NONCE = re.compile(r"0x[0-9a-fA-F]{64}")
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
+#: The declared schema's rule for a payment-identifier's id, matched whole (a ``$`` would
+#: let a trailing newline through).
+_PAYMENT_ID = re.compile(r"[A-Za-z0-9_-]{16,128}")
 _HEX = re.compile(r"0x[0-9a-fA-F]+")
 _UINT = re.compile(r"[0-9]{1,78}")
 
@@ -151,7 +154,8 @@ def _authorization(name: str, inner: dict[str, Any]) -> _Authorization:
 
 
 def _is_address(value: Any) -> bool:
-    return isinstance(value, str) and Web3.is_address(value)
+    """``0x`` and 40 hex digits, in any case (what is signed is the 20 bytes)."""
+    return isinstance(value, str) and _ADDRESS.fullmatch(value) is not None
 
 
 def _uint(name: str, key: str, value: Any) -> int:
@@ -184,9 +188,13 @@ def _payment_identifier(payload: PaymentPayload | PaymentPayloadV1) -> str | Non
     if isinstance(extension, dict):
         extension = {key: value for key, value in extension.items() if key != "schema"}
     validation = validate_payment_identifier(extension)
-    if not validation.valid:
+    identifier = extract_payment_identifier(payload, validate=False)
+    errors = list(validation.errors)
+    if validation.valid and identifier is not None and not _PAYMENT_ID.fullmatch(identifier):
+        errors.append("the id must be 16 to 128 letters, digits, hyphens and underscores")
+    if errors:
         raise InvalidInput(
-            "The payment-identifier extension is not valid: " + "; ".join(validation.errors),
-            details={"field": PAYMENT_IDENTIFIER, "problem": "; ".join(validation.errors)},
+            "The payment-identifier extension is not valid: " + "; ".join(errors),
+            details={"field": PAYMENT_IDENTIFIER, "problem": "; ".join(errors)},
         )
-    return extract_payment_identifier(payload, validate=False)
+    return identifier

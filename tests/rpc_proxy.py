@@ -51,6 +51,12 @@ class RpcProxy(ServedInBackground):
         self.batches = 0
         #: TCP connections accepted from clients.
         self.connections = 0
+        #: While set, a request without this Authorization header is answered 401.
+        self.required_authorization: str | None = None
+        #: While set, every request is answered 308 with this Location.
+        self.moved_to: str | None = None
+        #: The request target of each request ("/", or a whole URL when used as a proxy).
+        self.targets: list[str] = []
         #: Called (once) when a raw transaction arrives, before it reaches the node: what
         #: someone else gets mined just ahead of it.
         self.before_broadcast: Callable[[], object] | None = None
@@ -164,6 +170,15 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         proxy = self.server.proxy
+        with proxy._lock:
+            proxy.targets.append(self.path)
+        required = proxy.required_authorization
+        if required is not None and self.headers.get("Authorization") != required:
+            self._answer(401, b"{}")
+            return
+        if proxy.moved_to is not None:
+            self._answer(308, b"", location=proxy.moved_to)
+            return
         proxy.note(body, time.monotonic())
         if proxy.before_broadcast is not None and b"eth_sendRawTransaction" in body:
             ahead, proxy.before_broadcast = proxy.before_broadcast, None
@@ -173,8 +188,13 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             status, answer = (503, b"{}") if proxy.failing() else proxy.forward(body)
             answer = proxy.lag(body, answer)
+        self._answer(status, answer)
+
+    def _answer(self, status: int, answer: bytes, location: str | None = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(answer)))
+        if location is not None:
+            self.send_header("Location", location)
         self.end_headers()
         self.wfile.write(answer)

@@ -48,15 +48,11 @@ def vrs_args(**changes: Any) -> list[Any]:
     return list(args.values())
 
 
-@pytest.mark.parametrize(
-    "args",
-    [vrs_args(), vrs_args(to=PAY_TO.lower()), vrs_args(value=2**256 - 1, v=28)],
-)
+@pytest.mark.parametrize("args", [vrs_args(), vrs_args(value=2**256 - 1, v=28)])
 def test_a_transfer_with_v_r_s_is_encoded_as_web3_does(args: list[Any]) -> None:
     function = plain_function(TRANSFER_WITH_AUTHORIZATION_VRS_ABI, TRANSFER, args)
     assert function is not None and not function.returns
-    checksummed = [checksum(a) if isinstance(a, str) else a for a in args]
-    assert function(args) == web3_data(TRANSFER_WITH_AUTHORIZATION_VRS_ABI, TRANSFER, checksummed)
+    assert function(args) == web3_data(TRANSFER_WITH_AUTHORIZATION_VRS_ABI, TRANSFER, args)
 
 
 def test_a_transfer_with_a_signature_of_any_length_is_encoded_as_web3_does() -> None:
@@ -80,6 +76,10 @@ def test_reads_that_return_something_say_so() -> None:
     [
         vrs_args(nonce="0x" + "ab" * 32),  # a hex string web3 would turn into bytes
         vrs_args(nonce=os.urandom(33)),  # too long for bytes32
+        vrs_args(nonce=os.urandom(31)),  # too short: web3 refuses it, eth_abi would pad it
+        vrs_args(to=PAY_TO.lower()),  # web3 takes checksummed addresses only
+        vrs_args(to=PAY_TO[2:]),  # no 0x
+        vrs_args(to=PAY_TO[2:].lower()),
         vrs_args(value=True),  # a bool is not an amount
         vrs_args(value="50626"),
         vrs_args(to=PAY_TO[:-1] + ("c" if PAY_TO[-1] == "C" else "C")),  # a broken checksum
@@ -89,6 +89,23 @@ def test_reads_that_return_something_say_so() -> None:
 )
 def test_a_value_that_is_not_plain_is_left_to_web3(args: list[Any]) -> None:
     assert plain_function(TRANSFER_WITH_AUTHORIZATION_VRS_ABI, TRANSFER, args) is None
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        vrs_args(nonce=os.urandom(31)),
+        vrs_args(to=PAY_TO.lower()),
+        vrs_args(to=PAY_TO[2:]),
+        vrs_args(to=PAY_TO[2:].lower()),
+        vrs_args(to=PAY_TO[:-1] + ("c" if PAY_TO[-1] == "C" else "C")),
+    ],
+)
+def test_nothing_web3_refuses_is_encoded(args: list[Any]) -> None:
+    """An argument web3 would refuse must not reach the chain through the direct encoding."""
+    assert plain_function(TRANSFER_WITH_AUTHORIZATION_VRS_ABI, TRANSFER, args) is None
+    with pytest.raises(Exception):  # noqa: B017 - web3's own refusal, whatever its type
+        web3_data(TRANSFER_WITH_AUTHORIZATION_VRS_ABI, TRANSFER, args)
 
 
 def test_tuples_overloads_and_unknown_names_are_left_to_web3() -> None:

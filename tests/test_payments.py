@@ -308,10 +308,11 @@ def test_a_schema_sent_back_by_the_payer_is_not_run(
     assert parsed is not None and parsed.payment_identifier == "pay_0123456789abcdef"
 
     payload.extensions[PAYMENT_IDENTIFIER]["schema"] = {}  # a schema that accepts anything
-    payload.extensions[PAYMENT_IDENTIFIER]["info"]["id"] = "a" * 129
-    with pytest.raises(InvalidInput) as exc:
-        local.parse_payment({"PAYMENT-SIGNATURE": header(payload)})
-    assert exc.value.details["field"] == PAYMENT_IDENTIFIER
+    for bad in ("a" * 129, "pay_0123456789abcdef\n"):
+        payload.extensions[PAYMENT_IDENTIFIER]["info"]["id"] = bad
+        with pytest.raises(InvalidInput) as exc:
+            local.parse_payment({"PAYMENT-SIGNATURE": header(payload)})
+        assert exc.value.details["field"] == PAYMENT_IDENTIFIER
 
 
 def test_no_payment_header_is_none(local: Payments) -> None:
@@ -337,6 +338,11 @@ def test_undecodable_header_is_invalid_input(
     assert problem in exc.value.details["problem"]
 
 
+def _drop_0x(payment: dict[str, Any], field: str) -> None:
+    authorization = payment["payload"]["authorization"]
+    authorization[field] = authorization[field].removeprefix("0x")
+
+
 @pytest.mark.parametrize(
     ("change", "problem"),
     [
@@ -345,6 +351,9 @@ def test_undecodable_header_is_invalid_input(
         (lambda p: p["payload"].pop("signature"), "EIP-3009"),
         (lambda p: p["payload"]["authorization"].update(nonce="0x12"), "nonce"),
         (lambda p: p["payload"]["authorization"].update(to="nobody"), "addresses"),
+        # an address without its 0x (web3 would never take it; it must not reach the chain)
+        (lambda p: _drop_0x(p, "to"), "addresses"),
+        (lambda p: _drop_0x(p, "from"), "addresses"),
         (lambda p: p["payload"]["authorization"].update(value="-1"), "value"),
         (lambda p: p["payload"]["authorization"].update(validBefore=None), "validBefore"),
     ],

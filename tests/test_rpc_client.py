@@ -3,6 +3,7 @@ of kept-alive connections, its failures raised as the requests exceptions web3 r
 
 from __future__ import annotations
 
+import base64
 import socket
 import threading
 from collections.abc import Iterator
@@ -14,6 +15,8 @@ import requests
 
 from relay.chain import web3_for
 from relay.dev.chain import DevChain
+from relay.logs import hide_in_logs
+from relay.nonces import _quantity
 from tests.rpc_proxy import RpcProxy
 
 
@@ -103,3 +106,49 @@ def test_a_call_is_one_request(chain: DevChain, proxy: RpcProxy) -> None:
         *("eth_chainId", "eth_call", "eth_chainId"),
         "eth_call",
     ]
+
+
+def test_credentials_in_the_url_are_sent_as_basic_authentication(
+    chain: DevChain, proxy: RpcProxy
+) -> None:
+    """An RPC URL such as https://user:key@node.example/ (the key escaped) logs in."""
+    proxy.required_authorization = "Basic " + base64.b64encode(b"user:k@y/1").decode()
+    with pytest.raises(requests.HTTPError):
+        web3_for(proxy.url, retries=False).eth.get_block_number()
+    hide_in_logs(["k%40y%2F1", "k@y/1"])  # as the app does with the credentials of RPC_URL
+    with_login = proxy.url.replace("http://", "http://user:k%40y%2F1@")
+    assert web3_for(with_login).eth.get_block_number() == chain.w3.eth.get_block_number()
+
+
+def test_a_moved_endpoint_is_followed_with_its_request(chain: DevChain, proxy: RpcProxy) -> None:
+    with RpcProxy(chain.rpc_url) as old:
+        old.moved_to = proxy.url + "/v2"
+        assert web3_for(old.url).eth.get_block_number() == chain.w3.eth.get_block_number()
+    assert proxy.targets == ["/v2"]
+    assert proxy.count("eth_blockNumber") == 1  # the POST and its body, not a GET
+
+
+def test_the_proxy_of_the_environment_is_used_unless_no_proxy_names_the_host(
+    chain: DevChain, proxy: RpcProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTTP_PROXY / HTTPS_PROXY and NO_PROXY, as requests (and web3's own client) read them."""
+    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)
+    node = "http://node.invalid:8545/rpc"  # only the proxy can reach it
+    assert web3_for(node).eth.get_block_number() == chain.w3.eth.get_block_number()
+    assert proxy.targets == [node]
+    monkeypatch.setenv("NO_PROXY", "node.invalid")
+    with pytest.raises(requests.ConnectionError):
+        web3_for(node, retries=False).eth.get_block_number()
+
+
+@pytest.mark.parametrize(("answer", "number"), [("0x1a", 26), (26, 26), ("0x0", 0)])
+def test_a_quantity_is_read_as_hex_or_as_a_number(answer: object, number: int) -> None:
+    assert _quantity(answer) == number
+
+
+@pytest.mark.parametrize("answer", ["26", None, True, "0xzz", 2.5])
+def test_what_is_not_a_quantity_is_refused(answer: object) -> None:
+    with pytest.raises(ValueError):
+        _quantity(answer)
