@@ -226,6 +226,9 @@ def test_v2_payment_verifies_settles_and_moves_exactly_the_amount(
 
     assert settlement.payer == payer.lower() and settlement.network == "eip155:84532"
     assert chain.w3.eth.get_transaction_receipt(HexStr(settlement.transaction))["status"] == 1
+    sent = chain.w3.eth.get_transaction(HexStr(settlement.transaction))
+    assert sent["chainId"] == 84532  # signed for this chain only (EIP-155): no replay elsewhere
+    assert sent["to"] == chain.token.address and sent["value"] == 0
     assert chain.usdc_balance(payer) == before[0] - AMOUNT
     assert chain.usdc_balance(PAY_TO) == before[1] + AMOUNT
     name, encoded = payments.response_header(settlement, parsed.version)
