@@ -8,6 +8,7 @@ import logging
 import secrets
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -433,3 +434,69 @@ def test_every_field_of_a_stored_record_has_its_column() -> None:
     assert set(payment().columns()) == {c.name for c in schema.payments.columns}
     message_fields = {f.name for f in dataclasses.fields(MessageRecord)} - {"events"}
     assert message_fields == {c.name for c in schema.messages.columns}
+
+
+@pytest.fixture
+def sqlite_ledger(tmp_path: Path) -> Iterator[Ledger]:
+    book = Ledger.from_url(f"sqlite:///{tmp_path / 'ledger.db'}")
+    book.upgrade()
+    yield book
+    book.engine.dispose()
+
+
+def fresh_payment() -> PaymentRecord:
+    """A payment with a quote and an authorization of its own."""
+    return payment(quote_id=secrets.token_hex(8), nonce="0x" + secrets.token_hex(32))
+
+
+def in_thread(work: Callable[[], object]) -> threading.Thread:
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_process_s_sqlite_writers_take_turns_and_readers_never_wait(
+    sqlite_ledger: Ledger,
+) -> None:
+    """A writer holds the process's writer queue until its transaction has ended; a reader
+    goes on meanwhile; the next writer starts once it has ended."""
+    first, second = fresh_payment(), fresh_payment()
+    writing, finish = threading.Event(), threading.Event()
+
+    def slow_write() -> None:
+        with sqlite_ledger.engine.begin() as conn:
+            conn.execute(schema.payments.insert(), first.columns())
+            writing.set()
+            finish.wait(10)
+
+    holder = in_thread(slow_write)
+    assert writing.wait(10)
+    reader = in_thread(lambda: sqlite_ledger.payment_by_key(first.payment_key))
+    reader.join(5)
+    assert not reader.is_alive()  # a read never waits for a writer
+    writer = in_thread(lambda: sqlite_ledger.claim_payment(second))
+    writer.join(0.3)
+    assert writer.is_alive()  # waits for its turn
+    finish.set()
+    holder.join(5)
+    writer.join(5)
+    assert not writer.is_alive()
+    assert sqlite_ledger.payment(first.id) is not None
+    assert sqlite_ledger.payment(second.id) is not None
+
+
+def test_a_failed_write_gives_the_writer_queue_back(sqlite_ledger: Ledger) -> None:
+    """A write that fails (a conflict, an error inside the transaction) ends its turn: the
+    next writer does not wait for the queue's 30 s limit."""
+    row = fresh_payment()
+    sqlite_ledger.claim_payment(row)
+    with pytest.raises(Conflict):
+        sqlite_ledger.claim_payment(row)
+    with pytest.raises(RuntimeError), sqlite_ledger.engine.begin() as conn:
+        conn.execute(schema.payments.insert(), fresh_payment().columns())
+        raise RuntimeError("a bug between two statements")
+    with sqlite_ledger.engine.connect():  # the writer below gets another connection
+        writer = in_thread(lambda: sqlite_ledger.renew(row.id, "nobody", 1.0, 1.0))
+        writer.join(5)
+        assert not writer.is_alive()
+    assert sqlite_ledger.payment_by_key(row.payment_key) is not None
