@@ -7,6 +7,7 @@ import hashlib
 import logging
 import secrets
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -104,7 +105,7 @@ class WriterQueue:
     WAIT_SECONDS = 30.0
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = FairLock()
         #: The pooled connection's info dictionary of the transaction holding the lock.
         self._owner: dict[Any, Any] | None = None
 
@@ -123,6 +124,41 @@ class WriterQueue:
         if record is not None and self._owner is record.info:
             self._owner = None
             self._lock.release()
+
+
+class FairLock:
+    """A lock handed to its waiters in the order they came (a plain Lock lets the thread
+    that just released it take it again at once, and a waiter can starve under load)."""
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._held = False
+        self._waiters: deque[threading.Lock] = deque()
+
+    def acquire(self, timeout: float) -> bool:
+        """Take the lock, waiting at most ``timeout`` seconds; False if it did not come."""
+        with self._mutex:
+            if not self._held:
+                self._held = True
+                return True
+            turn = threading.Lock()
+            turn.acquire()
+            self._waiters.append(turn)
+        if turn.acquire(timeout=timeout):
+            return True
+        with self._mutex:
+            if turn in self._waiters:  # gave up waiting
+                self._waiters.remove(turn)
+                return False
+        return True  # handed over just as the wait ran out
+
+    def release(self) -> None:
+        """Hand the lock to the first waiter, or free it."""
+        with self._mutex:
+            if self._waiters:
+                self._waiters.popleft().release()
+            else:
+                self._held = False
 
 
 _WRITES = ("INSERT", "UPDATE", "DELETE")

@@ -23,7 +23,7 @@ from sqlalchemy import event, inspect, select, text
 
 from relay import migrations, schema
 from relay.app import create_app
-from relay.ledger import Conflict, Ledger, LedgerVerdictCache, SchemaMissing
+from relay.ledger import Conflict, FairLock, Ledger, LedgerVerdictCache, SchemaMissing
 from relay.ledger_nonces import NONCE_GAP_SECONDS
 from relay.moderation import Verdict
 from relay.records import MessageRecord, PaymentRecord
@@ -500,3 +500,28 @@ def test_a_failed_write_gives_the_writer_queue_back(sqlite_ledger: Ledger) -> No
         writer.join(5)
         assert not writer.is_alive()
     assert sqlite_ledger.payment_by_key(row.payment_key) is not None
+
+
+def test_the_writer_lock_is_handed_over_in_arrival_order() -> None:
+    """Under load no writer starves: the lock goes to the waiters in the order they came,
+    and one that gives up waiting leaves the queue."""
+    lock, order = FairLock(), []
+    assert lock.acquire(timeout=1)
+    assert not lock.acquire(timeout=0.05)  # held: a short wait runs out
+
+    def wait_then_note(number: int) -> None:
+        assert lock.acquire(timeout=10)
+        order.append(number)
+        lock.release()
+
+    threads = []
+    for number in range(5):
+        threads.append(in_thread(lambda number=number: wait_then_note(number)))  # type: ignore[misc]
+        deadline = time.monotonic() + 5
+        while len(lock._waiters) < number + 1 and time.monotonic() < deadline:
+            time.sleep(0.001)
+    lock.release()
+    for thread in threads:
+        thread.join(5)
+    assert order == [0, 1, 2, 3, 4]
+    assert lock.acquire(timeout=0)  # free again once every waiter has had its turn
