@@ -139,9 +139,9 @@ class PooledPoster(HTTPSessionManager):
 
 def _requests_error(exc: BaseException) -> requests.RequestException:
     """The requests exception web3 (and our handlers) expect for a urllib3 failure."""
-    if isinstance(exc, urllib3.exceptions.NewConnectionError):  # a TimeoutError to urllib3
-        return requests.ConnectionError(str(exc))
-    if isinstance(exc, urllib3.exceptions.TimeoutError | TimeoutError):
+    timed_out = isinstance(exc, urllib3.exceptions.TimeoutError | TimeoutError)
+    # A refused connection is a TimeoutError to urllib3; to requests (and web3) it is not.
+    if timed_out and not isinstance(exc, urllib3.exceptions.NewConnectionError):
         return requests.Timeout(str(exc))
     return requests.ConnectionError(str(exc))
 
