@@ -119,14 +119,30 @@ def just_verified() -> Iterator[None]:
 def recording_broadcasts(record: Callable[[str, str], None]) -> Iterator[None]:
     """Within the block, every settlement transaction is passed to ``record(hash, to)``
     (which stores it) before it is broadcast, so a crash or a lost answer never loses its
-    hash."""
-    token = _on_broadcast.set(record)
+    hash. When ``record`` raises, that transaction is not broadcast (its nonce is given
+    back) and the block ends with record's exception, whatever the SDK made of it."""
+    refused: list[BaseException] = []
+
+    def recorded(tx_hash: str, to: str) -> None:
+        try:
+            record(tx_hash, to)
+        except BaseException as exc:
+            refused.append(exc)
+            raise
+
+    token = _on_broadcast.set(recorded)
     seen = _receipts.set({})
     try:
         yield
+    except BaseException:
+        if refused:
+            raise refused[0] from None
+        raise
     finally:
         _on_broadcast.reset(token)
         _receipts.reset(seen)
+    if refused:
+        raise refused[0]
 
 
 def waited_receipt(transaction: str) -> Any | None:
@@ -223,7 +239,11 @@ class SettlerSigner(FacilitatorWeb3Signer):
         tx_hash = str(signed.hash.to_0x_hex())
         record = _on_broadcast.get()
         if record is not None:
-            record(tx_hash, str(tx.get("to") or ""))
+            try:
+                record(tx_hash, str(tx.get("to") or ""))
+            except BaseException:  # not recorded, so never broadcast
+                self._nonces.release_nonce(sender, nonce)
+                raise
         # The reservation's age counts from the broadcast (not abandoned), unless it was
         # made a moment ago: NONCE_GAP_SECONDS is far longer.
         if time.time() - reserved > FRESH_RESERVATION_SECONDS:

@@ -18,7 +18,6 @@ import simplejson
 from sqlalchemy import (
     Connection,
     Engine,
-    Table,
     Update,
     bindparam,
     create_engine,
@@ -30,7 +29,6 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
 from relay import migrations
@@ -39,9 +37,10 @@ from relay.ledger_messages import MessageBook
 from relay.ledger_nonces import NonceBook
 from relay.memo import Memo
 from relay.moderation import Verdict
-from relay.records import PaymentRecord
+from relay.records import EventRecord, MessageRecord, PaymentRecord
 from relay.retry import Backoff, retry
 from relay.schema import (
+    dialect_insert,
     leases,
     notices,
     opt_outs,
@@ -208,6 +207,9 @@ _RELEASE = (
     .where(payments.c.id == bindparam("payment_id"), payments.c.lease_holder == bindparam("holder"))
     .values(lease_until=None, lease_holder=None)
 )
+_HELD = select(payments.c.id).where(
+    payments.c.id == bindparam("payment_id"), payments.c.lease_holder == bindparam("holder")
+)
 _OPTED_OUT = select(opt_outs.c.phone).where(opt_outs.c.phone == bindparam("phone"))
 
 
@@ -227,6 +229,24 @@ def _transition(from_states: tuple[str, ...], names: tuple[str, ...], held: bool
     if held:
         query = query.where(payments.c.lease_holder == bindparam("holder"))
     return query
+
+
+def _move(
+    conn: Connection,
+    payment_id: str,
+    from_states: tuple[str, ...],
+    to_state: str,
+    now: float,
+    holder: str | None,
+    fields: dict[str, Any],
+) -> bool:
+    """A payment's state move (checked by the caller) within ``conn``'s transaction."""
+    query = _transition(tuple(from_states), tuple(sorted(fields)), holder is not None)
+    values = {f"new_{name}": value for name, value in fields.items()}
+    params = {"payment_id": payment_id, "new_state": str(to_state), "now": now, **values}
+    if holder is not None:
+        params["holder"] = holder
+    return bool(conn.execute(query, params).rowcount == 1)
 
 
 class SchemaMissing(Exception):
@@ -436,14 +456,9 @@ class Ledger(MessageBook, NonceBook, EventBook):
         another payment.
         """
         check_move(from_states, to_state)
-        query = _transition(tuple(from_states), tuple(sorted(fields)), holder is not None)
-        values = {f"new_{name}": value for name, value in fields.items()}
-        params = {"payment_id": payment_id, "new_state": str(to_state), "now": now, **values}
-        if holder is not None:
-            params["holder"] = holder
         try:
             with self.engine.begin() as conn:
-                return conn.execute(query, params).rowcount == 1
+                return _move(conn, payment_id, from_states, to_state, now, holder, fields)
         except IntegrityError:
             if "log_index" not in fields:
                 raise
@@ -452,6 +467,30 @@ class Ledger(MessageBook, NonceBook, EventBook):
                 & (payments.c.log_index == fields["log_index"])
             )
             raise Conflict("transfer", existing) from None
+
+    def record_dispatch(
+        self,
+        message: MessageRecord,
+        statuses: tuple[str, ...],
+        events: list[EventRecord],
+        payment_id: str,
+        from_states: tuple[str, ...],
+        to_state: str,
+        now: float,
+        **fields: Any,
+    ) -> bool:
+        """What follows a message's hand-over, in one transaction: the message with its
+        statuses (``statuses`` in order; one stored already is given the later ones), the
+        events for the callback URL (each kept once), and the payment's move with ``fields``
+        (its answer). All of it or none: until it commits the payment is still dispatching,
+        and whoever takes it next finds the message at the provider. False if the payment
+        had already moved on (what is stored stays)."""
+        check_move(from_states, to_state)
+        with self.engine.begin() as conn:
+            self._store_message(conn, message, statuses)
+            for record in events:
+                self._store_event(conn, record)
+            return _move(conn, payment_id, from_states, to_state, now, None, fields)
 
     def take(
         self, payment_id: str, now: float, seconds: float, *, force: bool = False
@@ -475,9 +514,15 @@ class Ledger(MessageBook, NonceBook, EventBook):
 
     def release(self, payment_id: str, holder: str) -> None:
         """End our lease on a payment (not someone else's): the next retry or repair may
-        act at once."""
-        with self.engine.begin() as conn:
-            conn.execute(_RELEASE, {"payment_id": payment_id, "holder": holder})
+        act at once. Read first: a lease already given up (a payment's final move gives it
+        up with its answer) or lost costs no write. Nobody else ever sets our holder, so
+        what the read finds ours stays ours until our write, or runs out."""
+        params = {"payment_id": payment_id, "holder": holder}
+        with self.engine.connect() as conn:
+            held = conn.execute(_HELD, params).first() is not None
+        if held:
+            with self.engine.begin() as conn:
+                conn.execute(_RELEASE, params)
 
     def unfinished_payments(self, states: tuple[str, ...]) -> list[PaymentRecord]:
         """Payments still in one of these states, oldest first."""
@@ -579,7 +624,7 @@ _VERDICT = select(verdicts.c.verdict).where(verdicts.c.key == bindparam("key"))
 @lru_cache(maxsize=4)
 def _take_lease(dialect: str) -> Any:
     """The lease inserted when new, taken over when ours or run out (one statement)."""
-    upsert = _dialect_insert(dialect)(leases).values(
+    upsert = dialect_insert(dialect)(leases).values(
         name=bindparam("lease"), holder=bindparam("holder"), expires_at=bindparam("until")
     )
     return upsert.on_conflict_do_update(
@@ -587,11 +632,6 @@ def _take_lease(dialect: str) -> Any:
         set_={"holder": bindparam("holder"), "expires_at": bindparam("until")},
         where=(leases.c.holder == bindparam("holder")) | (leases.c.expires_at <= bindparam("now")),
     ).execution_options(preserve_rowcount=True)
-
-
-def _dialect_insert(dialect: str) -> Callable[[Table], Any]:
-    """INSERT with ON CONFLICT for this database (PostgreSQL or SQLite)."""
-    return postgresql.insert if dialect == "postgresql" else sqlite.insert
 
 
 class Conflict(Exception):

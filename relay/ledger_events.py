@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Engine, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Connection, Engine, select, update
 
 from relay.records import EventRecord
-from relay.schema import webhook_events
+from relay.schema import insert_new, webhook_events
 
 
 class EventBook:
@@ -16,12 +15,14 @@ class EventBook:
 
     def enqueue_event(self, event: EventRecord) -> bool:
         """Keep an event for delivery; False if it is already kept (its id is stable)."""
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(insert(webhook_events).values(**event.columns()))
-        except IntegrityError:
-            return False
-        return True
+        with self.engine.begin() as conn:
+            return self._store_event(conn, event)
+
+    @staticmethod
+    def _store_event(conn: Connection, event: EventRecord) -> bool:
+        """Keep an event within ``conn``'s transaction; False if it is already kept."""
+        stored = conn.execute(insert_new(webhook_events, conn.dialect.name), event.columns())
+        return bool(stored.rowcount == 1)
 
     def due_events(self, now: float, limit: int = 100) -> list[EventRecord]:
         """Pending events whose next attempt is due and that nobody is sending, oldest first."""

@@ -4,17 +4,28 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Engine, Row, bindparam, insert, select, update
+from sqlalchemy import Connection, Engine, Row, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from relay.records import MessageEvent, MessageRecord, RefundRecord
-from relay.schema import message_events, messages, outbox, refunds, row_where
+from relay.schema import insert_new, message_events, messages, outbox, refunds, row_where
 
 _NEW_STATUS = (
     update(messages)
     .where(messages.c.message_id == bindparam("id"))
     .values(status=bindparam("new"), updated_at=bindparam("now"))
 )
+
+
+def _set_status(
+    conn: Connection, message_id: str, status: str, now: float, detail: str | None
+) -> bool:
+    """A message's new status and its event; False for an unknown message."""
+    changed = conn.execute(_NEW_STATUS, {"id": message_id, "new": status, "now": now})
+    if changed.rowcount:
+        event = {"message_id": message_id, "status": status, "at": now, "detail": detail}
+        conn.execute(insert(message_events), event)
+    return bool(changed.rowcount)
 
 
 class MessageBook:
@@ -30,14 +41,23 @@ class MessageBook:
     # Messages ----------------------------------------------------------------------
     def record_message(self, message: MessageRecord) -> None:
         """Store a dispatched message and its first status event (idempotent)."""
+        with self.engine.begin() as conn:
+            self._store_message(conn, message, (message.status,))
+
+    @staticmethod
+    def _store_message(conn: Connection, message: MessageRecord, statuses: tuple[str, ...]) -> None:
+        """The message with its status history, ``statuses`` in order (the last its status);
+        a message stored already gets only the later ones."""
         columns = {k: v for k, v in message.columns().items() if k != "events"}
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(insert(messages), columns)
-                event = {"message_id": message.message_id, "status": message.status}
-                conn.execute(insert(message_events), {**event, "at": message.created_at})
-        except IntegrityError:
-            pass
+        columns["status"] = statuses[-1]
+        stored = insert_new(messages, conn.dialect.name)
+        if conn.execute(stored, columns).rowcount == 1:
+            at = message.created_at
+            history = [{"message_id": message.message_id, "status": s, "at": at} for s in statuses]
+            conn.execute(insert(message_events), history)
+            return
+        for status in statuses[1:]:
+            _set_status(conn, message.message_id, status, message.updated_at, None)
 
     def message(self, message_id: str) -> MessageRecord | None:
         """A message with its status history."""
@@ -57,12 +77,8 @@ class MessageBook:
         self, message_id: str, status: str, now: float, detail: str | None = None
     ) -> bool:
         """Record a delivery report; False for an unknown message."""
-        event = {"message_id": message_id, "status": status, "at": now, "detail": detail}
         with self.engine.begin() as conn:
-            changed = conn.execute(_NEW_STATUS, {"id": message_id, "new": status, "now": now})
-            if changed.rowcount:
-                conn.execute(insert(message_events), event)
-        return bool(changed.rowcount)
+            return _set_status(conn, message_id, status, now, detail)
 
     def list_messages(self, limit: int = 50) -> list[MessageRecord]:
         """The most recent messages (without their history)."""

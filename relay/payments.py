@@ -411,6 +411,12 @@ class Payments:
         if reason in _MAYBE_RPC_FAILURE and not self._is_remote() and not self._chain.up():
             raise chain_unavailable()
 
+    @property
+    def records_broadcasts(self) -> bool:
+        """Whether each settlement transaction is passed to recording_broadcasts' ``record``
+        before it is sent (the local facilitator); a remote one broadcasts out of sight."""
+        return not self._is_remote()
+
     def _is_remote(self) -> bool:
         return not isinstance(self._facilitator, x402FacilitatorSync)
 

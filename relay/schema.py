@@ -22,6 +22,7 @@ from sqlalchemy import (
     bindparam,
     select,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql import Select
 
 metadata = MetaData()
@@ -206,3 +207,16 @@ def row_where(table: Table, column: str) -> Select[Any]:
     """SELECT * FROM table WHERE column = :value, built once per table and column (a
     statement built anew for every look-up costs more than the look-up)."""
     return select(table).where(table.c[column] == bindparam("value"))
+
+
+def dialect_insert(dialect: str) -> Any:
+    """INSERT with ON CONFLICT for this database (PostgreSQL or SQLite)."""
+    return postgresql.insert if dialect == "postgresql" else sqlite.insert
+
+
+@lru_cache(maxsize=32)
+def insert_new(table: Table, dialect: str) -> Any:
+    """INSERT of a row unless one with the same key is stored (ON CONFLICT DO NOTHING, its
+    rowcount 0 then): a repeat inside a larger transaction does not abort it."""
+    statement = dialect_insert(dialect)(table).on_conflict_do_nothing()
+    return statement.execution_options(preserve_rowcount=True)

@@ -5,6 +5,10 @@
        │  └────────────┤ settle_unknown┘             └──► dispatch_failed ──► refunded
        └──► settle_failed (certain: nothing moved; the quote is free again)
 
+A settlement found while the payment's lease is still ours moves it from any settling
+state straight to dispatching (one write); settled is where it waits when the lease was
+lost meanwhile, for whoever holds it next.
+
 `Ledger.transition` refuses any move the table does not name, so a step and this table
 cannot disagree; tests/test_states.py walks it.
 """
@@ -58,12 +62,12 @@ P = PaymentState
 #: step records something without moving on).
 TRANSITIONS: dict[PaymentState, frozenset[PaymentState]] = {
     P.SETTLING: frozenset(
-        {P.SETTLING, P.SETTLE_PENDING, P.SETTLE_UNKNOWN, P.SETTLED, P.SETTLE_FAILED}
+        {P.SETTLING, P.SETTLE_PENDING, P.SETTLE_UNKNOWN, P.SETTLED, P.DISPATCHING, P.SETTLE_FAILED}
     ),
     P.SETTLE_PENDING: frozenset(
-        {P.SETTLING, P.SETTLE_PENDING, P.SETTLE_UNKNOWN, P.SETTLED, P.SETTLE_FAILED}
+        {P.SETTLING, P.SETTLE_PENDING, P.SETTLE_UNKNOWN, P.SETTLED, P.DISPATCHING, P.SETTLE_FAILED}
     ),
-    P.SETTLE_UNKNOWN: frozenset({P.SETTLE_UNKNOWN, P.SETTLED, P.SETTLE_FAILED}),
+    P.SETTLE_UNKNOWN: frozenset({P.SETTLE_UNKNOWN, P.SETTLED, P.DISPATCHING, P.SETTLE_FAILED}),
     P.SETTLED: frozenset({P.SETTLED, P.DISPATCHING}),
     P.DISPATCHING: frozenset({P.DISPATCHING, P.DISPATCHED, P.DISPATCH_UNKNOWN, P.DISPATCH_FAILED}),
     P.DISPATCH_UNKNOWN: frozenset({P.DISPATCHING, P.DISPATCHED}),

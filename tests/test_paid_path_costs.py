@@ -11,20 +11,17 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+from eth_account import Account
 from sqlalchemy import event
 from web3 import Web3
 from web3.exceptions import TimeExhausted
 
 from relay.chain import ReceiptWatcher, _Waiter
 from relay.dev.chain import DevChain
-from relay.errors import RequestInProgress
-from relay.flows.leases import hold, lease_seconds
-from relay.services import build_services
 from relay.settings import Settings
 from tests.conftest import Wallet, new_wallet, services_of
 from tests.rpc_proxy import RpcProxy
-from tests.test_ledger import payment
-from tests.test_send import BODY, make_app, paid
+from tests.test_send import BODY, make_app, paid, taken_over_after_claim
 
 WAITERS = 12
 #: transferWithAuthorization, with (v, r, s) and with one signature argument.
@@ -200,12 +197,14 @@ def test_a_node_that_takes_no_batches_is_asked_one_call_at_a_time(
     services_of(app).payments.close()
 
 
-def test_a_paid_send_writes_the_ledger_eleven_times(
+def test_a_paid_send_writes_the_ledger_six_times(
     paid_settings: Callable[..., Settings], payer: Wallet, chain: DevChain
 ) -> None:
-    """Claim, nonce, lease renewed before broadcast, hash, settled, dispatching, outbox,
-    message, delivered, answer, release: a nonce reserved a moment ago is not written again
-    before broadcast."""
+    """Before the broadcast: the claim, the nonce, the hash with the lease renewed; after
+    it: the settlement with the move to dispatching, the development outbox's own row, and
+    the message with its statuses, the answer and the lease given up. A nonce reserved a
+    moment ago is not written again before the broadcast, and the lease given up with the
+    answer is not given up again."""
     app = make_app(paid_settings())
     client = app.test_client()
     assert paid(client, BODY, payer.key).status_code == 200
@@ -214,18 +213,37 @@ def test_a_paid_send_writes_the_ledger_eleven_times(
     other = new_wallet(chain, 10_000_000)
     answer = paid(client, {**BODY, "message": "Your parcel is on its way"}, other.key)
     assert answer.status_code == 200, answer.get_data(as_text=True)
-    assert len(commits) == 11
+    assert len(commits) == 6
 
 
-def test_a_lease_is_checked_before_a_step_even_just_taken(
+def test_a_payment_taken_over_after_its_claim_is_never_broadcast_from_here(
     paid_settings: Callable[..., Settings],
+    proxy: RpcProxy,
+    payer: Wallet,
+    chain: DevChain,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A forced repair a moment after a request took the payment: the request stops before
-    its broadcast."""
-    services = build_services(paid_settings())
-    now, seconds = services.clock(), lease_seconds(services)
-    row = payment(lease_until=now + seconds, lease_holder="request")
-    services.ledger.claim_payment(row)
-    assert services.ledger.take(row.id, now, seconds, force=True)  # an operator's repair
-    with pytest.raises(RequestInProgress):
-        hold(services, row)
+    """An operator's forced repair takes the payment a moment after the request claimed it:
+    the request's lease is checked where the transaction's hash is recorded, so it stops
+    there: nothing broadcast, and the nonce it had reserved given back (the next settlement
+    takes it, and is mined: no gap)."""
+    app = make_app(paid_settings(rpc_url=proxy.url))
+    services, taken = services_of(app), taken_over_after_claim(app, monkeypatch)
+    ledger = services.ledger
+    client = app.test_client()
+    settler = Account.from_key(services.settings.settler_private_key).address
+    nonce = chain.w3.eth.get_transaction_count(settler)
+    answer = paid(client, BODY, payer.key)
+    assert answer.status_code == 409, answer.get_data(as_text=True)
+    assert answer.get_json()["error"] == "request_in_progress"
+    assert proxy.count("eth_sendRawTransaction") == 0
+    stopped = ledger.payment(taken[0])
+    assert stopped is not None and stopped.state == "settling" and stopped.tx_hash is None
+    monkeypatch.undo()
+    other = new_wallet(chain, 10_000_000)
+    answer = paid(client, {**BODY, "message": "Your parcel is on its way"}, other.key)
+    assert answer.status_code == 200, answer.get_data(as_text=True)
+    (settled,) = [p for p in ledger.list_payments() if p.state == "dispatched"]
+    assert settled.tx_hash is not None
+    assert chain.w3.eth.get_transaction(settled.tx_hash)["nonce"] == nonce
+    services.payments.close()

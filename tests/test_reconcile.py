@@ -15,6 +15,7 @@ from flask import Flask
 from sqlalchemy import delete, update
 from x402.http import decode_payment_required_header
 
+import relay.ledger
 from relay.app import create_app
 from relay.dev.chain import DevChain
 from relay.dev.stack import DevStack
@@ -265,3 +266,70 @@ def test_a_payment_finished_before_answers_were_stored_gets_an_answer(
     assert answer.status_code == 200, answer.get_data(as_text=True)
     assert answer.get_json()["message_id"] == first["message_id"]
     assert answer.get_json()["transaction"] == first["transaction"]
+
+
+def test_a_crash_while_recording_the_hand_over_leaves_nothing_half_written(
+    paid_settings: Callable[..., Settings], chain: DevChain, payer: Wallet, monkeypatch: Any
+) -> None:
+    """The message, its statuses and the payment's answer are one write after the SMS is
+    handed over: a crash inside it stores none of them, the payment stays dispatching, and
+    the reconciler finds the message at the provider (no second SMS) and finishes it."""
+    app = create_app(services=build_services(paid_settings()))
+    services, client = services_of(app), app.test_client()
+    move = relay.ledger._move
+
+    def crash_at_the_answer(conn: Any, payment_id: str, *args: Any) -> bool:
+        if args[1] == "dispatched":
+            raise RuntimeError("the process died here")
+        return move(conn, payment_id, *args)
+
+    monkeypatch.setattr(relay.ledger, "_move", crash_at_the_answer)
+    head = client.post("/api/send", json=BODY).headers["PAYMENT-REQUIRED"]
+    signature = pay(head, payer.key)
+    crashed = client.post("/api/send", json=BODY, headers={"PAYMENT-SIGNATURE": signature})
+    assert crashed.status_code == 500
+    monkeypatch.undo()
+    (row,) = services.ledger.list_payments()
+    assert row.state == "dispatching" and row.response_status is None and row.message_id is None
+    assert services.ledger.list_messages() == []
+    (sms,) = services.ledger.outbox_messages()  # handed over before the crash
+    assert reconcile(services) == {row.id: "dispatched"}
+    assert len(services.ledger.outbox_messages()) == 1
+    (message,) = services.ledger.list_messages()
+    assert message.message_id == sms["message_id"] and message.status == "delivered"
+    answer = replay(app, signature)
+    assert answer.status_code == 200
+    assert answer.get_json()["message_id"] == sms["message_id"]
+    assert chain.usdc_balance(payer.address) == 10_000_000 - PRICE
+
+
+def test_a_payment_taken_over_while_it_settled_keeps_its_settlement_for_the_new_holder(
+    paid_settings: Callable[..., Settings], chain: DevChain, payer: Wallet, monkeypatch: Any
+) -> None:
+    """A forced repair takes the payment while its transfer is being mined: the request
+    records the settlement (settled, not dispatching: the SMS is no longer its to send) and
+    stops; the new holder sends the SMS once."""
+    app = create_app(services=build_services(paid_settings()))
+    services, client = services_of(app), app.test_client()
+    settle, holders = services.payments.settle, []
+
+    def settled_then_taken(*args: Any, **kwargs: Any) -> Any:
+        settlement = settle(*args, **kwargs)
+        (row,) = services.ledger.list_payments()
+        holders.append(services.ledger.take(row.id, services.clock(), 60.0, force=True))
+        return settlement
+
+    monkeypatch.setattr(services.payments, "settle", settled_then_taken)
+    head = client.post("/api/send", json=BODY).headers["PAYMENT-REQUIRED"]
+    signature = pay(head, payer.key)
+    stopped = client.post("/api/send", json=BODY, headers={"PAYMENT-SIGNATURE": signature})
+    assert stopped.status_code == 409, stopped.get_data(as_text=True)
+    monkeypatch.undo()
+    (row,) = services.ledger.list_payments()
+    assert row.state == "settled" and row.tx_hash and row.log_index is not None
+    assert services.ledger.outbox_messages() == []
+    services.ledger.release(row.id, holders[0])  # the repair ends its turn
+    assert reconcile(services) == {row.id: "dispatched"}
+    assert len(services.ledger.outbox_messages()) == 1
+    assert replay(app, signature).status_code == 200
+    assert chain.usdc_balance(payer.address) == 10_000_000 - PRICE

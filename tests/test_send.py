@@ -17,8 +17,10 @@ from x402.http import decode_payment_required_header
 
 from relay.app import create_app
 from relay.dev.chain import USDC_ADDRESS, DevChain
+from relay.flows.leases import lease_seconds
 from relay.ledger import Ledger
 from relay.payment_headers import parse_payment
+from relay.records import PaymentRecord
 from relay.services import build_services
 from relay.settings import Settings
 from tests.conftest import (
@@ -337,6 +339,34 @@ def test_remote_facilitator_send(remote: Remote, chain: DevChain, payer: Wallet)
     assert response.status_code == 200, response.get_data(as_text=True)
     assert "POST /settle" in remote.facilitator.calls
     assert chain.usdc_balance(payer.address) == 10_000_000 - PRICE
+
+
+def taken_over_after_claim(app: Flask, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Each payment the app claims is taken over at once by a forced repair (an operator's
+    ``relay reconcile --force``): the ids of those taken."""
+    services = services_of(app)
+    ledger, claim = services.ledger, services.ledger.claim_payment
+    taken: list[str] = []
+
+    def claimed_then_taken(row: PaymentRecord) -> None:
+        claim(row)
+        assert ledger.take(row.id, services.clock(), lease_seconds(services), force=True)
+        taken.append(row.id)
+
+    monkeypatch.setattr(ledger, "claim_payment", claimed_then_taken)
+    return taken
+
+
+def test_a_payment_taken_over_is_not_settled_by_the_remote_facilitator(
+    remote: Remote, chain: DevChain, payer: Wallet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A remote facilitator broadcasts out of sight: the lease is checked just before it is
+    asked to settle."""
+    taken = taken_over_after_claim(remote.app, monkeypatch)
+    response = paid(remote.client, BODY, payer.key)
+    assert response.status_code == 409, response.get_data(as_text=True)
+    assert taken and "POST /settle" not in remote.facilitator.calls
+    assert chain.usdc_balance(payer.address) == 10_000_000
 
 
 # Dispatch through Sinch ------------------------------------------------------------

@@ -202,17 +202,23 @@ def finish(
     **fields: Any,
 ) -> Outcome:
     """Store the final answer with the final state; the stored answer is replayed after."""
+    now = services.clock()
     moved = services.ledger.transition(
-        payment_id,
-        from_states,
-        state,
-        services.clock(),
-        response_status=outcome.status,
-        response_body=outcome.body,
-        response_headers=outcome.headers,
-        body=None,
-        **fields,
+        payment_id, from_states, state, now, **final_fields(outcome), **fields
     )
     if moved:
         metrics.finished(state)
     return outcome
+
+
+def final_fields(outcome: Outcome) -> dict[str, Any]:
+    """What a payment's final move stores: the answer every replay gets; the text is
+    dropped, and the lease given up (nothing is left to do)."""
+    return {
+        "response_status": outcome.status,
+        "response_body": outcome.body,
+        "response_headers": outcome.headers,
+        "body": None,
+        "lease_until": None,
+        "lease_holder": None,
+    }

@@ -10,13 +10,13 @@ from relay import metrics
 from relay.flows.answers import (
     Outcome,
     failed_after_payment,
-    finish,
+    final_fields,
     not_confirmed,
     payment_headers,
     sent,
 )
 from relay.flows.leases import busy, hold
-from relay.flows.notifying import notify
+from relay.flows.notifying import event_for, notify
 from relay.flows.refunding import refunded_answer
 from relay.payment_headers import ParsedPayment
 from relay.payments import Settlement
@@ -81,21 +81,28 @@ def redispatch(
 def dispatched(
     services: Services, payment: PaymentRecord, handed: SendResult, settlement: Settlement
 ) -> Outcome:
-    """Record the accepted message and store the 200 that every replay will get."""
-    now, message_id = services.clock(), handed.message_id
-    queued = message_record(payment, message_id, handed.provider, M.QUEUED, now)
-    services.ledger.record_message(queued)
-    tx = settlement.transaction
-    notify(services, payment, message_id, M.QUEUED, tx)
-    if handed.delivered:  # no delivery report will come: it is delivered as it is handed over
-        services.ledger.update_message_status(message_id, M.DELIVERED, now, handed.provider)
-        notify(services, payment, message_id, M.DELIVERED, tx)
-    log.info(
-        "sent %s message_id=%s tx=%s", mask(payment.destination), message_id, settlement.transaction
-    )
+    """Record the accepted message, its events and the 200 that every replay will get, in
+    one write."""
+    now, message_id, tx = services.clock(), handed.message_id, settlement.transaction
+    # No delivery report comes for a message delivered as it is handed over.
+    statuses = (M.QUEUED, M.DELIVERED) if handed.delivered else (M.QUEUED,)
+    message = message_record(payment, message_id, handed.provider, statuses[-1], now)
+    told = [event_for(services, payment, message_id, status, tx) for status in statuses]
+    log.info("sent %s message_id=%s tx=%s", mask(payment.destination), message_id, tx)
     outcome = sent(services, payment, message_id, settlement)
-    states = (P.DISPATCHING, P.DISPATCH_UNKNOWN)
-    return finish(services, payment.id, states, P.DISPATCHED, outcome, message_id=message_id)
+    if services.ledger.record_dispatch(
+        message,
+        statuses,
+        [event for event in told if event is not None],
+        payment.id,
+        (P.DISPATCHING, P.DISPATCH_UNKNOWN),
+        P.DISPATCHED,
+        now,
+        **final_fields(outcome),
+        message_id=message_id,
+    ):
+        metrics.finished(P.DISPATCHED)
+    return outcome
 
 
 def message_record(

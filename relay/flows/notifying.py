@@ -47,9 +47,24 @@ def notify(
     """Keep the event for a message's new status for the payment's callback URL, if it has
     one; an event is kept once per message and type (its id is stable, so agents can drop
     repeats)."""
+    event = event_for(services, payment, message_id, status, transaction, refund)
+    if event is not None:
+        services.ledger.enqueue_event(event)
+
+
+def event_for(
+    services: Services,
+    payment: PaymentRecord,
+    message_id: str,
+    status: MessageState,
+    transaction: str | None,
+    refund: Refund | None = None,
+) -> EventRecord | None:
+    """The event for a message's new status, or None when the payment has no callback URL
+    (or the status is told as no event)."""
     event_type = EVENTS.get(status)
     if payment.callback_url is None or payment.callback_secret is None or event_type is None:
-        return
+        return None
     now = services.clock()
     data = EventData(
         message_id=message_id,
@@ -58,7 +73,7 @@ def notify(
         transaction=transaction,
         refund=refund,
     )
-    event = EventRecord(
+    return EventRecord(
         id=f"evt_{payment.id}_{event_type.removeprefix('message.')}",
         payment_id=payment.id,
         type=event_type,
@@ -69,7 +84,6 @@ def notify(
         created_at=now,
         updated_at=now,
     )
-    services.ledger.enqueue_event(event)
 
 
 def deliver_events(

@@ -240,11 +240,6 @@ def settle_and_dispatch(
 ) -> Outcome:
     """Settle (or find the settlement), then hand the SMS over."""
     settlement = settle(services, payment, parsed, requirements, first=first)
-    moved = services.ledger.transition(  # only while the lease is still ours
-        payment.id, (P.SETTLED,), P.DISPATCHING, services.clock(), holder=payment.holder
-    )
-    if not moved:
-        raise busy()
     return dispatch(services, payment, settlement)
 
 

@@ -7,6 +7,7 @@ have moved the answer is 202 settlement_pending, and the chain decides later.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from x402 import PaymentRequirements
 
@@ -14,7 +15,7 @@ from relay import metrics
 from relay.errors import PaymentSettlementFailed, RelayError, SettlementPending
 from relay.facilitator import recording_broadcasts
 from relay.flows.answers import Outcome, finish
-from relay.flows.leases import busy, hold
+from relay.flows.leases import busy, hold, lease_seconds
 from relay.ledger import Conflict
 from relay.payment_headers import ParsedPayment
 from relay.payments import NOT_PAID, Settlement, settlement_pending
@@ -41,10 +42,17 @@ def settle(
     *,
     first: bool = False,
 ) -> Settlement:
-    """Settle on-chain, committing each outcome before anything else happens."""
+    """Settle on-chain, committing each outcome before anything else happens; the
+    settlement is recorded with the move to dispatching while our lease holds
+    (RequestInProgress when it was lost: the settlement is recorded for the next holder)."""
     ledger, payments = services.ledger, services.payments
     if payment.state == P.SETTLED and payment.tx_hash and payment.log_index is not None:
-        return payments.settlement_of(parsed, requirements, payment.tx_hash, payment.log_index)
+        settled = payments.settlement_of(parsed, requirements, payment.tx_hash, payment.log_index)
+        if not ledger.transition(  # only while the lease is still ours
+            payment.id, (P.SETTLED,), P.DISPATCHING, services.clock(), holder=payment.holder
+        ):
+            raise busy()
+        return settled
     try:
         settlement = attempt(services, payment, parsed, requirements, first=first)
     except SettlementPending as pending:
@@ -54,22 +62,21 @@ def settle(
         raise
     except PaymentSettlementFailed as failed:
         raise settlement_failed(services, payment.id, failed) from None
+    paid: dict[str, Any] = {"tx_hash": settlement.transaction, "log_index": settlement.log_index}
+    now = services.clock()
     try:
-        recorded = ledger.transition(
-            payment.id,
-            (*SETTLING, P.SETTLED),
-            P.SETTLED,
-            services.clock(),
-            tx_hash=settlement.transaction,
-            log_index=settlement.log_index,
+        ours = ledger.transition(
+            payment.id, SETTLING, P.DISPATCHING, now, holder=payment.holder, **paid
         )
+        if not ours:  # the lease was lost (e.g. a forced repair): record it for the holder
+            ledger.transition(payment.id, (*SETTLING, P.SETTLED), P.SETTLED, now, **paid)
     except Conflict:
         log.warning("transfer %s already paid another payment", settlement.transaction)
         taken = PaymentSettlementFailed(
             details={"reason": CREDITED_ELSEWHERE, "transaction": settlement.transaction}
         )
         raise settlement_failed(services, payment.id, taken) from None
-    if not recorded:  # another worker moved it on (e.g. a forced repair)
+    if not ours:
         raise busy()
     return settlement
 
@@ -127,16 +134,26 @@ def broadcast(
     Unless ``verified`` just now, the transfer is simulated first."""
 
     def record(tx_hash: str, to: str) -> None:
-        if to.lower() == req.asset.lower():  # not, e.g., a smart wallet's deployment
-            services.ledger.transition(
-                payment.id,
-                (P.SETTLING, P.SETTLE_PENDING),
-                P.SETTLING,
-                services.clock(),
-                tx_hash=tx_hash,
-            )
+        # The lease is renewed in the same write: a payment that another worker (or an
+        # operator's forced repair) has taken over is never broadcast from here.
+        if to.lower() != req.asset.lower():  # e.g. a smart wallet's deployment
+            hold(services, payment)
+            return
+        now = services.clock()
+        if not services.ledger.transition(
+            payment.id,
+            (P.SETTLING, P.SETTLE_PENDING),
+            P.SETTLING,
+            now,
+            holder=payment.holder,
+            tx_hash=tx_hash,
+            lease_until=now + lease_seconds(services),
+        ):
+            log.warning("payment %s was taken over; this worker stops", payment.id)
+            raise busy()
 
-    hold(services, payment)
+    if not services.payments.records_broadcasts:  # checked now, the last moment we can
+        hold(services, payment)
     try:
         with recording_broadcasts(record), metrics.timed(metrics.SETTLEMENT_SECONDS):
             return services.payments.settle(parsed, req, verified=verified)
