@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 import logging
 import re
+import secrets
 import sys
 import threading
 import time
-import uuid
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
+from contextvars import ContextVar, Token
 from typing import Any
 
 
@@ -69,17 +69,29 @@ _request_id: ContextVar[str] = ContextVar("relay_request_id", default="-")
 
 def request_id_of(sent: str) -> str:
     """X-Request-Id as sent (by a proxy or a client) when it looks like one, or a new one."""
-    return sent if _REQUEST_ID.fullmatch(sent) else uuid.uuid4().hex
+    return sent if _REQUEST_ID.fullmatch(sent) else secrets.token_hex(16)
 
 
-@contextmanager
-def serving(request_id: str) -> Iterator[None]:
+def serving(request_id: str) -> AbstractContextManager[None]:
     """Every log line within the block carries ``request_id``."""
-    token = _request_id.set(request_id)
-    try:
-        yield
-    finally:
-        _request_id.reset(token)
+    return _Serving(request_id)
+
+
+class _Serving(AbstractContextManager[None]):
+    """serving()'s block (a class: it is entered for every request)."""
+
+    __slots__ = ("_request_id", "_token")
+
+    def __init__(self, request_id: str) -> None:
+        self._request_id = request_id
+        self._token: Token[str] | None = None
+
+    def __enter__(self) -> None:
+        self._token = _request_id.set(self._request_id)
+
+    def __exit__(self, *_: object) -> None:
+        if self._token is not None:
+            _request_id.reset(self._token)
 
 
 class _RequestId(logging.Filter):

@@ -55,6 +55,9 @@ class QuoteSigner:
         #: Tokens whose signature was checked, and their claims: a token never changes, so
         #: a repeated request is not checked again (its content and expiry still are).
         self._genuine: Memo[str, QuoteClaims] = Memo(10_000)
+        #: The claims of (token, message, destination) found to match: the message is not
+        #: hashed again for a request repeated as it was (its expiry is still checked).
+        self._matched: Memo[tuple[str, str, str], QuoteClaims] = Memo(10_000)
         self.ttl_seconds = ttl_seconds
 
     def sign(self, claims: QuoteClaims) -> str:
@@ -63,9 +66,13 @@ class QuoteSigner:
 
     def verify(self, token: str, *, message: str, to: str, now: float) -> QuoteClaims:
         """The claims of a genuine, fresh token issued for exactly this message and destination."""
-        claims = self._genuine.get(token) or self._genuine.put(token, self._load(token))
-        if claims.message_sha256 != message_sha256(message) or claims.to != to:
-            raise QuoteContentMismatch(details={"quote_id": claims.quote_id})
+        key = (token, message, to)
+        claims = self._matched.get(key)
+        if claims is None:
+            claims = self._genuine.get(token) or self._genuine.put(token, self._load(token))
+            if claims.message_sha256 != message_sha256(message) or claims.to != to:
+                raise QuoteContentMismatch(details={"quote_id": claims.quote_id})
+            self._matched.put(key, claims)
         if now > claims.expires_at(self.ttl_seconds):
             raise QuoteExpired(details={"expired_at": claims.expires_at(self.ttl_seconds)})
         return claims

@@ -42,6 +42,21 @@ def test_mismatch(message: str, to: str) -> None:
         SIGNER.verify(token, message=message, to=to, now=NOW)
 
 
+def test_a_token_that_matched_once_is_still_checked_on_every_request() -> None:
+    """What matched is remembered per token, message and destination, never per token: the
+    same token with another text or number is refused after a match, and its expiry still
+    ends it."""
+    signer = QuoteSigner("s" * 32, ttl_seconds=600)
+    token = signer.sign(claims())
+    assert signer.verify(token, message="hello", to="+13012576365", now=NOW)
+    for message, to in [("hello!", "+13012576365"), ("hello", "+13012576366")]:
+        with pytest.raises(QuoteContentMismatch):
+            signer.verify(token, message=message, to=to, now=NOW)
+    assert signer.verify(token, message="hello", to="+13012576365", now=NOW + 600)
+    with pytest.raises(QuoteExpired):
+        signer.verify(token, message="hello", to="+13012576365", now=NOW + 601)
+
+
 def test_expired_after_ttl() -> None:
     token = SIGNER.sign(claims())
     SIGNER.verify(token, message="hello", to="+13012576365", now=NOW + 600)
