@@ -172,6 +172,11 @@ class StorageUnavailable(RelayError):
     default_message = "The shared rate-limit storage is unreachable; retry shortly."
 
 
+class ReportTooEarly(RelayError):
+    code, status, retryable = "delivery_report_too_early", 503, True
+    default_message = "The message this report is about is not recorded yet; send it again later."
+
+
 class ChainUnavailable(RelayError):
     code, status, retryable = "chain_unavailable", 503, True
     default_message = "The blockchain is unreachable; retry shortly."

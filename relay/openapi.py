@@ -62,6 +62,8 @@ WHEN: dict[str, str] = {
     "chain_unavailable": "the chain or facilitator is unreachable; retry after Retry-After",
     "storage_unavailable": "the shared rate-limit storage (Redis) is unreachable; retry after "
     "Retry-After",
+    "delivery_report_too_early": "a delivery report about a message handed over but not yet "
+    "recorded; Sinch sends it again later",
     "settlement_pending": "not a failure: settlement broadcast, not yet confirmed; repeat the "
     "same request (same payment header) after Retry-After",
     "price_limit_exceeded": "client only: the quoted price is above your max_price_usd; "
@@ -105,6 +107,7 @@ WEBHOOK_CODES = (
     "unauthorized",
     "not_found",
     "payload_too_large",
+    "delivery_report_too_early",
     "internal_error",
 )
 PLAIN_CODES = ("internal_error",)

@@ -23,6 +23,7 @@ EXPECTED = {
     "moderation_unavailable": 503,
     "chain_unavailable": 503,
     "storage_unavailable": 503,
+    "delivery_report_too_early": 503,
     "not_found": 404,
     "method_not_allowed": 405,
     "payload_too_large": 413,

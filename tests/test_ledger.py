@@ -367,6 +367,15 @@ def test_a_nonce_given_back_is_handed_out_next(ledger: Ledger) -> None:
     assert ledger.reserve_nonce("0xabc", 5, 5, 100.3) == 7
 
 
+def test_a_nonce_given_back_behind_one_in_flight_is_handed_out_next(ledger: Ledger) -> None:
+    """A nonce given back while a lower one is still on its way (not mined, not even in the
+    mempool yet): the next reservation fills its hole, so the ones after it are mined."""
+    assert [ledger.reserve_nonce("0xabc", 5, 5, 100.0) for _ in range(3)] == [5, 6, 7]
+    ledger.release_nonce("0xabc", 6)  # its payment was taken over before its broadcast
+    assert ledger.reserve_nonce("0xabc", 5, 5, 100.1) == 6
+    assert ledger.reserve_nonce("0xabc", 5, 5, 100.2) == 8
+
+
 def test_the_high_water_mark_never_goes_down(ledger: Ledger) -> None:
     for expected in range(10, 15):
         assert ledger.reserve_nonce("0xabc", 10, 10, 100.0) == expected

@@ -19,11 +19,13 @@ import relay.ledger
 from relay.app import create_app
 from relay.dev.chain import DevChain
 from relay.dev.stack import DevStack
+from relay.flows.answers import Outcome, finish
 from relay.flows.reconciling import reconcile
 from relay.flows.settling import EXPIRY_MARGIN_SECONDS
 from relay.schema import messages, outbox, payments, refunds
 from relay.services import Services, build_services
 from relay.settings import Settings
+from relay.states import PaymentState as P
 from tests.chain_attacks import wait_for
 from tests.conftest import (
     SINCH_PLAN,
@@ -333,3 +335,47 @@ def test_a_payment_taken_over_while_it_settled_keeps_its_settlement_for_the_new_
     assert len(services.ledger.outbox_messages()) == 1
     assert replay(app, signature).status_code == 200
     assert chain.usdc_balance(payer.address) == 10_000_000 - PRICE
+
+
+def test_the_holder_goes_on_when_a_worker_whose_lease_ran_out_recorded_the_settlement(
+    paid_settings: Callable[..., Settings], chain: DevChain, payer: Wallet, monkeypatch: Any
+) -> None:
+    """A worker that lost its lease records the settlement (settled, no holder) just before
+    the holder finds it too: the holder still moves the payment on and sends the SMS."""
+    app = create_app(services=build_services(paid_settings()))
+    services, client = services_of(app), app.test_client()
+    settle = services.payments.settle
+
+    def settled_by_a_stale_worker_too(*args: Any, **kwargs: Any) -> Any:
+        settlement = settle(*args, **kwargs)
+        (row,) = services.ledger.list_payments()
+        paid = {"tx_hash": settlement.transaction, "log_index": settlement.log_index}
+        assert services.ledger.transition(row.id, ("settling",), "settled", 2.0, **paid)
+        return settlement
+
+    monkeypatch.setattr(services.payments, "settle", settled_by_a_stale_worker_too)
+    head = client.post("/api/send", json=BODY).headers["PAYMENT-REQUIRED"]
+    signature = pay(head, payer.key)
+    answer = client.post("/api/send", json=BODY, headers={"PAYMENT-SIGNATURE": signature})
+    assert answer.status_code == 200, answer.get_data(as_text=True)
+    (row,) = services.ledger.list_payments()
+    assert row.state == "dispatched" and len(services.ledger.outbox_messages()) == 1
+
+
+def test_an_answer_stored_before_the_end_keeps_the_lease(
+    paid_settings: Callable[..., Settings],
+) -> None:
+    """A refund not yet confirmed stores its answer and stays dispatch_failed: the lease
+    stays with its holder; the final move gives it up."""
+    services = build_services(paid_settings())
+    row = payment(state="dispatch_failed", lease_holder="refunder", lease_until=9e9)
+    services.ledger.claim_payment(row)
+    answer = Outcome(502, {"error": "sinch_send_failed_after_payment"}, {})
+    finish(services, row.id, (P.DISPATCH_FAILED,), P.DISPATCH_FAILED, answer)
+    kept = services.ledger.payment(row.id)
+    assert kept is not None and kept.response_status == 502
+    assert kept.lease_holder == "refunder" and kept.lease_until == 9e9
+    finish(services, row.id, (P.DISPATCH_FAILED,), P.REFUNDED, answer)
+    done = services.ledger.payment(row.id)
+    assert done is not None and done.state == "refunded"
+    assert done.lease_holder is None and done.lease_until is None

@@ -19,6 +19,7 @@ from flask import Flask
 from sqlalchemy import select, update
 from standardwebhooks import Webhook, WebhookVerificationError
 
+import relay.ledger
 from relay.app import create_app
 from relay.callbacks import (
     CallbackFailed,
@@ -29,6 +30,7 @@ from relay.callbacks import (
     new_secret,
 )
 from relay.flows.notifying import EVENT_BACKOFF, deliver_events
+from relay.flows.reconciling import reconcile
 from relay.records import EventRecord
 from relay.schema import webhook_events
 from relay.services import Services, build_services
@@ -255,3 +257,49 @@ def test_slow_endpoints_cannot_hold_back_the_workers_pass(
     second = deliver_events(services, budget_seconds=10.0)
     assert sorted(first | second) == [f"evt_slow{n}_delivered" for n in range(4)]
     slow.close()
+
+
+def test_a_report_about_a_hand_over_not_yet_recorded_is_sent_again_and_applied(
+    paid_settings: Callable[..., Settings],
+    payer: Wallet,
+    receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The write after Sinch took the SMS fails: none of the message, its events and the
+    answer is stored. Sinch's delivery report meanwhile is answered 503 (Sinch sends it
+    again), not acknowledged and dropped; once the payment's next holder has recorded the
+    message (and its events, in the same write), the report sent again is applied."""
+    with FakeSinch(plan_id=SINCH_PLAN, token=SINCH_TOKEN) as fake:
+        settings = paid_settings(**sinch_overrides(fake.base_url), allow_private_callbacks=True)
+        app = create_app(services=build_services(settings))
+        services, move = services_of(app), relay.ledger._move
+
+        def crash_at_the_answer(conn: Any, payment: str, *args: Any) -> bool:
+            if args[1] == "dispatched":
+                raise RuntimeError("the database went away")
+            return move(conn, payment, *args)
+
+        monkeypatch.setattr(relay.ledger, "_move", crash_at_the_answer)
+        body = {"message": "Tell my webhook", "to": US, "callback_url": receiver.url}
+        assert send_paid(app, body, payer.key).status_code == 500
+        monkeypatch.undo()
+        (batch,) = fake.batches
+        (row,) = services.ledger.list_payments()
+        assert row.state == "dispatching" and services.ledger.list_messages() == []
+        with services.ledger.begin() as conn:
+            assert conn.execute(select(webhook_events.c.id)).all() == []
+        report = {**delivery_report(batch["id"], US, "Delivered"), "client_reference": row.id}
+        hook = f"/webhooks/sinch/{settings.sinch_callback_secret}"
+        early = app.test_client().post(hook, json=report)
+        assert early.status_code == 503
+        assert early.get_json()["error"] == "delivery_report_too_early"
+        assert reconcile(services) == {row.id: "dispatched"}
+        assert len(fake.batches) == 1  # found at Sinch, not sent again
+        assert app.test_client().post(hook, json=report).status_code == 200
+        message = services.ledger.message(batch["id"])
+        assert message is not None and message.status == "delivered"
+        with services.ledger.begin() as conn:
+            kept = set(conn.execute(select(webhook_events.c.type)).scalars())
+        assert kept == {"message.dispatched", "message.delivered"}
+        unknown = {**report, "batch_id": "01NOTOURS", "client_reference": "not-a-payment"}
+        assert app.test_client().post(hook, json=unknown).status_code == 200  # not ours

@@ -19,7 +19,7 @@ from relay.payments import Settlement
 from relay.pricing import from_atomic, to_atomic
 from relay.records import PaymentRecord
 from relay.services import Services
-from relay.states import MessageState
+from relay.states import FINAL_STATES, MessageState
 from relay.states import PaymentState as P
 from relay.wire import (
     EventType,
@@ -204,21 +204,22 @@ def finish(
     """Store the final answer with the final state; the stored answer is replayed after."""
     now = services.clock()
     moved = services.ledger.transition(
-        payment_id, from_states, state, now, **final_fields(outcome), **fields
+        payment_id, from_states, state, now, **answer_fields(outcome, state), **fields
     )
     if moved:
         metrics.finished(state)
     return outcome
 
 
-def final_fields(outcome: Outcome) -> dict[str, Any]:
-    """What a payment's final move stores: the answer every replay gets; the text is
-    dropped, and the lease given up (nothing is left to do)."""
-    return {
+def answer_fields(outcome: Outcome, state: P) -> dict[str, Any]:
+    """What a move that stores the answer every replay gets writes: the answer, the text
+    dropped; into a final state, the lease given up too (nothing is left to do)."""
+    fields: dict[str, Any] = {
         "response_status": outcome.status,
         "response_body": outcome.body,
         "response_headers": outcome.headers,
         "body": None,
-        "lease_until": None,
-        "lease_holder": None,
     }
+    if state in FINAL_STATES:
+        fields.update(lease_until=None, lease_holder=None)
+    return fields

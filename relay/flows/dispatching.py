@@ -9,8 +9,8 @@ from x402 import PaymentRequirements
 from relay import metrics
 from relay.flows.answers import (
     Outcome,
+    answer_fields,
     failed_after_payment,
-    final_fields,
     not_confirmed,
     payment_headers,
     sent,
@@ -98,7 +98,7 @@ def dispatched(
         (P.DISPATCHING, P.DISPATCH_UNKNOWN),
         P.DISPATCHED,
         now,
-        **final_fields(outcome),
+        **answer_fields(outcome, P.DISPATCHED),
         message_id=message_id,
     ):
         metrics.finished(P.DISPATCHED)

@@ -65,8 +65,9 @@ def settle(
     paid: dict[str, Any] = {"tx_hash": settlement.transaction, "log_index": settlement.log_index}
     now = services.clock()
     try:
+        # From settled too: a worker whose lease ran out may have recorded it meanwhile.
         ours = ledger.transition(
-            payment.id, SETTLING, P.DISPATCHING, now, holder=payment.holder, **paid
+            payment.id, (*SETTLING, P.SETTLED), P.DISPATCHING, now, holder=payment.holder, **paid
         )
         if not ours:  # the lease was lost (e.g. a forced repair): record it for the holder
             ledger.transition(payment.id, (*SETTLING, P.SETTLED), P.SETTLED, now, **paid)

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from relay import metrics
-from relay.errors import Unauthorized
+from relay.errors import ReportTooEarly, Unauthorized
 from relay.flows.notifying import notify
 from relay.flows.refunding import refund_summary
 from relay.ledger import Ledger
@@ -26,9 +26,13 @@ from relay.sinch_webhooks import (
     verify_signature,
 )
 from relay.states import MessageState
+from relay.states import PaymentState as P
 from relay.wire import Event, MessageStatus, PaymentSummary
 
 log = logging.getLogger(__name__)
+
+#: What a report that came too early is told to wait (Sinch keeps its own schedule).
+REPORT_RETRY_SECONDS = 5
 
 
 def message_status(ledger: Ledger, message_id: str) -> dict[str, Any] | None:
@@ -107,14 +111,25 @@ def report_to_agent(services: Services, message_id: str, status: MessageState) -
         notify(services, payment, message_id, status, payment.tx_hash)
 
 
+def handed_over_unrecorded(services: Services, client_reference: str | None) -> bool:
+    """Whether a report's client reference names a payment of ours whose message is not
+    recorded yet: handed over, and then the write that records it failed (or has not
+    happened yet), so its next holder records it. Sinch sends a report answered 5xx again
+    (after 5 s, 10 s, 20 s... for about a day): it is applied then, not lost."""
+    payment = None if client_reference is None else services.ledger.payment(client_reference)
+    return payment is not None and payment.state in (P.DISPATCHING, P.DISPATCH_UNKNOWN)
+
+
 def apply_callback(services: Services, payload: dict[str, Any], now: float) -> None:
     """A delivery report's status, or an inbound STOP/START."""
     event = parse_callback(payload)
     if isinstance(event, DeliveryReport):
-        metrics.DELIVERY_REPORTS.labels(status=event.status).inc()
         changed = services.ledger.update_message_status(
             event.batch_id, event.status, now, event.provider_status
         )
+        if not changed and handed_over_unrecorded(services, event.client_reference):
+            raise ReportTooEarly(retry_after=REPORT_RETRY_SECONDS)
+        metrics.DELIVERY_REPORTS.labels(status=event.status).inc()
         if changed and event.status in ("delivered", "failed"):
             report_to_agent(services, event.batch_id, MessageState(event.status))
     elif isinstance(event, InboundMessage):
