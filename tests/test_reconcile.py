@@ -22,6 +22,7 @@ from relay.dev.stack import DevStack
 from relay.flows.answers import Outcome, finish
 from relay.flows.reconciling import reconcile
 from relay.flows.settling import EXPIRY_MARGIN_SECONDS
+from relay.records import PaymentRecord
 from relay.schema import messages, outbox, payments, refunds
 from relay.services import Services, build_services
 from relay.settings import Settings
@@ -312,21 +313,13 @@ def test_a_payment_taken_over_while_it_settled_keeps_its_settlement_for_the_new_
     records the settlement (settled, not dispatching: the SMS is no longer its to send) and
     stops; the new holder sends the SMS once."""
     app = create_app(services=build_services(paid_settings()))
-    services, client = services_of(app), app.test_client()
-    settle, holders = services.payments.settle, []
+    services, holders = services_of(app), []
 
-    def settled_then_taken(*args: Any, **kwargs: Any) -> Any:
-        settlement = settle(*args, **kwargs)
-        (row,) = services.ledger.list_payments()
+    def taken(row: PaymentRecord, _settlement: Any) -> None:
         holders.append(services.ledger.take(row.id, services.clock(), 60.0, force=True))
-        return settlement
 
-    monkeypatch.setattr(services.payments, "settle", settled_then_taken)
-    head = client.post("/api/send", json=BODY).headers["PAYMENT-REQUIRED"]
-    signature = pay(head, payer.key)
-    stopped = client.post("/api/send", json=BODY, headers={"PAYMENT-SIGNATURE": signature})
+    stopped, signature = paid_after_each_settlement(app, payer.key, monkeypatch, taken)
     assert stopped.status_code == 409, stopped.get_data(as_text=True)
-    monkeypatch.undo()
     (row,) = services.ledger.list_payments()
     assert row.state == "settled" and row.tx_hash and row.log_index is not None
     assert services.ledger.outbox_messages() == []
@@ -343,20 +336,13 @@ def test_the_holder_goes_on_when_a_worker_whose_lease_ran_out_recorded_the_settl
     """A worker that lost its lease records the settlement (settled, no holder) just before
     the holder finds it too: the holder still moves the payment on and sends the SMS."""
     app = create_app(services=build_services(paid_settings()))
-    services, client = services_of(app), app.test_client()
-    settle = services.payments.settle
+    services = services_of(app)
 
-    def settled_by_a_stale_worker_too(*args: Any, **kwargs: Any) -> Any:
-        settlement = settle(*args, **kwargs)
-        (row,) = services.ledger.list_payments()
+    def recorded_by_a_stale_worker(row: PaymentRecord, settlement: Any) -> None:
         paid = {"tx_hash": settlement.transaction, "log_index": settlement.log_index}
         assert services.ledger.transition(row.id, ("settling",), "settled", 2.0, **paid)
-        return settlement
 
-    monkeypatch.setattr(services.payments, "settle", settled_by_a_stale_worker_too)
-    head = client.post("/api/send", json=BODY).headers["PAYMENT-REQUIRED"]
-    signature = pay(head, payer.key)
-    answer = client.post("/api/send", json=BODY, headers={"PAYMENT-SIGNATURE": signature})
+    answer, _ = paid_after_each_settlement(app, payer.key, monkeypatch, recorded_by_a_stale_worker)
     assert answer.status_code == 200, answer.get_data(as_text=True)
     (row,) = services.ledger.list_payments()
     assert row.state == "dispatched" and len(services.ledger.outbox_messages()) == 1
@@ -379,3 +365,25 @@ def test_an_answer_stored_before_the_end_keeps_the_lease(
     done = services.ledger.payment(row.id)
     assert done is not None and done.state == "refunded"
     assert done.lease_holder is None and done.lease_until is None
+
+
+def paid_after_each_settlement(
+    app: Flask, key: str, monkeypatch: Any, then: Callable[[PaymentRecord, Any], None]
+) -> tuple[Any, str]:
+    """A paid send whose settlement is followed at once by ``then(payment, settlement)``
+    (what another process does meanwhile): its answer and its payment header."""
+    services, client = services_of(app), app.test_client()
+    settle = services.payments.settle
+
+    def settled_then(*args: Any, **kwargs: Any) -> Any:
+        settlement = settle(*args, **kwargs)
+        (row,) = services.ledger.list_payments()
+        then(row, settlement)
+        return settlement
+
+    monkeypatch.setattr(services.payments, "settle", settled_then)
+    head = client.post("/api/send", json=BODY).headers["PAYMENT-REQUIRED"]
+    signature = pay(head, key)
+    answer = client.post("/api/send", json=BODY, headers={"PAYMENT-SIGNATURE": signature})
+    monkeypatch.undo()
+    return answer, signature

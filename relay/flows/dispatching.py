@@ -153,6 +153,6 @@ def dispatch_failed(
     failed = message_record(payment, payment.id, "none", M.FAILED, services.clock())
     ledger.record_message(failed)
     tx = settlement.transaction
-    notify(services, payment, payment.id, M.FAILED, tx)
+    notify(services, event_for(services, payment, payment.id, M.FAILED, tx))
     error = failed_after_payment(settlement.transaction, payment.id, provider_status=exc.status)
     return refunded_answer(services, payment, Outcome.of_error(error, headers))

@@ -36,18 +36,10 @@ EVENTS: dict[MessageState, EventType] = {
 }
 
 
-def notify(
-    services: Services,
-    payment: PaymentRecord,
-    message_id: str,
-    status: MessageState,
-    transaction: str | None,
-    refund: Refund | None = None,
-) -> None:
-    """Keep the event for a message's new status for the payment's callback URL, if it has
-    one; an event is kept once per message and type (its id is stable, so agents can drop
+def notify(services: Services, event: EventRecord | None) -> None:
+    """Keep an event (event_for's: None when the payment has no callback URL) for delivery;
+    an event is kept once per message and type (its id is stable, so agents can drop
     repeats)."""
-    event = event_for(services, payment, message_id, status, transaction, refund)
     if event is not None:
         services.ledger.enqueue_event(event)
 

@@ -22,7 +22,7 @@ from relay.flows.answers import (
     stored_answer,
 )
 from relay.flows.leases import hold
-from relay.flows.notifying import notify
+from relay.flows.notifying import event_for, notify
 from relay.payment_headers import ParsedPayment
 from relay.records import PaymentRecord, RefundRecord
 from relay.refunds import SignedRefund
@@ -96,13 +96,10 @@ def refund_payment(services: Services, payment: PaymentRecord) -> RefundRecord |
     assert record is not None
     if record.state == R.CONFIRMED:
         services.ledger.update_message_status(payment.id, MessageState.REFUNDED, record.updated_at)
+        refunded = MessageState.REFUNDED
+        summary = refund_summary(record)
         notify(
-            services,
-            payment,
-            payment.id,
-            MessageState.REFUNDED,
-            payment.tx_hash,
-            refund_summary(record),
+            services, event_for(services, payment, payment.id, refunded, payment.tx_hash, summary)
         )
     return record
 

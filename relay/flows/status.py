@@ -10,7 +10,7 @@ from typing import Any
 
 from relay import metrics
 from relay.errors import ReportTooEarly, Unauthorized
-from relay.flows.notifying import notify
+from relay.flows.notifying import event_for, notify
 from relay.flows.refunding import refund_summary
 from relay.ledger import Ledger
 from relay.phone import mask
@@ -108,7 +108,7 @@ def report_to_agent(services: Services, message_id: str, status: MessageState) -
     message = services.ledger.message(message_id)
     payment = None if message is None else services.ledger.payment(message.payment_id)
     if payment is not None:
-        notify(services, payment, message_id, status, payment.tx_hash)
+        notify(services, event_for(services, payment, message_id, status, payment.tx_hash))
 
 
 def handed_over_unrecorded(services: Services, client_reference: str | None) -> bool:
