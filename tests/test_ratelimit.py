@@ -76,3 +76,16 @@ def test_a_redis_that_was_never_there(make_settings: Callable[..., Settings]) ->
 def test_a_storage_url_the_limits_cannot_use_is_a_settings_problem(url: str) -> None:
     _, problems = read_settings({"RATE_LIMIT_STORAGE_URL": url}, env_file=None)
     assert any(p.startswith("RATE_LIMIT_STORAGE_URL scheme") for p in problems), problems
+
+
+def test_redis_replies_are_parsed_in_c() -> None:
+    """hiredis is installed and redis-py takes it: each limit checked in Redis costs less
+    CPU (bench/README.md)."""
+    assert redis.utils.HIREDIS_AVAILABLE
+    pool = redis.Redis.from_url("redis://127.0.0.1:6379/13").connection_pool
+    connection = pool.get_connection()
+    try:
+        assert type(connection._parser).__name__ == "_HiredisParser"
+    finally:
+        pool.release(connection)
+        pool.disconnect()
