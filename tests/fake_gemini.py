@@ -246,6 +246,8 @@ class FakeGemini(ServedInBackground):
 
 
 class _Server(ThreadingHTTPServer):
+    #: Fifty concurrent quotes open more connections than socketserver's backlog of 5.
+    request_queue_size = 128
     fake: FakeGemini
 
     def handle_error(self, request: Any, client_address: Any) -> None:

@@ -148,6 +148,9 @@ class RpcProxy(ServedInBackground):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    #: Twenty payers at once open more connections than socketserver's backlog of 5: the
+    #: connections beyond it would wait for TCP's one-second retry.
+    request_queue_size = 128
     proxy: RpcProxy
 
     def handle_error(self, request: Any, client_address: Any) -> None:
