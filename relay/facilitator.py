@@ -30,7 +30,7 @@ from relay.calldata import checksum, plain_function
 from relay.chain import receipt_watcher, web3_for
 from relay.configs import ChainConfig, PaymentConfig
 from relay.memo import Memo
-from relay.nonces import NonceStore, reserve_nonce
+from relay.nonces import NonceStore, NonceTakenOver, reserve_nonce
 
 HTTP_TIMEOUT_SECONDS = 60.0
 #: A nonce reserved this recently needs no new timestamp when it is broadcast.
@@ -227,26 +227,30 @@ class SettlerSigner(FacilitatorWeb3Signer):
         """Reserve a nonce last (after every other chain call), build and sign; a nonce
         that is never broadcast is given back at once."""
         sender = self._account.address
-        reserved = time.time()
-        nonce, gas_price = reserve_nonce(self._w3, self._nonces, sender)
-        params = {"from": sender, "gas": self._gas_limit, "gasPrice": gas_price, "nonce": nonce}
+        taken = reserve_nonce(self._w3, self._nonces, sender)
+        params = {"from": sender, "gas": self._gas_limit, "gasPrice": taken.gas_price}
         try:
-            tx = build(params)
+            tx = build({**params, "nonce": taken.nonce})
             signed = self._account.sign_transaction(tx)
         except BaseException:
-            self._nonces.release_nonce(sender, nonce)
+            self._nonces.release_nonce(sender, taken.nonce, taken.at)
             raise
+        reserved_at = taken.at
+        # The reservation's age counts from the broadcast (not abandoned), unless it was
+        # made a moment ago (NONCE_GAP_SECONDS is far longer); one that aged out and was
+        # taken over by another process is left to it.
+        if time.time() - reserved_at > FRESH_RESERVATION_SECONDS:
+            now = time.time()
+            if not self._nonces.touch_nonce(sender, taken.nonce, now, reserved_at=reserved_at):
+                raise NonceTakenOver(f"nonce {taken.nonce} was taken over by another process")
+            reserved_at = now
         tx_hash = str(signed.hash.to_0x_hex())
         record = _on_broadcast.get()
         if record is not None:
             try:
                 record(tx_hash, str(tx.get("to") or ""))
             except BaseException:  # not recorded, so never broadcast
-                self._nonces.release_nonce(sender, nonce)
+                self._nonces.release_nonce(sender, taken.nonce, reserved_at)
                 raise
-        # The reservation's age counts from the broadcast (not abandoned), unless it was
-        # made a moment ago: NONCE_GAP_SECONDS is far longer.
-        if time.time() - reserved > FRESH_RESERVATION_SECONDS:
-            self._nonces.touch_nonce(sender, int(tx["nonce"]), time.time())
         self._w3.eth.send_raw_transaction(signed.raw_transaction)
         return tx_hash

@@ -38,6 +38,17 @@ _RESET_MARK = (
     .where(_marks.c.address == bindparam("account"))
     .values(next_nonce=bindparam("restart"))
 )
+_OURS = (
+    _reservations.c.nonce == bindparam("number"),
+    _reservations.c.reserved_at == bindparam("was"),
+)
+_RELEASE = update(_reservations).where(_theirs, *_OURS).values(reserved_at=0.0)
+_TOUCH = (
+    update(_reservations)
+    .where(_theirs, _reservations.c.nonce == bindparam("number"))
+    .values(reserved_at=bindparam("now"))
+)
+_TOUCH_OURS = _TOUCH.where(_reservations.c.reserved_at == bindparam("was"))
 _RETAKE = (
     update(_reservations)
     .where(_theirs, _reservations.c.nonce == bindparam("retaken"))
@@ -128,23 +139,21 @@ class NonceBook:
         postgresql = conn.dialect.name == "postgresql"
         conn.execute(_RAISE_MARK_POSTGRESQL if postgresql else _RAISE_MARK, raised)
 
-    def release_nonce(self, address: str, nonce: int) -> None:
+    def release_nonce(self, address: str, nonce: int, reserved_at: float) -> None:
         """A reserved nonce that will never be broadcast: the next reservation takes it
-        at once (as if its age had run out)."""
-        table = nonce_reservations
+        at once (as if its age had run out). Only while the reservation is still the one
+        stamped ``reserved_at``: one that aged out and was taken over by another process
+        (which may have broadcast it) stays as it is."""
         with self.engine.begin() as conn:
-            conn.execute(
-                update(table)
-                .where(table.c.address == address, table.c.nonce == nonce)
-                .values(reserved_at=0.0)
-            )
+            conn.execute(_RELEASE, {"account": address, "number": nonce, "was": reserved_at})
 
-    def touch_nonce(self, address: str, nonce: int, now: float) -> None:
-        """A reserved nonce is being broadcast now: its age starts again."""
-        table = nonce_reservations
+    def touch_nonce(
+        self, address: str, nonce: int, now: float, *, reserved_at: float | None = None
+    ) -> bool:
+        """A reserved nonce is being broadcast now: its age starts again. With
+        ``reserved_at``, only while the reservation is still that one (False: it was taken
+        over, and must not be broadcast from here)."""
+        params = {"account": address, "number": nonce, "now": now, "was": reserved_at}
         with self.engine.begin() as conn:
-            conn.execute(
-                update(table)
-                .where(table.c.address == address, table.c.nonce == nonce)
-                .values(reserved_at=now)
-            )
+            touched = conn.execute(_TOUCH if reserved_at is None else _TOUCH_OURS, params)
+            return bool(touched.rowcount == 1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from eth_typing import ChecksumAddress
 from web3 import Web3
@@ -21,16 +21,33 @@ class NonceStore(Protocol):
 
     def reserve_nonce(self, address: str, pending: int, latest: int, now: float) -> int: ...
 
-    def touch_nonce(self, address: str, nonce: int, now: float) -> None: ...
+    def touch_nonce(
+        self, address: str, nonce: int, now: float, *, reserved_at: float | None = None
+    ) -> bool: ...
 
-    def release_nonce(self, address: str, nonce: int) -> None: ...
+    def release_nonce(self, address: str, nonce: int, reserved_at: float) -> None: ...
 
 
-def reserve_nonce(w3: Web3, nonces: NonceStore, address: ChecksumAddress) -> tuple[int, int]:
+class NonceTakenOver(RuntimeError):
+    """The nonce's reservation aged out and another process took it over: this process
+    must not broadcast with it."""
+
+
+class Reservation(NamedTuple):
+    """A nonce reserved in the shared store, the gas price read with it, and the time the
+    reservation was stamped with (what says it is still this process's)."""
+
+    nonce: int
+    gas_price: int
+    at: float
+
+
+def reserve_nonce(w3: Web3, nonces: NonceStore, address: ChecksumAddress) -> Reservation:
     """The next nonce of ``address`` from the shared store, given what the chain counts,
     and the chain's gas price."""
     pending, latest, gas_price = _chain_counts(w3, address)
-    return nonces.reserve_nonce(address, pending, latest, time.time()), gas_price
+    now = time.time()
+    return Reservation(nonces.reserve_nonce(address, pending, latest, now), gas_price, now)
 
 
 def _chain_counts(w3: Web3, address: ChecksumAddress) -> tuple[int, int, int]:

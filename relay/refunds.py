@@ -79,15 +79,16 @@ class Refunder:
             log.warning("refund not prepared: %s", type(exc).__name__)
             raise chain_unavailable() from exc
         try:
-            nonce, _ = reserve_nonce(self._w3, self._nonces, sender)
+            taken = reserve_nonce(self._w3, self._nonces, sender)
         except Exception as exc:
             log.warning("refund not prepared: %s", type(exc).__name__)
             raise chain_unavailable() from exc
+        nonce = taken.nonce
         try:
             params: TxParams = {"from": sender, "nonce": Nonce(nonce), "gas": gas * 5 // 4}
             signed = self._account.sign_transaction(call.build_transaction(params))
         except Exception as exc:
-            self._nonces.release_nonce(sender, nonce)
+            self._nonces.release_nonce(sender, nonce, taken.at)
             log.warning("refund not prepared: %s", type(exc).__name__)
             raise chain_unavailable() from exc
         return SignedRefund(signed.hash.to_0x_hex(), signed.raw_transaction.to_0x_hex(), nonce)

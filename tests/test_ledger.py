@@ -362,7 +362,7 @@ def test_opt_out_registry(ledger: Ledger) -> None:
 def test_a_nonce_given_back_is_handed_out_next(ledger: Ledger) -> None:
     assert ledger.reserve_nonce("0xabc", 5, 5, 100.0) == 5
     assert ledger.reserve_nonce("0xabc", 5, 5, 100.1) == 6
-    ledger.release_nonce("0xabc", 5)  # building its transaction failed
+    ledger.release_nonce("0xabc", 5, 100.0)  # building its transaction failed
     assert ledger.reserve_nonce("0xabc", 5, 5, 100.2) == 5
     assert ledger.reserve_nonce("0xabc", 5, 5, 100.3) == 7
 
@@ -371,9 +371,24 @@ def test_a_nonce_given_back_behind_one_in_flight_is_handed_out_next(ledger: Ledg
     """A nonce given back while a lower one is still on its way (not mined, not even in the
     mempool yet): the next reservation fills its hole, so the ones after it are mined."""
     assert [ledger.reserve_nonce("0xabc", 5, 5, 100.0) for _ in range(3)] == [5, 6, 7]
-    ledger.release_nonce("0xabc", 6)  # its payment was taken over before its broadcast
+    ledger.release_nonce("0xabc", 6, 100.0)  # its payment was taken over before its broadcast
     assert ledger.reserve_nonce("0xabc", 5, 5, 100.1) == 6
     assert ledger.reserve_nonce("0xabc", 5, 5, 100.2) == 8
+
+
+def test_a_nonce_taken_over_is_neither_given_back_nor_stamped_by_its_first_holder(
+    ledger: Ledger,
+) -> None:
+    """A process reserved 5 and stalled past NONCE_GAP_SECONDS; another took 5 over (and
+    may have broadcast it). The first one giving 5 back, or stamping it before its own
+    broadcast, changes nothing: 5 is not handed out a third time."""
+    assert ledger.reserve_nonce("0xabc", 5, 5, 100.0) == 5
+    later = 100.0 + NONCE_GAP_SECONDS + 1
+    assert ledger.reserve_nonce("0xabc", 5, 5, later) == 5  # taken over
+    ledger.release_nonce("0xabc", 5, 100.0)
+    assert not ledger.touch_nonce("0xabc", 5, later + 1, reserved_at=100.0)
+    assert ledger.reserve_nonce("0xabc", 5, 5, later + 2) == 6
+    assert ledger.touch_nonce("0xabc", 5, later + 3, reserved_at=later)  # its holder's
 
 
 def test_the_high_water_mark_never_goes_down(ledger: Ledger) -> None:

@@ -12,16 +12,18 @@ from typing import Any
 
 import pytest
 from eth_account import Account
-from sqlalchemy import event
+from sqlalchemy import event, update
 from web3 import Web3
 from web3.exceptions import TimeExhausted
 
+import relay.facilitator
 from relay.chain import ReceiptWatcher, _Waiter
 from relay.dev.chain import DevChain
+from relay.schema import nonce_reservations
 from relay.settings import Settings
 from tests.conftest import Wallet, new_wallet, services_of
 from tests.rpc_proxy import RpcProxy
-from tests.test_send import BODY, make_app, paid, taken_over_after_claim
+from tests.test_send import BODY, make_app, paid, signed_headers, taken_over_after_claim
 
 WAITERS = 12
 #: transferWithAuthorization, with (v, r, s) and with one signature argument.
@@ -247,3 +249,43 @@ def test_a_payment_taken_over_after_its_claim_is_never_broadcast_from_here(
     assert settled.tx_hash is not None
     assert chain.w3.eth.get_transaction(settled.tx_hash)["nonce"] == nonce
     services.payments.close()
+
+
+def test_a_nonce_taken_over_before_the_broadcast_is_not_broadcast_from_here(
+    paid_settings: Callable[..., Settings],
+    proxy: RpcProxy,
+    payer: Wallet,
+    chain: DevChain,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The settler stalled past NONCE_GAP_SECONDS between reserving its nonce and
+    broadcasting, and another process took the nonce over: nothing is broadcast with it
+    from here; the payment waits (202) and its retry settles with a nonce of its own."""
+    app = make_app(paid_settings(rpc_url=proxy.url))
+    ledger = services_of(app).ledger
+    reserve = ledger.reserve_nonce
+
+    def reserved_then_taken_over(address: str, pending: int, latest: int, now: float) -> int:
+        nonce = reserve(address, pending, latest, now)
+        with ledger.begin() as conn:  # what another process's retake stamps
+            conn.execute(update(nonce_reservations).values(reserved_at=now + 20.0))
+        return nonce
+
+    monkeypatch.setattr(ledger, "reserve_nonce", reserved_then_taken_over)
+    monkeypatch.setattr(relay.facilitator, "FRESH_RESERVATION_SECONDS", -1.0)
+    client = app.test_client()
+    signature = signed_headers(client, BODY, payer.key)
+    waiting = client.post("/api/send", json=BODY, headers=signature)
+    assert waiting.status_code == 202, waiting.get_data(as_text=True)
+    assert proxy.count("eth_sendRawTransaction") == 0
+    monkeypatch.undo()
+    # The process that took the nonce over broadcasts with it.
+    settler = Account.from_key(services_of(app).settings.settler_private_key)
+    nonce = chain.w3.eth.get_transaction_count(settler.address, "pending")
+    transfer = {"to": settler.address, "value": 0, "gas": 21_000, "nonce": nonce}
+    tx = {**transfer, "gasPrice": chain.w3.eth.gas_price, "chainId": chain.w3.eth.chain_id}
+    chain.w3.eth.send_raw_transaction(settler.sign_transaction(tx).raw_transaction)
+    settled = client.post("/api/send", json=BODY, headers=signature)
+    assert settled.status_code == 200, settled.get_data(as_text=True)
+    assert proxy.count("eth_sendRawTransaction") == 1
+    services_of(app).payments.close()
