@@ -42,7 +42,7 @@ from tests.conftest import (
     services_of,
     sinch_overrides,
 )
-from tests.fake_sinch import FakeSinch, delivery_report
+from tests.fake_sinch import FakeSinch, delivery_report, signature_headers
 from tests.processes import REPO
 from tests.x402_helpers import pay
 
@@ -259,18 +259,22 @@ def test_slow_endpoints_cannot_hold_back_the_workers_pass(
     slow.close()
 
 
+@pytest.mark.parametrize("signing", [None, "hmac-key"])
 def test_a_report_about_a_hand_over_not_yet_recorded_is_sent_again_and_applied(
     paid_settings: Callable[..., Settings],
     payer: Wallet,
     receiver: Receiver,
     monkeypatch: pytest.MonkeyPatch,
+    signing: str | None,
 ) -> None:
     """The write after Sinch took the SMS fails: none of the message, its events and the
     answer is stored. Sinch's delivery report meanwhile is answered 503 (Sinch sends it
     again), not acknowledged and dropped; once the payment's next holder has recorded the
-    message (and its events, in the same write), the report sent again is applied."""
+    message (and its events, in the same write), the report sent again is applied (signed:
+    the same signature is not taken for a replay of a report already applied)."""
     with FakeSinch(plan_id=SINCH_PLAN, token=SINCH_TOKEN) as fake:
-        settings = paid_settings(**sinch_overrides(fake.base_url), allow_private_callbacks=True)
+        overrides = {**sinch_overrides(fake.base_url), "sinch_signing_secret": signing}
+        settings = paid_settings(**overrides, allow_private_callbacks=True)
         app = create_app(services=build_services(settings))
         services, move = services_of(app), relay.ledger._move
 
@@ -290,16 +294,20 @@ def test_a_report_about_a_hand_over_not_yet_recorded_is_sent_again_and_applied(
             assert conn.execute(select(webhook_events.c.id)).all() == []
         report = {**delivery_report(batch["id"], US, "Delivered"), "client_reference": row.id}
         hook = f"/webhooks/sinch/{settings.sinch_callback_secret}"
-        early = app.test_client().post(hook, json=report)
+        raw = json.dumps(report).encode()
+        signed = {} if signing is None else signature_headers(signing, raw, "n-1", int(time.time()))
+        sent = {"data": raw, "content_type": "application/json", "headers": signed}
+        early = app.test_client().post(hook, **sent)
         assert early.status_code == 503
         assert early.get_json()["error"] == "delivery_report_too_early"
         assert reconcile(services) == {row.id: "dispatched"}
         assert len(fake.batches) == 1  # found at Sinch, not sent again
-        assert app.test_client().post(hook, json=report).status_code == 200
+        assert app.test_client().post(hook, **sent).get_json() == {"ok": True}  # applied
         message = services.ledger.message(batch["id"])
         assert message is not None and message.status == "delivered"
         with services.ledger.begin() as conn:
             kept = set(conn.execute(select(webhook_events.c.type)).scalars())
         assert kept == {"message.dispatched", "message.delivered"}
-        unknown = {**report, "batch_id": "01NOTOURS", "client_reference": "not-a-payment"}
-        assert app.test_client().post(hook, json=unknown).status_code == 200  # not ours
+        if signing is None:
+            unknown = {**report, "batch_id": "01NOTOURS", "client_reference": "not-a-payment"}
+            assert app.test_client().post(hook, json=unknown).status_code == 200  # not ours
