@@ -19,9 +19,11 @@ from web3.exceptions import TimeExhausted
 import relay.facilitator
 from relay.chain import ReceiptWatcher, _Waiter
 from relay.dev.chain import DevChain
+from relay.flows.leases import lease_seconds
 from relay.schema import nonce_reservations
 from relay.settings import Settings
-from tests.conftest import Wallet, new_wallet, services_of
+from tests.conftest import SINCH_PLAN, SINCH_TOKEN, Wallet, new_wallet, services_of, sinch_overrides
+from tests.fake_sinch import FakeSinch
 from tests.rpc_proxy import RpcProxy
 from tests.test_send import BODY, make_app, paid, signed_headers, taken_over_after_claim
 
@@ -289,3 +291,32 @@ def test_a_nonce_taken_over_before_the_broadcast_is_not_broadcast_from_here(
     assert settled.status_code == 200, settled.get_data(as_text=True)
     assert proxy.count("eth_sendRawTransaction") == 1
     services_of(app).payments.close()
+
+
+def test_a_paid_send_through_sinch_writes_the_ledger_five_times(
+    paid_settings: Callable[..., Settings], payer: Wallet, chain: DevChain
+) -> None:
+    """Claim, nonce, hash with the lease renewed, the settlement with the move to
+    dispatching (the lease renewed again: no renewal of its own before Sinch's first
+    attempt), and the hand-over's record; the lease is a full one when Sinch is called."""
+    with FakeSinch(plan_id=SINCH_PLAN, token=SINCH_TOKEN) as fake:
+        app = make_app(paid_settings(**sinch_overrides(fake.base_url)))
+        services = services_of(app)
+        client = app.test_client()
+        assert paid(client, BODY, payer.key).status_code == 200
+        send, leases = services.sms.send, []
+
+        def send_and_look(to: str, body: str, reference: str, **kwargs: Any) -> Any:
+            row = services.ledger.payment(reference)
+            assert row is not None and row.lease_until is not None
+            leases.append(row.lease_until - services.clock())
+            return send(to, body, reference, **kwargs)
+
+        services.sms.send = send_and_look  # type: ignore[method-assign]
+        commits: list[int] = []
+        event.listen(services.ledger.engine, "commit", lambda _conn: commits.append(1))
+        other = new_wallet(chain, 10_000_000)
+        answer = paid(client, {**BODY, "message": "Your parcel is on its way"}, other.key)
+        assert answer.status_code == 200, answer.get_data(as_text=True)
+    assert len(commits) == 5
+    assert leases and leases[0] > lease_seconds(services) - 5

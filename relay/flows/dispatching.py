@@ -15,7 +15,7 @@ from relay.flows.answers import (
     payment_headers,
     sent,
 )
-from relay.flows.leases import busy, hold
+from relay.flows.leases import busy, hold, renewed
 from relay.flows.notifying import event_for, notify
 from relay.flows.refunding import refunded_answer
 from relay.payment_headers import ParsedPayment
@@ -35,16 +35,25 @@ DISPATCH_QUIET_SECONDS = 60
 
 
 def dispatch(services: Services, payment: PaymentRecord, settlement: Settlement) -> Outcome:
-    """Hand the paid SMS to the provider; answer 200, or 502 with the refund."""
+    """Hand the paid SMS to the provider; answer 200, or 502 with the refund.
+
+    The payment was moved to dispatching a moment ago, only while its lease was ours and
+    renewing it: that was the check before the first attempt; each later attempt and
+    look-up renews the lease again (or stops)."""
     assert payment.body is not None, "a payment being dispatched keeps its text"
     body_text = compose_body(payment.body, services.settings.opt_out_line)
+    checked = [True]
+
+    def keep_alive() -> None:
+        if checked:
+            checked.clear()
+            return
+        hold(services, payment)
+
     try:
         with metrics.timed(metrics.DISPATCH_SECONDS):
             handed = services.sms.send(
-                payment.destination,
-                body_text,
-                payment.id,
-                keep_alive=lambda: hold(services, payment),
+                payment.destination, body_text, payment.id, keep_alive=keep_alive
             )
     except SmsDispatchError as exc:
         return dispatch_failed(services, payment, settlement, exc)
@@ -72,7 +81,7 @@ def redispatch(
     sending = (P.DISPATCHING, P.DISPATCH_UNKNOWN)  # only while the lease is still ours
     now = services.clock()
     if not services.ledger.transition(
-        payment.id, sending, P.DISPATCHING, now, holder=payment.holder
+        payment.id, sending, P.DISPATCHING, now, holder=payment.holder, **renewed(services, now)
     ):
         raise busy()
     return dispatch(services, payment, settlement)

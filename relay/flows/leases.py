@@ -38,3 +38,9 @@ def hold(services: Services, payment: PaymentRecord) -> None:
     if not services.ledger.renew(payment.id, payment.holder, now, lease_seconds(services)):
         log.warning("payment %s was taken over; this worker stops", payment.id)
         raise busy()
+
+
+def renewed(services: Services, now: float) -> dict[str, float]:
+    """The lease renewed by a move made only while it is ours (``holder=``): that move is
+    the check, and its write renews it too."""
+    return {"lease_until": now + lease_seconds(services)}

@@ -15,7 +15,7 @@ from relay import metrics
 from relay.errors import PaymentSettlementFailed, RelayError, SettlementPending
 from relay.facilitator import recording_broadcasts
 from relay.flows.answers import Outcome, finish
-from relay.flows.leases import busy, hold, lease_seconds
+from relay.flows.leases import busy, hold, renewed
 from relay.ledger import Conflict
 from relay.payment_headers import ParsedPayment
 from relay.payments import NOT_PAID, Settlement, settlement_pending
@@ -48,8 +48,14 @@ def settle(
     ledger, payments = services.ledger, services.payments
     if payment.state == P.SETTLED and payment.tx_hash and payment.log_index is not None:
         settled = payments.settlement_of(parsed, requirements, payment.tx_hash, payment.log_index)
-        if not ledger.transition(  # only while the lease is still ours
-            payment.id, (P.SETTLED,), P.DISPATCHING, services.clock(), holder=payment.holder
+        now = services.clock()
+        if not ledger.transition(  # only while the lease is still ours, renewed with it
+            payment.id,
+            (P.SETTLED,),
+            P.DISPATCHING,
+            now,
+            holder=payment.holder,
+            **renewed(services, now),
         ):
             raise busy()
         return settled
@@ -67,7 +73,13 @@ def settle(
     try:
         # From settled too: a worker whose lease ran out may have recorded it meanwhile.
         ours = ledger.transition(
-            payment.id, (*SETTLING, P.SETTLED), P.DISPATCHING, now, holder=payment.holder, **paid
+            payment.id,
+            (*SETTLING, P.SETTLED),
+            P.DISPATCHING,
+            now,
+            holder=payment.holder,
+            **paid,
+            **renewed(services, now),
         )
         if not ours:  # the lease was lost (e.g. a forced repair): record it for the holder
             ledger.transition(payment.id, (*SETTLING, P.SETTLED), P.SETTLED, now, **paid)
@@ -148,7 +160,7 @@ def broadcast(
             now,
             holder=payment.holder,
             tx_hash=tx_hash,
-            lease_until=now + lease_seconds(services),
+            **renewed(services, now),
         ):
             log.warning("payment %s was taken over; this worker stops", payment.id)
             raise busy()
