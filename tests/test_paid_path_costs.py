@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from eth_account import Account
+from flask import Flask
 from sqlalchemy import event, update
 from web3 import Web3
 from web3.exceptions import TimeExhausted
@@ -210,14 +211,19 @@ def test_a_paid_send_writes_the_ledger_six_times(
     moment ago is not written again before the broadcast, and the lease given up with the
     answer is not given up again."""
     app = make_app(paid_settings())
-    client = app.test_client()
-    assert paid(client, BODY, payer.key).status_code == 200
+    assert paid(app.test_client(), BODY, payer.key).status_code == 200
+    assert commits_of_a_paid_send(app, chain) == 6
+
+
+def commits_of_a_paid_send(app: Flask, chain: DevChain) -> int:
+    """The ledger's commits while a new payer makes one paid send."""
     commits: list[int] = []
     event.listen(services_of(app).ledger.engine, "commit", lambda _conn: commits.append(1))
     other = new_wallet(chain, 10_000_000)
-    answer = paid(client, {**BODY, "message": "Your parcel is on its way"}, other.key)
+    body = {**BODY, "message": "Your parcel is on its way"}
+    answer = paid(app.test_client(), body, other.key)
     assert answer.status_code == 200, answer.get_data(as_text=True)
-    assert len(commits) == 6
+    return len(commits)
 
 
 def test_a_payment_taken_over_after_its_claim_is_never_broadcast_from_here(
@@ -313,10 +319,5 @@ def test_a_paid_send_through_sinch_writes_the_ledger_five_times(
             return send(to, body, reference, **kwargs)
 
         services.sms.send = send_and_look  # type: ignore[method-assign]
-        commits: list[int] = []
-        event.listen(services.ledger.engine, "commit", lambda _conn: commits.append(1))
-        other = new_wallet(chain, 10_000_000)
-        answer = paid(client, {**BODY, "message": "Your parcel is on its way"}, other.key)
-        assert answer.status_code == 200, answer.get_data(as_text=True)
-    assert len(commits) == 5
+        assert commits_of_a_paid_send(app, chain) == 5
     assert leases and leases[0] > lease_seconds(services) - 5
