@@ -228,9 +228,14 @@ class SettlerSigner(FacilitatorWeb3Signer):
         that is never broadcast is given back at once."""
         sender = self._account.address
         taken = reserve_nonce(self._w3, self._nonces, sender)
-        params = {"from": sender, "gas": self._gas_limit, "gasPrice": taken.gas_price}
+        params = {
+            "from": sender,
+            "gas": self._gas_limit,
+            "gasPrice": taken.gas_price,
+            "nonce": taken.nonce,
+        }
         try:
-            tx = build({**params, "nonce": taken.nonce})
+            tx = build(params)
             signed = self._account.sign_transaction(tx)
         except BaseException:
             self._nonces.release_nonce(sender, taken.nonce, taken.at)

@@ -195,21 +195,15 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 OPT_OUT_MEMO_SECONDS = 5.0
 
 
-#: A lease extended (:until) while it is still ours (:holder).
-_RENEW = (
-    update(payments)
-    .where(payments.c.id == bindparam("payment_id"), payments.c.lease_holder == bindparam("holder"))
-    .values(lease_until=bindparam("until"))
+#: A payment (:payment_id) whose lease is still ours (:holder).
+_STILL_OURS = (
+    payments.c.id == bindparam("payment_id"),
+    payments.c.lease_holder == bindparam("holder"),
 )
-#: A lease given up, if it is still ours.
-_RELEASE = (
-    update(payments)
-    .where(payments.c.id == bindparam("payment_id"), payments.c.lease_holder == bindparam("holder"))
-    .values(lease_until=None, lease_holder=None)
-)
-_HELD = select(payments.c.id).where(
-    payments.c.id == bindparam("payment_id"), payments.c.lease_holder == bindparam("holder")
-)
+_HELD = select(payments.c.id).where(*_STILL_OURS)
+#: The lease extended (:until), or given up.
+_RENEW = update(payments).where(*_STILL_OURS).values(lease_until=bindparam("until"))
+_RELEASE = update(payments).where(*_STILL_OURS).values(lease_until=None, lease_holder=None)
 _OPTED_OUT = select(opt_outs.c.phone).where(opt_outs.c.phone == bindparam("phone"))
 
 

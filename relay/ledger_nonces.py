@@ -48,13 +48,9 @@ _TOUCH = (
     .where(_theirs, _reservations.c.nonce == bindparam("number"))
     .values(reserved_at=bindparam("now"))
 )
-_TOUCH_OURS = _TOUCH.where(_reservations.c.reserved_at == bindparam("was"))
-_RETAKE = (
-    update(_reservations)
-    .where(_theirs, _reservations.c.nonce == bindparam("retaken"))
-    .where(_reservations.c.reserved_at == bindparam("was"))
-    .values(reserved_at=bindparam("now"))
-)
+#: A reservation stamped anew while it is still the one stamped :was (a retake, or a
+#: stamp before broadcast).
+_RESTAMP = _TOUCH.where(_reservations.c.reserved_at == bindparam("was"))
 
 
 def _raise_mark_to(higher: Any) -> Update:
@@ -112,13 +108,13 @@ class NonceBook:
                     rows, high = [], pending
                 lowest = rows[0] if rows else None
                 if lowest is not None and lowest.nonce == pending and lowest.reserved_at < stale:
-                    retake = {**mine, "retaken": pending, "was": lowest.reserved_at, "now": now}
-                    return pending if conn.execute(_RETAKE, retake).rowcount == 1 else None
+                    retake = {**mine, "number": pending, "was": lowest.reserved_at, "now": now}
+                    return pending if conn.execute(_RESTAMP, retake).rowcount == 1 else None
                 gap = lowest is not None and lowest.nonce > pending and lowest.reserved_at < stale
                 given_back = [r.nonce for r in rows if r.nonce >= pending and r.reserved_at == 0.0]
                 if given_back and not gap:  # never broadcast: its hole is filled first
-                    retake = {**mine, "retaken": given_back[0], "was": 0.0, "now": now}
-                    return given_back[0] if conn.execute(_RETAKE, retake).rowcount == 1 else None
+                    retake = {**mine, "number": given_back[0], "was": 0.0, "now": now}
+                    return given_back[0] if conn.execute(_RESTAMP, retake).rowcount == 1 else None
                 after = rows[-1].nonce + 1 if rows else pending
                 nonce = pending if gap else max(high, pending, after)
                 row = {"address": address, "nonce": nonce, "reserved_at": now}
@@ -155,5 +151,5 @@ class NonceBook:
         over, and must not be broadcast from here)."""
         params = {"account": address, "number": nonce, "now": now, "was": reserved_at}
         with self.engine.begin() as conn:
-            touched = conn.execute(_TOUCH if reserved_at is None else _TOUCH_OURS, params)
+            touched = conn.execute(_TOUCH if reserved_at is None else _RESTAMP, params)
             return bool(touched.rowcount == 1)

@@ -52,11 +52,9 @@ class QuoteSigner:
     def __init__(self, secret: str, ttl_seconds: int, previous: str | None = None) -> None:
         keys = [secret] if previous is None else [previous, secret]  # the last one signs
         self._serializer = URLSafeSerializer(keys, salt=_SALT)
-        #: Tokens whose signature was checked, and their claims: a token never changes, so
-        #: a repeated request is not checked again (its content and expiry still are).
-        self._genuine: Memo[str, QuoteClaims] = Memo(10_000)
-        #: The claims of (token, message, destination) found to match: the message is not
-        #: hashed again for a request repeated as it was (its expiry is still checked).
+        #: The claims of genuine tokens found issued for (token, message, destination): a
+        #: token never changes, so a request repeated as it was is neither checked nor
+        #: hashed again (its expiry still is).
         self._matched: Memo[tuple[str, str, str], QuoteClaims] = Memo(10_000)
         self.ttl_seconds = ttl_seconds
 
@@ -69,7 +67,7 @@ class QuoteSigner:
         key = (token, message, to)
         claims = self._matched.get(key)
         if claims is None:
-            claims = self._genuine.get(token) or self._genuine.put(token, self._load(token))
+            claims = self._load(token)
             if claims.message_sha256 != message_sha256(message) or claims.to != to:
                 raise QuoteContentMismatch(details={"quote_id": claims.quote_id})
             self._matched.put(key, claims)

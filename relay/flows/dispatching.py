@@ -42,11 +42,12 @@ def dispatch(services: Services, payment: PaymentRecord, settlement: Settlement)
     look-up renews the lease again (or stops)."""
     assert payment.body is not None, "a payment being dispatched keeps its text"
     body_text = compose_body(payment.body, services.settings.opt_out_line)
-    checked = [True]
+    first = True
 
     def keep_alive() -> None:
-        if checked:
-            checked.clear()
+        nonlocal first
+        if first:  # checked (and renewed) by the move to dispatching
+            first = False
             return
         hold(services, payment)
 

@@ -47,18 +47,8 @@ def settle(
     (RequestInProgress when it was lost: the settlement is recorded for the next holder)."""
     ledger, payments = services.ledger, services.payments
     if payment.state == P.SETTLED and payment.tx_hash and payment.log_index is not None:
-        settled = payments.settlement_of(parsed, requirements, payment.tx_hash, payment.log_index)
-        now = services.clock()
-        if not ledger.transition(  # only while the lease is still ours, renewed with it
-            payment.id,
-            (P.SETTLED,),
-            P.DISPATCHING,
-            now,
-            holder=payment.holder,
-            **renewed(services, now),
-        ):
-            raise busy()
-        return settled
+        found = payments.settlement_of(parsed, requirements, payment.tx_hash, payment.log_index)
+        return dispatching(services, payment, found)
     try:
         settlement = attempt(services, payment, parsed, requirements, first=first)
     except SettlementPending as pending:
@@ -68,21 +58,29 @@ def settle(
         raise
     except PaymentSettlementFailed as failed:
         raise settlement_failed(services, payment.id, failed) from None
+    return dispatching(services, payment, settlement)
+
+
+def dispatching(services: Services, payment: PaymentRecord, settlement: Settlement) -> Settlement:
+    """Record the settlement with the move to dispatching, only while our lease holds (and
+    renewing it); from settled too: a worker whose lease ran out may have recorded it
+    meanwhile. A lease lost: the settlement recorded for its holder, RequestInProgress."""
+    ledger = services.ledger
     paid: dict[str, Any] = {"tx_hash": settlement.transaction, "log_index": settlement.log_index}
     now = services.clock()
+    before = (*SETTLING, P.SETTLED)
     try:
-        # From settled too: a worker whose lease ran out may have recorded it meanwhile.
         ours = ledger.transition(
             payment.id,
-            (*SETTLING, P.SETTLED),
+            before,
             P.DISPATCHING,
             now,
             holder=payment.holder,
             **paid,
             **renewed(services, now),
         )
-        if not ours:  # the lease was lost (e.g. a forced repair): record it for the holder
-            ledger.transition(payment.id, (*SETTLING, P.SETTLED), P.SETTLED, now, **paid)
+        if not ours:
+            ledger.transition(payment.id, before, P.SETTLED, now, **paid)
     except Conflict:
         log.warning("transfer %s already paid another payment", settlement.transaction)
         taken = PaymentSettlementFailed(
@@ -149,7 +147,7 @@ def broadcast(
     def record(tx_hash: str, to: str) -> None:
         # The lease is renewed in the same write: a payment that another worker (or an
         # operator's forced repair) has taken over is never broadcast from here.
-        if to.lower() != req.asset.lower():  # e.g. a smart wallet's deployment
+        if to.lower() != req.asset.lower():  # not the transfer (a wallet's deployment)
             hold(services, payment)
             return
         now = services.clock()
