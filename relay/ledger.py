@@ -670,9 +670,17 @@ class LedgerVerdictCache:
         if self._ledger.put_verdict(key, verdict.to_dict(), self._clock(), lease=lease):
             self._memory.put(key, verdict)
 
-    def claim(self, key: str, holder: str, seconds: float) -> bool:
-        """The fleet-wide right to moderate KEY now (a lease in the database)."""
-        return self._ledger.acquire_lease(_lease_name(key), holder, self._clock(), seconds)
+    def claim(self, key: str, holder: str, seconds: float) -> Verdict | bool:
+        """The verdict if one is stored by now, else the fleet-wide right to moderate KEY
+        (a lease in the database): read again once taken, in case the verdict was stored
+        just before, and then given back."""
+        taken = self._ledger.acquire_lease(_lease_name(key), holder, self._clock(), seconds)
+        found = self.get(key)
+        if found is None:
+            return taken
+        if taken:
+            self.release(key, holder)
+        return found
 
     def release(self, key: str, holder: str) -> None:
         """Give the right to moderate KEY up."""

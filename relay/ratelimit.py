@@ -8,10 +8,12 @@ import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import cast
 
+import redis
 from limits import RateLimitItem, parse, parse_many
 from limits.errors import StorageError
-from limits.storage import Storage, storage_from_string
+from limits.storage import RedisStorage, Storage, storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 
 from relay.errors import StorageUnavailable
@@ -44,7 +46,7 @@ class Limiter:
 
     def hit(self, namespace: str, key: str) -> int | None:
         """Count one event; None when allowed, else the seconds to wait."""
-        with _reaching_storage():
+        with reaching_storage():
             for item in self._items:
                 if not self._limiter.hit(item, namespace, key):
                     return self._wait(item, namespace, key)
@@ -52,10 +54,18 @@ class Limiter:
 
     def blocked(self, namespace: str, key: str) -> int | None:
         """Without counting: None when another event would be allowed, else the seconds to wait."""
-        with _reaching_storage():
+        with reaching_storage():
             for item in self._items:
                 if not self._limiter.test(item, namespace, key):
                     return self._wait(item, namespace, key)
+        return None
+
+    def redis(self) -> redis.Redis | None:
+        """The Redis client of the limits' storage, when it is Redis (shared by every
+        process); None for the in-memory storage."""
+        if isinstance(self._storage, RedisStorage):
+            # A cluster's or a sentinel's client answers the same commands.
+            return cast(redis.Redis, self._storage.get_connection())
         return None
 
     def ping(self) -> None:
@@ -69,11 +79,12 @@ class Limiter:
 
 
 @contextmanager
-def _reaching_storage() -> Iterator[None]:
-    """A storage that cannot be reached is a 503 with Retry-After, never a 500."""
+def reaching_storage() -> Iterator[None]:
+    """A storage that cannot be reached (limits' wrapped errors, or Redis's own for what
+    else is kept there) is a 503 with Retry-After, never a 500."""
     try:
         yield
-    except StorageError as exc:
+    except (StorageError, redis.RedisError) as exc:
         raise StorageUnavailable(retry_after=STORAGE_RETRY_AFTER_SECONDS) from exc
 
 

@@ -19,7 +19,12 @@ from relay.ratelimit import Limiter, lockout_rule
 from relay.refunds import Refunder
 from relay.settings import Settings
 from relay.sinch import OutboxSender, SinchSender, SmsSender
-from relay.verdict_cache import CachingModerator, MemoryVerdictCache, VerdictCache
+from relay.verdict_cache import (
+    CachingModerator,
+    MemoryVerdictCache,
+    RedisVerdictCache,
+    VerdictCache,
+)
 
 if TYPE_CHECKING:
     from relay.flows.answers import Outcome
@@ -52,14 +57,17 @@ def build_services(settings: Settings, clock: Callable[[], float] = time.time) -
         settings.pay_password_max_failures, settings.pay_password_lockout_seconds
     )
     refunds = settings.refunds()
+    quote_limiter = Limiter(settings.rate_limit_storage_url, settings.quote_rate_limit)
+    shared = quote_limiter.redis()
+    verdicts = LedgerVerdictCache(ledger, clock) if shared is None else RedisVerdictCache(shared)
     return Services(
         settings=settings,
         ledger=ledger,
-        moderator=build_moderator(settings, LedgerVerdictCache(ledger, clock)),
+        moderator=build_moderator(settings, verdicts),
         signer=QuoteSigner(
             settings.quote_secret, settings.quote_ttl_seconds, settings.quote_secret_previous
         ),
-        quote_limiter=Limiter(settings.rate_limit_storage_url, settings.quote_rate_limit),
+        quote_limiter=quote_limiter,
         password_limiter=Limiter(settings.rate_limit_storage_url, lockout),
         payments=Payments(settings.payments(), ledger),
         sms=build_sender(settings, ledger),

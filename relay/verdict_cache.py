@@ -4,14 +4,19 @@ flight that makes concurrent requests for one new text cost one model call."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import secrets
 import threading
 import time
-from typing import Protocol
+from typing import Protocol, cast
+
+import redis
 
 from relay.memo import Memo
 from relay.moderation import POLICY_VERSION, Moderator, Verdict, cache_key, unavailable
+from relay.ratelimit import reaching_storage
 
 
 class VerdictCache(Protocol):
@@ -26,9 +31,9 @@ class VerdictCache(Protocol):
         the same write."""
         ...
 
-    def claim(self, key: str, holder: str, seconds: float) -> bool:
-        """Take the right to compute KEY's verdict for ``seconds``; False while another
-        process holds it."""
+    def claim(self, key: str, holder: str, seconds: float) -> Verdict | bool:
+        """The verdict stored under KEY by now, if any (nothing is claimed then); else take
+        the right to compute it for ``seconds``: False while another process holds it."""
         ...
 
     def release(self, key: str, holder: str) -> None:
@@ -51,15 +56,107 @@ class MemoryVerdictCache:
         is no claim to give up)."""
         self._items.put(key, verdict, keep_first=True)
 
-    def claim(self, key: str, holder: str, seconds: float) -> bool:
+    def claim(self, key: str, holder: str, seconds: float) -> Verdict | bool:
         """One process: the in-process single flight is all there is to it."""
-        return True
+        return self._items.get(key) or True
 
     def release(self, key: str, holder: str) -> None:
         """Nothing to give up."""
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+#: A stored verdict if there is one; else the claim taken (new, ours already, or run out): 1.
+_CLAIM = """
+local verdict = redis.call('GET', KEYS[1])
+if verdict then return verdict end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+if redis.call('GET', KEYS[2]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+  return 1
+end
+return 0
+"""
+#: The verdict stored unless one was first (1 if this one), and the holder's claim given up.
+_PUT = """
+local stored = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2])
+if ARGV[3] ~= '' and redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
+if stored then return 1 end
+return 0
+"""
+#: The claim given up, if still the holder's.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class RedisVerdictCache:
+    """Verdicts, and the claims to compute them, in the Redis that every process shares (the
+    rate limits' storage): fleet-wide like the database's, with no database write per new
+    text. A verdict is kept VERDICT_SECONDS (a text seen again after that is moderated
+    again); a claim runs out on its own if its holder dies. Each process keeps the verdicts
+    it has read or stored in memory too. Redis unreachable: StorageUnavailable (503)."""
+
+    VERDICT_SECONDS = 30 * 24 * 3600
+
+    def __init__(self, client: redis.Redis, max_in_memory: int = 10_000) -> None:
+        self._redis = client
+        self._memory: Memo[str, Verdict] = Memo(max_in_memory)
+        self._claim = client.register_script(_CLAIM)
+        self._put = client.register_script(_PUT)
+        self._release = client.register_script(_RELEASE)
+
+    def get(self, key: str) -> Verdict | None:
+        """The verdict stored under KEY, if any."""
+        known = self._memory.get(key)
+        if known is not None:
+            return known
+        with reaching_storage():
+            stored = self._redis.get(_verdict_key(key))
+        return None if stored is None else self._remember(key, cast(bytes, stored))
+
+    def put(self, key: str, verdict: Verdict, *, releasing: str | None = None) -> None:
+        """Remember a verdict (unless another was stored first: that one stays); with
+        ``releasing``, that holder's claim is given up in the same script."""
+        keys = [_verdict_key(key), _claim_key(key)]
+        stored_json = json.dumps(verdict.to_dict())
+        args: list[str | int] = [stored_json, self.VERDICT_SECONDS, releasing or ""]
+        with reaching_storage():
+            stored = self._put(keys=keys, args=args)
+        if stored == 1:
+            self._memory.put(key, verdict)
+
+    def claim(self, key: str, holder: str, seconds: float) -> Verdict | bool:
+        """The stored verdict, or the fleet-wide right to moderate KEY for ``seconds``."""
+        keys = [_verdict_key(key), _claim_key(key)]
+        with reaching_storage():
+            answer = self._claim(keys=keys, args=[holder, max(1, round(seconds * 1000))])
+        if isinstance(answer, bytes):
+            return self._remember(key, answer)
+        return bool(answer == 1)
+
+    def release(self, key: str, holder: str) -> None:
+        """Give the right to moderate KEY up (if still ``holder``'s)."""
+        with reaching_storage():
+            self._release(keys=[_claim_key(key)], args=[holder])
+
+    def _remember(self, key: str, stored: bytes) -> Verdict:
+        return self._memory.put(key, Verdict.from_dict(json.loads(stored)))
+
+
+def _verdict_key(key: str) -> str:
+    # One hash tag for a text's verdict and claim: a cluster keeps both on one node.
+    return "relay:verdict:{" + _digest(key) + "}"
+
+
+def _claim_key(key: str) -> str:
+    return "relay:verdict-claim:{" + _digest(key) + "}"
+
+
+def _digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()[:48]
 
 
 class _Flight:
@@ -132,18 +229,17 @@ class CachingModerator:
     def _across_processes(self, key: str, text: str) -> Verdict:
         """Compute under the cache's claim, or wait for the process that holds it."""
         deadline = time.monotonic() + 2 * self._wait_seconds  # the holder's lease, and more
-        while not self._cache.claim(key, self._holder, self._wait_seconds):
-            found = self._cache.get(key)
-            if found is not None:
-                return dataclasses.replace(found, cached=False)
+        while True:
+            claimed = self._cache.claim(key, self._holder, self._wait_seconds)
+            if isinstance(claimed, Verdict):  # finished before our claim, or while we waited
+                return dataclasses.replace(claimed, cached=False)
+            if claimed:
+                break
             if time.monotonic() > deadline:
                 raise unavailable("another worker is still moderating this text")
             time.sleep(self._poll_seconds)
         released = False
         try:
-            found = self._cache.get(key)  # finished just before we claimed
-            if found is not None:
-                return dataclasses.replace(found, cached=False)
             verdict = self._inner.moderate(text)
             stored = dataclasses.replace(verdict, cached=False)
             self._cache.put(key, stored, releasing=self._holder)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import requests
 from flask import Flask
 from flask.testing import FlaskClient
@@ -26,9 +27,11 @@ from relay.dev.chain import DevChain
 from relay.flows.reconciling import reconcile
 from relay.gemini import user_turn
 from relay.ledger import Ledger
+from relay.moderation import cache_key
 from relay.schema import payments
 from relay.services import build_services
 from relay.settings import Settings
+from relay.verdict_cache import RedisVerdictCache
 from tests.conftest import (
     LOG_GUARD,
     SINCH_PLAN,
@@ -175,10 +178,15 @@ def test_concurrent_quotes_of_a_new_text_cost_one_model_call(
     assert later["moderation_usage"]["cached"] is True
 
 
+@pytest.mark.parametrize("shared", ["database", "redis"])
 def test_concurrent_quotes_on_two_processes_cost_one_model_call(
-    gemini: FakeGemini, pg_url: str, tmp_path: Path, chain: DevChain
+    gemini: FakeGemini, pg_url: str, tmp_path: Path, chain: DevChain, shared: str
 ) -> None:
+    """The claim on a new text is a lease in PostgreSQL, or in Redis when the limits are
+    kept there (and the verdict with it, no database row)."""
+    limits = {"RATE_LIMIT_STORAGE_URL": REDIS_URL} if shared == "redis" else {}
     env = {
+        **limits,
         "QUOTE_SECRET": "herd-secret-0123456789abcdef",
         "PAY_TO_ADDRESS": "0x85F37873f97afa61263A27107f2e7b0B672d7CFF",
         "SMS_PROVIDER": "outbox",
@@ -198,7 +206,8 @@ def test_concurrent_quotes_on_two_processes_cost_one_model_call(
     try:
         for relay in relays:
             relay.start()
-        body = {"message": "Herd across processes [[slow:1]]", "to": US}
+        text = f"Herd across processes {secrets.token_hex(4)} [[slow:1]]"  # new in Redis too
+        body = {"message": text, "to": US}
         calls = gemini.request_count
         with ThreadPoolExecutor(8) as pool:
             answers = list(
@@ -215,6 +224,14 @@ def test_concurrent_quotes_on_two_processes_cost_one_model_call(
     assert [a.status_code for a in answers] == [200] * 8, [a.text for a in answers]
     assert gemini.request_count == calls + 1
     assert len({a.json()["price_atomic"] for a in answers}) == 1
+    ledger = Ledger.from_url(pg_url)
+    key = cache_key(text, Settings().gemini_model)
+    in_database = ledger.get_verdict(key) is not None
+    ledger.engine.dispose()
+    assert in_database is (shared == "database")
+    assert (RedisVerdictCache(redis.Redis.from_url(REDIS_URL)).get(key) is not None) is (
+        shared == "redis"
+    )
 
 
 # 4. Prompt injection: the text cannot close its container ---------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import logging
 import secrets
@@ -428,16 +429,20 @@ def test_a_new_texts_claim_and_verdict_take_two_writes(ledger: Ledger, url: str)
     cache = LedgerVerdictCache(ledger, time.time)
     commits: list[int] = []
     event.listen(ledger.engine, "commit", lambda _conn: commits.append(1))
-    assert cache.claim("key", "a", 30.0)
-    assert not cache.claim("key", "b", 30.0)  # another process computes meanwhile
+    lease = "moderation:" + hashlib.sha256(b"key").hexdigest()[:48]
+    assert cache.claim("key", "a", 30.0) is True
+    assert cache.claim("key", "b", 30.0) is False  # another process computes meanwhile
     cache.put("key", first, releasing="a")
     assert len(commits) == 3  # the two claims and the verdict with its release
-    assert cache.claim("key", "b", 30.0)  # given up with the verdict
+    assert ledger.acquire_lease(lease, "b", time.time(), 30.0)  # given up with the verdict
     book = Ledger.from_url(url)  # another process
     other = LedgerVerdictCache(book, time.time)
     other.put("key", dataclasses.replace(first, verdict_id="vrd_2"), releasing="b")
     assert other.get("key") == first
-    assert cache.claim("key", "c", 30.0)
+    assert ledger.acquire_lease(lease, "c", time.time(), 30.0)  # the loser gave its claim up
+    ledger.release_lease(lease, "c")
+    assert LedgerVerdictCache(book, time.time).claim("key", "d", 30.0) == first
+    assert ledger.acquire_lease(lease, "e", time.time(), 30.0)  # a claim that found it, given back
     book.engine.dispose()
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import secrets
 import socket
 import subprocess
 import sys
@@ -12,13 +14,15 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
-from relay.errors import ModerationUnavailable
+from relay.errors import ModerationUnavailable, StorageUnavailable
 from relay.gemini import SYSTEM_INSTRUCTION, GeminiModerator
 from relay.moderation import (
     CATEGORIES,
@@ -29,10 +33,12 @@ from relay.moderation import (
     verdict_id_for,
 )
 from relay.phishing_rules import LayeredModerator, RulesModerator
+from relay.ratelimit import Limiter
 from relay.services import build_moderator
 from relay.settings import Settings
-from relay.verdict_cache import CachingModerator, MemoryVerdictCache
+from relay.verdict_cache import CachingModerator, MemoryVerdictCache, RedisVerdictCache
 from tests import fake_gemini as fg
+from tests.processes import free_port
 
 REJECT_CATEGORIES = [c for c in CATEGORIES if c != "ok"]
 
@@ -636,3 +642,79 @@ def test_build_moderator_layers_rules_gemini_and_cache(
     assert moderator.moderate("See you at noon").cached
     assert fake.request_count == 1
     assert cache.get(cache_key("See you at noon", settings.gemini_model)) is not None
+
+
+# --- the verdict cache in Redis (several processes) -------------------------------------------
+
+REDIS_URL = "redis://127.0.0.1:6379/12"
+
+
+def redis_cache() -> tuple[RedisVerdictCache, redis.Redis]:
+    """A cache on a connection of its own, as another process has."""
+    client = redis.Redis.from_url(REDIS_URL)
+    return RedisVerdictCache(client), client
+
+
+def test_redis_cache_shares_verdicts_and_claims_between_processes() -> None:
+    (here, client), (there, _) = redis_cache(), redis_cache()
+    key = f"text-{secrets.token_hex(8)}"
+    first, second = _verdict("first"), _verdict("second")
+    assert here.get(key) is None
+    assert here.claim(key, "a", 30.0) is True
+    assert there.claim(key, "b", 30.0) is False  # another process computes meanwhile
+    assert here.claim(key, "a", 30.0) is True  # its own claim, renewed
+    here.put(key, first, releasing="a")
+    assert there.get(key) == first
+    assert there.claim(key, "b", 30.0) == first  # the verdict, and nothing claimed
+    claims = [k for k in client.keys("relay:verdict-claim:*") if key_digest(key) in k.decode()]
+    assert claims == []
+    there.put(key, second)  # lost: the first verdict stored for a text stays
+    assert redis_cache()[0].get(key) == first
+    (stored,) = [k for k in client.keys("relay:verdict:*") if key_digest(key) in k.decode()]
+    assert 0 < client.ttl(stored) <= RedisVerdictCache.VERDICT_SECONDS
+    client.delete(stored)
+    assert here.get(key) == first  # read or stored once: served from memory
+
+
+def test_redis_claims_are_given_up_by_their_holder_or_run_out() -> None:
+    (here, _), (there, _) = redis_cache(), redis_cache()
+    key = f"text-{secrets.token_hex(8)}"
+    assert here.claim(key, "a", 30.0) is True
+    there.release(key, "b")  # not b's to give up
+    assert there.claim(key, "b", 30.0) is False
+    here.release(key, "a")
+    assert there.claim(key, "b", 0.05) is True
+    time.sleep(0.1)  # its holder died: the claim runs out on its own
+    assert here.claim(key, "a", 30.0) is True
+
+
+def test_moderators_of_two_processes_on_redis_call_the_model_once(
+    gemini: GeminiModerator, fake: fg.FakeGemini
+) -> None:
+    moderators = [
+        CachingModerator(gemini, redis_cache()[0], gemini.model, poll_seconds=0.01)
+        for _ in range(2)
+    ]
+    text = f"Meet at {secrets.token_hex(4)} [[slow:0.3]]"
+    with ThreadPoolExecutor(8) as pool:
+        verdicts = list(pool.map(lambda i: moderators[i % 2].moderate(text), range(8)))
+    assert fake.request_count == 1
+    assert {v.cached for v in verdicts} == {False}  # every first quote priced alike
+    assert len({v.verdict_id for v in verdicts}) == 1
+    assert moderators[1].moderate(text).cached
+
+
+def test_a_redis_that_cannot_be_reached_is_storage_unavailable_before_any_model_call(
+    gemini: GeminiModerator, fake: fg.FakeGemini
+) -> None:
+    client = Limiter(f"redis://127.0.0.1:{free_port()}/0", "10/minute").redis()
+    assert client is not None  # the limits' own client, as the relay wires it
+    moderator = CachingModerator(gemini, RedisVerdictCache(client), gemini.model)
+    with pytest.raises(StorageUnavailable) as info:
+        moderator.moderate("Nobody keeps the verdicts")
+    assert info.value.retry_after == 5
+    assert fake.request_count == 0
+
+
+def key_digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()[:48]
