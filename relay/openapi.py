@@ -60,8 +60,8 @@ WHEN: dict[str, str] = {
     "transaction and the refund when one was made",
     "moderation_unavailable": "moderation failed or timed out; retry after Retry-After",
     "chain_unavailable": "the chain or facilitator is unreachable; retry after Retry-After",
-    "storage_unavailable": "the shared rate-limit storage (Redis) is unreachable; retry after "
-    "Retry-After",
+    "storage_unavailable": "the shared rate-limit and verdict storage (Redis) is unreachable; "
+    "retry after Retry-After",
     "delivery_report_too_early": "a delivery report about a message handed over but not yet "
     "recorded; Sinch sends it again later",
     "settlement_pending": "not a failure: settlement broadcast, not yet confirmed; repeat the "
