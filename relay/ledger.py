@@ -675,7 +675,12 @@ class LedgerVerdictCache:
         (a lease in the database): read again once taken, in case the verdict was stored
         just before, and then given back."""
         taken = self._ledger.acquire_lease(_lease_name(key), holder, self._clock(), seconds)
-        found = self.get(key)
+        try:
+            found = self.get(key)
+        except BaseException:
+            if taken:  # nobody else would wait for a claim whose holder gave up
+                self.release(key, holder)
+            raise
         if found is None:
             return taken
         if taken:

@@ -15,6 +15,7 @@ from limits import RateLimitItem, parse, parse_many
 from limits.errors import StorageError
 from limits.storage import RedisStorage, Storage, storage_from_string
 from limits.strategies import MovingWindowRateLimiter
+from redis.exceptions import RedisClusterException
 
 from relay.errors import StorageUnavailable
 
@@ -84,7 +85,7 @@ def reaching_storage() -> Iterator[None]:
     else is kept there) is a 503 with Retry-After, never a 500."""
     try:
         yield
-    except (StorageError, redis.RedisError) as exc:
+    except (StorageError, redis.RedisError, RedisClusterException) as exc:
         raise StorageUnavailable(retry_after=STORAGE_RETRY_AFTER_SECONDS) from exc
 
 

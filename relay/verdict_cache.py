@@ -99,7 +99,7 @@ class RedisVerdictCache:
     again); a claim runs out on its own if its holder dies. Each process keeps the verdicts
     it has read or stored in memory too. Redis unreachable: StorageUnavailable (503)."""
 
-    VERDICT_SECONDS = 30 * 24 * 3600
+    VERDICT_SECONDS = 7 * 24 * 3600
 
     def __init__(self, client: redis.Redis, max_in_memory: int = 10_000) -> None:
         self._redis = client
@@ -115,7 +115,7 @@ class RedisVerdictCache:
             return known
         with reaching_storage():
             stored = self._redis.get(_verdict_key(key))
-        return None if stored is None else self._remember(key, cast(bytes, stored))
+        return None if stored is None else self._remember(key, cast(bytes | str, stored))
 
     def put(self, key: str, verdict: Verdict, *, releasing: str | None = None) -> None:
         """Remember a verdict (unless another was stored first: that one stays); with
@@ -133,7 +133,7 @@ class RedisVerdictCache:
         keys = [_verdict_key(key), _claim_key(key)]
         with reaching_storage():
             answer = self._claim(keys=keys, args=[holder, max(1, round(seconds * 1000))])
-        if isinstance(answer, bytes):
+        if isinstance(answer, bytes | str):  # str: a client made with decode_responses
             return self._remember(key, answer)
         return bool(answer == 1)
 
@@ -142,7 +142,7 @@ class RedisVerdictCache:
         with reaching_storage():
             self._release(keys=[_claim_key(key)], args=[holder])
 
-    def _remember(self, key: str, stored: bytes) -> Verdict:
+    def _remember(self, key: str, stored: bytes | str) -> Verdict:
         return self._memory.put(key, Verdict.from_dict(json.loads(stored)))
 
 
@@ -173,7 +173,7 @@ class CachingModerator:
 
     Concurrent requests for the same new text cost one model call: one thread per process
     computes while the others wait (single flight), and across processes the cache's claim
-    (a lease in the shared database) lets one compute while the others poll for its
+    (in the shared database or Redis) lets one compute while the others poll for its
     verdict. Everyone who waited gets that verdict as fresh (``cached`` False), so all the
     concurrent first quotes are priced alike.
     """

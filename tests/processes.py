@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 
+import redis
 import requests
 
 from relay.dev.chain import DevChain
@@ -165,3 +167,27 @@ class RelayProcess:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+@contextmanager
+def redis_server(port: int) -> Iterator[subprocess.Popen[bytes]]:
+    """A throw-away redis-server on ``port`` that keeps nothing on disk."""
+    binary = shutil.which("redis-server")
+    assert binary is not None, "redis-server is needed for this test"
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis(port=port).ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()

@@ -38,7 +38,7 @@ from relay.services import build_moderator
 from relay.settings import Settings
 from relay.verdict_cache import CachingModerator, MemoryVerdictCache, RedisVerdictCache
 from tests import fake_gemini as fg
-from tests.processes import free_port
+from tests.processes import free_port, redis_server
 
 REJECT_CATEGORIES = [c for c in CATEGORIES if c != "ok"]
 
@@ -668,14 +668,16 @@ def test_redis_cache_shares_verdicts_and_claims_between_processes() -> None:
     here.put(key, first, releasing="a")
     assert there.get(key) == first
     assert there.claim(key, "b", 30.0) == first  # the verdict, and nothing claimed
-    claims = [k for k in client.keys("relay:verdict-claim:*") if key_digest(key) in k.decode()]
-    assert claims == []
+    stored, claim = (f"relay:{kind}:{{{key_digest(key)}}}" for kind in ("verdict", "verdict-claim"))
+    assert client.exists(stored) == 1 and client.exists(claim) == 0
     there.put(key, second)  # lost: the first verdict stored for a text stays
     assert redis_cache()[0].get(key) == first
-    (stored,) = [k for k in client.keys("relay:verdict:*") if key_digest(key) in k.decode()]
     assert 0 < client.ttl(stored) <= RedisVerdictCache.VERDICT_SECONDS
     client.delete(stored)
     assert here.get(key) == first  # read or stored once: served from memory
+    decoding = RedisVerdictCache(redis.Redis.from_url(REDIS_URL, decode_responses=True))
+    there.put(key, first)
+    assert decoding.claim(key, "c", 30.0) == first  # a client that decodes replies to text
 
 
 def test_redis_claims_are_given_up_by_their_holder_or_run_out() -> None:
@@ -697,9 +699,15 @@ def test_moderators_of_two_processes_on_redis_call_the_model_once(
         CachingModerator(gemini, redis_cache()[0], gemini.model, poll_seconds=0.01)
         for _ in range(2)
     ]
-    text = f"Meet at {secrets.token_hex(4)} [[slow:0.3]]"
+    text = f"Meet at {secrets.token_hex(4)} [[slow:0.4]]"  # under the 0.5 s timeout
+    ready = threading.Barrier(8)
+
+    def moderate(i: int) -> Verdict:
+        ready.wait()
+        return moderators[i % 2].moderate(text)
+
     with ThreadPoolExecutor(8) as pool:
-        verdicts = list(pool.map(lambda i: moderators[i % 2].moderate(text), range(8)))
+        verdicts = list(pool.map(moderate, range(8)))
     assert fake.request_count == 1
     assert {v.cached for v in verdicts} == {False}  # every first quote priced alike
     assert len({v.verdict_id for v in verdicts}) == 1
@@ -716,6 +724,27 @@ def test_a_redis_that_cannot_be_reached_is_storage_unavailable_before_any_model_
         moderator.moderate("Nobody keeps the verdicts")
     assert info.value.retry_after == 5
     assert fake.request_count == 0
+
+
+def test_a_redis_that_dies_while_a_text_is_moderated(
+    gemini: GeminiModerator, fake: fg.FakeGemini
+) -> None:
+    """Redis goes away between the claim and the verdict: a 503 (nothing stored, nothing
+    approved); back again, the text is moderated afresh."""
+    port = free_port()
+    text = "Dinner at 8? [[slow:0.5]]"
+    with redis_server(port) as server:
+        client = Limiter(f"redis://127.0.0.1:{port}/0", "10/minute").redis()
+        assert client is not None
+        moderator = CachingModerator(gemini, RedisVerdictCache(client), gemini.model)
+        threading.Timer(0.2, server.kill).start()  # while the model answers
+        with pytest.raises(StorageUnavailable):
+            moderator.moderate(text)
+    assert fake.request_count == 1
+    with redis_server(port):
+        assert not moderator.moderate(text).cached
+        assert moderator.moderate(text).cached
+    assert fake.request_count == 2
 
 
 def key_digest(key: str) -> str:

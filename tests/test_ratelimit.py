@@ -2,46 +2,21 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import pytest
 import redis
+from limits.errors import StorageError
 
 from relay.app import create_app
+from relay.errors import StorageUnavailable
+from relay.ratelimit import reaching_storage
 from relay.services import build_services
 from relay.settings import Settings, read_settings
-from tests.processes import free_port
+from tests.processes import free_port, redis_server
 
 US = "+13012576365"
 QUOTE = {"message": "Is the limit store up?", "to": US}
-
-
-@contextmanager
-def redis_server(port: int) -> Iterator[subprocess.Popen[bytes]]:
-    """A throw-away redis-server on ``port`` that keeps nothing on disk."""
-    binary = shutil.which("redis-server")
-    assert binary is not None, "redis-server is needed for this test"
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                redis.Redis(port=port).ping()
-                break
-            except redis.ConnectionError:
-                assert time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.05)
-        yield proc
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def test_a_redis_that_dies_and_returns(make_settings: Callable[..., Settings]) -> None:
@@ -89,3 +64,19 @@ def test_redis_replies_are_parsed_in_c() -> None:
     finally:
         pool.release(connection)
         pool.disconnect()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        StorageError(redis.ConnectionError("refused")),
+        redis.TimeoutError("timed out"),
+        redis.exceptions.RedisClusterException("Redis Cluster cannot be connected"),
+        redis.exceptions.SlotNotCoveredError("All slots are not covered"),
+    ],
+)
+def test_every_storage_error_is_a_503(error: Exception) -> None:
+    """limits' wrapped errors and Redis's own, a cluster's too (not RedisError subclasses)."""
+    with pytest.raises(StorageUnavailable) as info, reaching_storage():
+        raise error
+    assert info.value.retry_after == 5
