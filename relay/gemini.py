@@ -18,7 +18,7 @@ from google.genai import errors as genai_errors
 from google.genai import types
 
 from relay.configs import GeminiConfig
-from relay.moderation import CATEGORIES, Verdict, unavailable, verdict_id_for
+from relay.moderation import CATEGORIES, Verdict, admitted, unavailable, verdict_id_for
 from relay.retry import Backoff, retry
 from relay.transport import closed_with
 
@@ -147,8 +147,9 @@ class GeminiModerator:
         self._http = closed_with(self, httpx.Client())
         self._client = gemini_client(config, self._http)
 
-    def moderate(self, text: str) -> Verdict:
+    def moderate(self, text: str, admit: Callable[[], None] = admitted) -> Verdict:
         """Gemini's verdict on TEXT; ModerationUnavailable when it gives no clear answer."""
+        admit()
         response = self._generate(text)
         verdict = _verdict_from(_read_answer(response), response.usage_metadata, self.model)
         verdict = dataclasses.replace(verdict, verdict_id=verdict_id_for(text, self.model))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, get_args
 
@@ -81,11 +81,16 @@ def verdict_id_for(text: str, model: str, policy_version: str = POLICY_VERSION) 
     return f"vrd_{digest[:32]}"
 
 
+def admitted() -> None:
+    """Nothing to check before a model call."""
+
+
 class Moderator(Protocol):
     """Anything that can judge a message."""
 
-    def moderate(self, text: str) -> Verdict:
-        """The verdict on TEXT; raise ModerationUnavailable when there is no clear answer."""
+    def moderate(self, text: str, admit: Callable[[], None] = admitted) -> Verdict:
+        """The verdict on TEXT; raise ModerationUnavailable when there is no clear answer.
+        ``admit`` runs before anything that costs (a model call), and may raise to refuse it."""
         ...
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from relay.moderation import Moderator, Verdict, verdict_id_for
+from relay.moderation import Moderator, Verdict, admitted, verdict_id_for
 
 _SHORTENERS = (
     "bit.ly", "bitly.com", "tinyurl.com", "t.co", "goo.gl", "ow.ly", "is.gd", "v.gd", "buff.ly",
@@ -108,8 +108,9 @@ class RulesModerator:
                 return self._verdict(text, approved=False, category="phishing", reason=reason)
         return None
 
-    def moderate(self, text: str) -> Verdict:
-        """Development mode (MODERATION_PROVIDER=rules): approve whatever check() lets through."""
+    def moderate(self, text: str, admit: Callable[[], None] = admitted) -> Verdict:
+        """Development mode (MODERATION_PROVIDER=rules): approve whatever check() lets
+        through (free: ``admit`` is not needed)."""
         reason = "No local rule matched (rules-only development mode)."
         return self.check(text) or self._verdict(text, approved=True, category="ok", reason=reason)
 
@@ -126,6 +127,6 @@ class LayeredModerator:
         self._first = first
         self._then = then
 
-    def moderate(self, text: str) -> Verdict:
+    def moderate(self, text: str, admit: Callable[[], None] = admitted) -> Verdict:
         """The rules' rejection, else the next moderator's verdict."""
-        return self._first.check(text) or self._then.moderate(text)
+        return self._first.check(text) or self._then.moderate(text, admit)

@@ -6,9 +6,9 @@ import functools
 import ipaddress
 import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import cast
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from typing import Any, cast
 
 import redis
 from limits import RateLimitItem, parse, parse_many
@@ -44,11 +44,50 @@ class Limiter:
         self._storage = open_storage(storage_url)
         self._limiter = MovingWindowRateLimiter(self._storage)
         self._items: list[RateLimitItem] = parse_many(rules)
+        self._early = _EarlyHits.of(self._storage)
 
     def hit(self, namespace: str, key: str) -> int | None:
         """Count one event; None when allowed, else the seconds to wait."""
+        return self._rest(0, namespace, key)
+
+    @contextmanager
+    def counting(self, namespace: str, key: str) -> Iterator[Callable[[], int | None]]:
+        """Count one event as the block starts; the function given to the block answers
+        as hit() does (read once, when first called, or when the block ends), so that a
+        shared storage's round trip overlaps the block's own work."""
+        sent = None if self._early is None else self._early.send(self._items[0], namespace, key)
+        answers: list[int | None] = []
+
+        def answer() -> int | None:
+            if not answers:
+                answers.append(self._answer(sent, namespace, key))
+            return answers[0]
+
+        try:
+            yield answer
+        finally:
+            if sent is not None and not answers:
+                sent.drop()
+
+    def _answer(self, sent: _Sent | None, namespace: str, key: str) -> int | None:
+        """The first limit's answer as sent early, then the others'. A reply that did not
+        come (a connection dropped, a script Redis lost on a restart) is counted again the
+        storage's own way: at worst one event twice, never one uncounted."""
+        if sent is None:
+            return self.hit(namespace, key)
+        try:
+            allowed = sent.read()
+        except redis.RedisError:
+            return self.hit(namespace, key)
+        if not allowed:
+            with reaching_storage():
+                return self._wait(self._items[0], namespace, key)
+        return self._rest(1, namespace, key)
+
+    def _rest(self, first: int, namespace: str, key: str) -> int | None:
+        """Count against the limits from ``first`` on, stopping at the first that refuses."""
         with reaching_storage():
-            for item in self._items:
+            for item in self._items[first:]:
                 if not self._limiter.hit(item, namespace, key):
                     return self._wait(item, namespace, key)
         return None
@@ -77,6 +116,71 @@ class Limiter:
     def _wait(self, item: RateLimitItem, namespace: str, key: str) -> int:
         reset = self._limiter.get_window_stats(item, namespace, key).reset_time
         return max(1, math.ceil(reset - time.time()))
+
+
+class _Sent:
+    """A moving-window hit sent on a pooled connection, its reply not read yet."""
+
+    def __init__(self, pool: redis.ConnectionPool, connection: Any) -> None:
+        self._pool = pool
+        self._connection = connection
+
+    def read(self) -> bool:
+        """Whether the hit was within the limit; the connection goes back to the pool (closed
+        first if the reply did not come: nothing stale is left on it)."""
+        try:
+            return bool(self._connection.read_response())
+        except BaseException:
+            self._connection.disconnect()
+            raise
+        finally:
+            self._pool.release(self._connection)
+
+    def drop(self) -> None:
+        """The reply is not wanted (the block failed before asking): read it all the same,
+        so that the count stands and no reply is left for the connection's next user."""
+        with suppress(redis.RedisError):
+            self.read()
+
+
+class _EarlyHits:
+    """Moving-window hits sent to Redis ahead of their reply: limits' own script and key,
+    on a connection of redis-py's pool (a plain client; a cluster's is counted the usual
+    way)."""
+
+    def __init__(self, client: redis.Redis, storage: RedisStorage, sha: str) -> None:
+        self._pool = client.connection_pool
+        self._storage = storage
+        self._sha = sha
+
+    @classmethod
+    def of(cls, storage: Storage) -> _EarlyHits | None:
+        """Early hits on this storage, if it is a plain Redis one."""
+        if not isinstance(storage, RedisStorage):
+            return None
+        client = storage.get_connection()
+        if not isinstance(client, redis.Redis):
+            return None
+        return cls(client, storage, storage.lua_acquire_moving_window.sha)
+
+    def send(self, item: RateLimitItem, namespace: str, key: str) -> _Sent | None:
+        """The hit sent (what limits' MovingWindowRateLimiter.hit would send); None if it
+        could not be, to be counted the usual way."""
+        window = self._storage.prefixed_key(item.key_for(namespace, key))
+        arguments = (time.time(), item.amount, item.get_expiry(), 1)
+        try:
+            connection: Any = self._pool.get_connection()
+        except redis.RedisError:
+            return None
+        try:
+            connection.send_command("EVALSHA", self._sha, 1, window, *arguments)
+        except BaseException as exc:
+            connection.disconnect()
+            self._pool.release(connection)
+            if isinstance(exc, redis.RedisError):
+                return None
+            raise
+        return _Sent(self._pool, connection)
 
 
 @contextmanager

@@ -10,12 +10,20 @@ import os
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from typing import Protocol, cast
 
 import redis
 
 from relay.memo import Memo
-from relay.moderation import POLICY_VERSION, Moderator, Verdict, cache_key, unavailable
+from relay.moderation import (
+    POLICY_VERSION,
+    Moderator,
+    Verdict,
+    admitted,
+    cache_key,
+    unavailable,
+)
 from relay.ratelimit import reaching_storage
 
 
@@ -198,12 +206,14 @@ class CachingModerator:
         self._flights: dict[str, _Flight] = {}
         self._lock = threading.Lock()
 
-    def moderate(self, text: str) -> Verdict:
-        """The cached verdict (marked cached, tokens kept) or a fresh one, then remembered."""
+    def moderate(self, text: str, admit: Callable[[], None] = admitted) -> Verdict:
+        """The cached verdict (marked cached, tokens kept) or a fresh one, then remembered;
+        ``admit`` runs before waiting for or making a model call."""
         key = cache_key(text, self._model, self._policy_version)
         hit = self._cache.get(key)
         if hit is not None:
             return dataclasses.replace(hit, cached=True)
+        admit()
         with self._lock:
             flight = self._flights.get(key)
             leader = flight is None

@@ -131,6 +131,33 @@ def test_the_limit_is_shared_by_workers_through_redis(
     assert codes == [200, 200, 200, 200, 429, 429]
 
 
+@pytest.mark.parametrize("storage", ["memory://", REDIS_URL])
+def test_a_client_over_its_limit_costs_no_model_call_and_gets_no_quote(
+    make_settings: Callable[..., Settings], gemini: FakeGemini, storage: str
+) -> None:
+    """The limit is counted as a quote starts and its answer read before the model is
+    called (Redis: while the request is parsed and looked up): over the limit, a new text
+    calls no model, a known one leaves no quote, a bad body is still a 429."""
+    settings = make_settings(
+        **gemini_settings(gemini), rate_limit_storage_url=storage, quote_rate_limit="2/minute"
+    )
+    app = create_app(services=build_services(settings))
+    client = client_at(app, f"2001:db8:{secrets.token_hex(2)}:{secrets.token_hex(2)}::1")
+    known = {"message": f"Known text {secrets.token_hex(4)}", "to": US}
+    assert client.post("/api/quote", json=known).status_code == 200
+    assert client.post("/api/quote", json=known).get_json()["moderation_usage"]["cached"]
+    calls = gemini.request_count
+    over = [
+        client.post("/api/quote", json={"message": f"New {secrets.token_hex(4)}", "to": US}),
+        client.post("/api/quote", json=known),
+        client.post("/api/quote", data=b"{not json", content_type="application/json"),
+    ]
+    assert [(a.status_code, a.get_json()["error"]) for a in over] == [(429, "rate_limited")] * 3
+    assert all(int(a.headers["Retry-After"]) >= 1 for a in over)
+    assert all("quote_token" not in a.get_data(as_text=True) for a in over)
+    assert gemini.request_count == calls
+
+
 def test_ipv6_clients_are_limited_by_their_64(make_settings: Callable[..., Settings]) -> None:
     app = create_app(services=build_services(make_settings(quote_rate_limit="2/minute")))
     prefix = f"2001:db8:{secrets.randbelow(0xFFFF):x}:1"

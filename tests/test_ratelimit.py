@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import secrets
+import time
 from collections.abc import Callable
 
 import pytest
 import redis
+from limits import parse
 from limits.errors import StorageError
+from limits.strategies import MovingWindowRateLimiter
 
 from relay.app import create_app
 from relay.errors import StorageUnavailable
-from relay.ratelimit import reaching_storage
+from relay.ratelimit import Limiter, open_storage, reaching_storage
 from relay.services import build_services
 from relay.settings import Settings, read_settings
 from tests.processes import free_port, redis_server
@@ -80,3 +84,77 @@ def test_every_storage_error_is_a_503(error: Exception) -> None:
     with pytest.raises(StorageUnavailable) as info, reaching_storage():
         raise error
     assert info.value.retry_after == 5
+
+
+# --- counts sent ahead of their answer (Redis) ----------------------------------------------
+
+REDIS_URL = "redis://127.0.0.1:6379/13"
+
+
+def fresh_key() -> str:
+    return f"client-{secrets.token_hex(6)}"
+
+
+def counted(limiter: Limiter, key: str) -> int | None:
+    with limiter.counting("quote", key) as answer:
+        return answer()
+
+
+def test_an_early_count_agrees_with_the_usual_one() -> None:
+    limiter, key = Limiter(REDIS_URL, "3/minute"), fresh_key()
+    assert [counted(limiter, key), limiter.hit("quote", key), counted(limiter, key)] == [None] * 3
+    refused = [counted(limiter, key), limiter.hit("quote", key)]
+    assert all(wait is not None and 1 <= wait <= 60 for wait in refused)
+
+
+def test_an_early_count_is_sent_before_the_block_runs() -> None:
+    limiter, key = Limiter(REDIS_URL, "3/minute"), fresh_key()
+    window = f"LIMITS:LIMITER/quote/{key}/3/1/minute"
+    other = redis.Redis.from_url(REDIS_URL)  # another process looking at the window
+    with limiter.counting("quote", key) as answer:
+        deadline = time.monotonic() + 5
+        while other.llen(window) == 0:
+            assert time.monotonic() < deadline, "the count was not sent ahead"
+            time.sleep(0.01)
+        assert answer() is None
+    assert other.llen(window) == 1
+
+
+def test_a_block_that_fails_before_asking_leaves_no_reply_on_a_connection() -> None:
+    limiter, key = Limiter(REDIS_URL, "3/minute"), fresh_key()
+    client = limiter.redis()
+    assert client is not None
+    client.ping()  # the pool's connection, opened
+    # Redis holds every reply for a moment: the count's reply is still to come when the
+    # next command takes the pool's connection (redis-py only sees a reply already there).
+    redis.Redis.from_url(REDIS_URL).execute_command("CLIENT", "PAUSE", 300, "ALL")
+    with pytest.raises(ValueError), limiter.counting("quote", key):
+        raise ValueError("the request was bad")
+    assert client.set(key, "mine") is True  # its own reply, not the count's
+    assert client.get(key) == b"mine"
+    # The failed block's count stands: two more fit in the limit of three, not three.
+    assert [counted(limiter, key) is None for _ in range(3)] == [True, True, False]
+
+
+def test_a_refusal_by_the_first_limit_leaves_the_others_uncounted() -> None:
+    """As limits' own hit: the hour is not charged for what the minute refused."""
+    limiter, key = Limiter(REDIS_URL, "2/minute;5/hour"), fresh_key()
+    assert [counted(limiter, key) for _ in range(2)] == [None, None]
+    assert counted(limiter, key) is not None
+    hours = MovingWindowRateLimiter(open_storage(REDIS_URL))
+    assert hours.get_window_stats(parse("5/hour"), "quote", key).remaining == 3
+
+
+def test_a_script_redis_lost_is_counted_once_the_usual_way() -> None:
+    limiter, key = Limiter(REDIS_URL, "3/minute"), fresh_key()
+    window = f"LIMITS:LIMITER/quote/{key}/3/1/minute"
+    client = redis.Redis.from_url(REDIS_URL)
+    client.script_flush()  # as after a restart: EVALSHA finds no script
+    assert counted(limiter, key) is None
+    assert client.llen(window) == 1
+
+
+def test_an_early_count_on_a_redis_that_is_not_there_is_a_503() -> None:
+    limiter = Limiter(f"redis://127.0.0.1:{free_port()}/0", "3/minute")
+    with pytest.raises(StorageUnavailable), limiter.counting("quote", fresh_key()) as answer:
+        answer()

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from decimal import Decimal
 
 from relay import metrics
 from relay.errors import MessageTooLong, RateLimited, RecipientOptedOut, Rejected
 from relay.inputs import MessageRequest
-from relay.moderation import Verdict
+from relay.moderation import Verdict, admitted
 from relay.phone import mask, normalize_destination
 from relay.pricing import Price, moderation_cost, quote_price, token_prices
 from relay.quote_tokens import QuoteClaims, message_sha256
@@ -61,10 +63,11 @@ def refuse_opted_out(services: Services, to: str, *, paying: bool) -> None:
         raise RecipientOptedOut(details={"to": mask(to)})
 
 
-def moderate(services: Services, text: str) -> Verdict:
-    """The verdict on the text; a rejection is raised as 422 rejected."""
+def moderate(services: Services, text: str, admit: Callable[[], None] = admitted) -> Verdict:
+    """The verdict on the text (``admit`` runs before any model call); a rejection is
+    raised as 422 rejected."""
     with metrics.counted_errors(metrics.MODEL_ERRORS):
-        verdict = services.moderator.moderate(text)
+        verdict = services.moderator.moderate(text, admit)
     metrics.moderated(verdict, verdict_cost(services, verdict))
     if not verdict.approved:
         raise Rejected(
@@ -92,7 +95,12 @@ def verdict_cost(services: Services, verdict: Verdict) -> Decimal:
 
 
 def quote(
-    services: Services, req: MessageRequest, *, one_shot: bool = False, paying: bool = False
+    services: Services,
+    req: MessageRequest,
+    *,
+    one_shot: bool = False,
+    paying: bool = False,
+    admit: Callable[[], None] = admitted,
 ) -> Quote:
     """Normalise, count, moderate, price and sign.
 
@@ -100,7 +108,7 @@ def quote(
     charges the verdict's original cost, so the unpaid and the paid request agree on the price.
     """
     to, text, info, original = prepare_text(services, req, paying=paying)
-    verdict = moderate(services, text)
+    verdict = moderate(services, text, admit)
     cost = verdict_cost(services, verdict) if one_shot or not verdict.cached else Decimal(0)
     price = quote_price(info.segments, services.settings.price_per_segment_usd, cost)
     claims = QuoteClaims.new(
@@ -121,6 +129,29 @@ def quote(
 def limit_model_calls(services: Services, client: str) -> None:
     """QUOTE_RATE_LIMIT per client: every request that may call the model (a quote, a
     one-shot send, paid or not) counts, in the shared storage."""
-    wait = services.quote_limiter.hit("quote", client)
+    refuse_over_limit(services, services.quote_limiter.hit("quote", client))
+
+
+@contextmanager
+def model_calls_counted(services: Services, client: str) -> Iterator[Callable[[], None]]:
+    """limit_model_calls counted as the block starts, its answer awaited only by the
+    function given to the block (to run before any model call) or when the block ends:
+    the shared storage's round trip overlaps the block's work. A client over its limit
+    gets 429 whatever the block did or raised; nothing the block made leaves."""
+    with services.quote_limiter.counting("quote", client) as answer:
+
+        def admit() -> None:
+            refuse_over_limit(services, answer())
+
+        try:
+            yield admit
+        except BaseException:
+            admit()
+            raise
+        admit()
+
+
+def refuse_over_limit(services: Services, wait: int | None) -> None:
+    """429 rate_limited with the seconds to wait, when there are any."""
     if wait is not None:
         raise RateLimited(retry_after=wait, details={"limit": services.settings.quote_rate_limit})
