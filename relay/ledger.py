@@ -359,12 +359,17 @@ class Ledger(MessageBook, NonceBook, EventBook):
         return True
 
     # Opt-out registry ------------------------------------------------------------
+    def remembered_opt_out(self, phone: str) -> bool | None:
+        """What this process read of the number up to OPT_OUT_MEMO_SECONDS ago, if anything
+        (no query)."""
+        return self._opt_outs.get(phone)
+
     def is_opted_out(self, phone: str, *, recent: bool = False) -> bool:
         """Whether the number has asked for no more messages. ``recent``: an answer this
         process read up to OPT_OUT_MEMO_SECONDS ago will do (for answers that cost nothing:
         a paid request always reads the registry itself)."""
         if recent:
-            known = self._opt_outs.get(phone)
+            known = self.remembered_opt_out(phone)
             if known is not None:
                 return known
         with self.engine.connect() as conn:
@@ -653,7 +658,7 @@ class LedgerVerdictCache:
 
     def get(self, key: str) -> Verdict | None:
         """The verdict stored under KEY, if any."""
-        known = self._memory.get(key)
+        known = self.remembered(key)
         if known is not None:
             return known
         stored = self._ledger.get_verdict(key)
@@ -662,6 +667,10 @@ class LedgerVerdictCache:
         # JSON columns load numbers as Decimal; a confidence score is a plain float.
         verdict = Verdict.from_dict({**stored, "confidence": float(stored["confidence"])})
         return self._memory.put(key, verdict)
+
+    def remembered(self, key: str) -> Verdict | None:
+        """A verdict this process has read or stored already."""
+        return self._memory.get(key)
 
     def put(self, key: str, verdict: Verdict, *, releasing: str | None = None) -> None:
         """Remember a verdict (unless another was stored first: that one stays); with

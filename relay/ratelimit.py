@@ -57,16 +57,22 @@ class Limiter:
         shared storage's round trip overlaps the block's own work."""
         sent = None if self._early is None else self._early.send(self._items[0], namespace, key)
         answers: list[int | None] = []
+        failures: list[BaseException] = []
 
         def answer() -> int | None:
-            if not answers:
-                answers.append(self._answer(sent, namespace, key))
+            if not answers and not failures:
+                try:
+                    answers.append(self._answer(sent, namespace, key))
+                except BaseException as exc:
+                    failures.append(exc)
+            if failures:
+                raise failures[0]
             return answers[0]
 
         try:
             yield answer
         finally:
-            if sent is not None and not answers:
+            if sent is not None:
                 sent.drop()
 
     def _answer(self, sent: _Sent | None, namespace: str, key: str) -> int | None:
@@ -119,28 +125,36 @@ class Limiter:
 
 
 class _Sent:
-    """A moving-window hit sent on a pooled connection, its reply not read yet."""
+    """A moving-window hit sent on a pooled connection, its reply read once."""
 
     def __init__(self, pool: redis.ConnectionPool, connection: Any) -> None:
         self._pool = pool
-        self._connection = connection
+        self._connection: Any = connection
 
     def read(self) -> bool:
-        """Whether the hit was within the limit; the connection goes back to the pool (closed
-        first if the reply did not come: nothing stale is left on it)."""
+        """Whether the hit was within the limit. The connection goes back to the pool, once
+        (closed first if the reply did not come, or was not the script's 1 or nil: nothing
+        stale is left on it); it is never read again from here."""
+        connection, self._connection = self._connection, None
+        if connection is None:
+            raise redis.ConnectionError("the reply was read already")
         try:
-            return bool(self._connection.read_response())
+            reply = connection.read_response()
+            if reply not in (1, None):
+                raise redis.ResponseError(f"unexpected reply to the window's script: {reply!r}")
+            return bool(reply == 1)
         except BaseException:
-            self._connection.disconnect()
+            connection.disconnect()
             raise
         finally:
-            self._pool.release(self._connection)
+            self._pool.release(connection)
 
     def drop(self) -> None:
-        """The reply is not wanted (the block failed before asking): read it all the same,
-        so that the count stands and no reply is left for the connection's next user."""
-        with suppress(redis.RedisError):
-            self.read()
+        """Done with it: a reply nobody asked for is read all the same, so that the count
+        stands and nothing is left for the connection's next user."""
+        if self._connection is not None:
+            with suppress(redis.RedisError):
+                self.read()
 
 
 class _EarlyHits:

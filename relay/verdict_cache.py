@@ -34,6 +34,10 @@ class VerdictCache(Protocol):
         """The verdict stored under KEY, if any."""
         ...
 
+    def remembered(self, key: str) -> Verdict | None:
+        """The verdict under KEY if this process holds it already (no shared store asked)."""
+        ...
+
     def put(self, key: str, verdict: Verdict, *, releasing: str | None = None) -> None:
         """Remember a verdict under KEY; with ``releasing``, give that holder's claim up in
         the same write."""
@@ -57,6 +61,10 @@ class MemoryVerdictCache:
 
     def get(self, key: str) -> Verdict | None:
         """The verdict stored under KEY, if any (and mark it recently used)."""
+        return self._items.get(key)
+
+    def remembered(self, key: str) -> Verdict | None:
+        """All of it is this process's memory."""
         return self._items.get(key)
 
     def put(self, key: str, verdict: Verdict, *, releasing: str | None = None) -> None:
@@ -118,12 +126,16 @@ class RedisVerdictCache:
 
     def get(self, key: str) -> Verdict | None:
         """The verdict stored under KEY, if any."""
-        known = self._memory.get(key)
+        known = self.remembered(key)
         if known is not None:
             return known
         with reaching_storage():
             stored = self._redis.get(_verdict_key(key))
         return None if stored is None else self._remember(key, cast(bytes | str, stored))
+
+    def remembered(self, key: str) -> Verdict | None:
+        """A verdict this process has read or stored already."""
+        return self._memory.get(key)
 
     def put(self, key: str, verdict: Verdict, *, releasing: str | None = None) -> None:
         """Remember a verdict (unless another was stored first: that one stays); with
@@ -208,12 +220,14 @@ class CachingModerator:
 
     def moderate(self, text: str, admit: Callable[[], None] = admitted) -> Verdict:
         """The cached verdict (marked cached, tokens kept) or a fresh one, then remembered;
-        ``admit`` runs before waiting for or making a model call."""
+        ``admit`` runs before anything but this process's memory is used."""
         key = cache_key(text, self._model, self._policy_version)
-        hit = self._cache.get(key)
+        hit = self._cache.remembered(key)
+        if hit is None:
+            admit()  # before the shared store is asked, or anyone waited for
+            hit = self._cache.get(key)
         if hit is not None:
             return dataclasses.replace(hit, cached=True)
-        admit()
         with self._lock:
             flight = self._flights.get(key)
             leader = flight is None

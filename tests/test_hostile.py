@@ -20,6 +20,7 @@ import redis
 import requests
 from flask import Flask
 from flask.testing import FlaskClient
+from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError
 
 from relay.app import create_app
@@ -135,9 +136,10 @@ def test_the_limit_is_shared_by_workers_through_redis(
 def test_a_client_over_its_limit_costs_no_model_call_and_gets_no_quote(
     make_settings: Callable[..., Settings], gemini: FakeGemini, storage: str
 ) -> None:
-    """The limit is counted as a quote starts and its answer read before the model is
-    called (Redis: while the request is parsed and looked up): over the limit, a new text
-    calls no model, a known one leaves no quote, a bad body is still a 429."""
+    """The limit is counted as a quote starts and its answer read before anything but the
+    process's memory is used (Redis: while the request is parsed and looked up): over the
+    limit, a new text calls no model, a new number reads no database, a known text leaves
+    no quote, a bad body is still a 429."""
     settings = make_settings(
         **gemini_settings(gemini), rate_limit_storage_url=storage, quote_rate_limit="2/minute"
     )
@@ -146,16 +148,22 @@ def test_a_client_over_its_limit_costs_no_model_call_and_gets_no_quote(
     known = {"message": f"Known text {secrets.token_hex(4)}", "to": US}
     assert client.post("/api/quote", json=known).status_code == 200
     assert client.post("/api/quote", json=known).get_json()["moderation_usage"]["cached"]
-    calls = gemini.request_count
+    calls, queries = gemini.request_count, []
+    event.listen(
+        services_of(app).ledger.engine, "before_cursor_execute", lambda *a: queries.append(1)
+    )
+    elsewhere = "+13012576399"  # a number this process has not looked up: no memory of it
     over = [
         client.post("/api/quote", json={"message": f"New {secrets.token_hex(4)}", "to": US}),
         client.post("/api/quote", json=known),
         client.post("/api/quote", data=b"{not json", content_type="application/json"),
+        client.post("/api/quote", json={**known, "to": elsewhere}),
     ]
-    assert [(a.status_code, a.get_json()["error"]) for a in over] == [(429, "rate_limited")] * 3
+    assert [(a.status_code, a.get_json()["error"]) for a in over] == [(429, "rate_limited")] * 4
     assert all(int(a.headers["Retry-After"]) >= 1 for a in over)
     assert all("quote_token" not in a.get_data(as_text=True) for a in over)
     assert gemini.request_count == calls
+    assert queries == []  # no query, no model call: the limit bounds the unpaid work
 
 
 def test_ipv6_clients_are_limited_by_their_64(make_settings: Callable[..., Settings]) -> None:

@@ -749,3 +749,23 @@ def test_a_redis_that_dies_while_a_text_is_moderated(
 
 def key_digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:48]
+
+
+def test_a_refusal_before_the_call_costs_no_model_call(
+    gemini: GeminiModerator, fake: fg.FakeGemini
+) -> None:
+    """``admit`` (the caller's rate limit) refuses: Gemini is not asked, whether called
+    directly, behind the rules or behind the cache."""
+
+    def refuse() -> None:
+        raise ModerationUnavailable(details={"cause": "refused"})
+
+    moderators: list[Moderator] = [
+        gemini,
+        LayeredModerator(RulesModerator(), gemini),
+        CachingModerator(gemini, MemoryVerdictCache(), gemini.model),
+    ]
+    for moderator in moderators:
+        with pytest.raises(ModerationUnavailable):
+            moderator.moderate(f"Lunch at {secrets.token_hex(3)}?", refuse)
+    assert fake.request_count == 0

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import redis
 from limits import parse
 from limits.errors import StorageError
+from limits.storage import RedisStorage
 from limits.strategies import MovingWindowRateLimiter
 
 from relay.app import create_app
@@ -158,3 +161,35 @@ def test_an_early_count_on_a_redis_that_is_not_there_is_a_503() -> None:
     limiter = Limiter(f"redis://127.0.0.1:{free_port()}/0", "3/minute")
     with pytest.raises(StorageUnavailable), limiter.counting("quote", fresh_key()) as answer:
         answer()
+
+
+def test_a_counts_connection_goes_back_to_the_pool_once_whatever_fails_after() -> None:
+    """The first limit's reply is read, then the second limit's count fails (its window
+    holds something else): asked again, as a quote's end asks, the failure is repeated
+    without reading the connection again (another thread may hold it by then)."""
+    limiter, key = Limiter(REDIS_URL, "3/minute;5/hour"), fresh_key()
+    storage = open_storage(REDIS_URL)
+    assert isinstance(storage, RedisStorage)
+    redis.Redis.from_url(REDIS_URL).set(
+        storage.prefixed_key(parse("5/hour").key_for("quote", key)), "not a window"
+    )
+    client = limiter.redis()
+    assert client is not None
+    pool, taken, given_back = client.connection_pool, Counter[str](), Counter[str]()
+    get, release = pool.get_connection, pool.release
+
+    def getting(*args: Any, **kwargs: Any) -> Any:
+        taken.update(["taken"])
+        return get(*args, **kwargs)
+
+    def releasing(connection: Any) -> None:
+        given_back.update(["given back"])
+        release(connection)
+
+    pool.get_connection, pool.release = getting, releasing  # type: ignore[method-assign]
+    with pytest.raises(StorageUnavailable), limiter.counting("quote", key) as answer:
+        try:
+            answer()
+        finally:
+            answer()
+    assert taken["taken"] >= 2 and given_back["given back"] == taken["taken"]

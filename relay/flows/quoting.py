@@ -37,9 +37,14 @@ class Quote:
 
 
 def prepare_text(
-    services: Services, req: MessageRequest, *, paying: bool = False
+    services: Services,
+    req: MessageRequest,
+    *,
+    paying: bool = False,
+    admit: Callable[[], None] = admitted,
 ) -> tuple[str, str, SegmentInfo, SegmentInfo]:
-    """Validate and normalise: (destination, text to send, its segments, submitted segments)."""
+    """Validate and normalise: (destination, text to send, its segments, submitted segments);
+    ``admit`` runs before the opt-out registry is read."""
     validate_text(req.message)
     to = normalize_destination(req.to)
     text = smart_encode(req.message) if req.smart_encoding else req.message
@@ -51,23 +56,31 @@ def prepare_text(
             f"The message needs {info.segments} segments; the limit is {limit}.",
             details={"segments": info.segments, "max_segments": limit, "encoding": info.encoding},
         )
-    refuse_opted_out(services, to, paying=paying)
+    refuse_opted_out(services, to, paying=paying, admit=admit)
     return to, text, info, original
 
 
-def refuse_opted_out(services: Services, to: str, *, paying: bool) -> None:
+def refuse_opted_out(
+    services: Services, to: str, *, paying: bool, admit: Callable[[], None] = admitted
+) -> None:
     """Raise recipient_opted_out for a number that replied STOP. An answer that costs
     nothing (a quote, a 402) may rely on what this process read a few seconds ago; a paid
-    request reads the registry, so nobody pays for a message to a number that said STOP."""
-    if services.ledger.is_opted_out(to, recent=not paying):
+    request reads the registry, so nobody pays for a message to a number that said STOP.
+    ``admit`` runs before the registry is read."""
+    known = None if paying else services.ledger.remembered_opt_out(to)
+    if known is None:
+        admit()
+        known = services.ledger.is_opted_out(to, recent=not paying)
+    if known:
         raise RecipientOptedOut(details={"to": mask(to)})
 
 
 def moderate(services: Services, text: str, admit: Callable[[], None] = admitted) -> Verdict:
-    """The verdict on the text (``admit`` runs before any model call); a rejection is
-    raised as 422 rejected."""
+    """The verdict on the text; a rejection is raised as 422 rejected. ``admit`` runs
+    before anything but this process's memory is used, and before the verdict counts."""
     with metrics.counted_errors(metrics.MODEL_ERRORS):
         verdict = services.moderator.moderate(text, admit)
+    admit()
     metrics.moderated(verdict, verdict_cost(services, verdict))
     if not verdict.approved:
         raise Rejected(
@@ -107,7 +120,7 @@ def quote(
     A quote for /api/quote charges nothing for a cached verdict. A one-shot send always
     charges the verdict's original cost, so the unpaid and the paid request agree on the price.
     """
-    to, text, info, original = prepare_text(services, req, paying=paying)
+    to, text, info, original = prepare_text(services, req, paying=paying, admit=admit)
     verdict = moderate(services, text, admit)
     cost = verdict_cost(services, verdict) if one_shot or not verdict.cached else Decimal(0)
     price = quote_price(info.segments, services.settings.price_per_segment_usd, cost)
@@ -134,10 +147,11 @@ def limit_model_calls(services: Services, client: str) -> None:
 
 @contextmanager
 def model_calls_counted(services: Services, client: str) -> Iterator[Callable[[], None]]:
-    """limit_model_calls counted as the block starts, its answer awaited only by the
-    function given to the block (to run before any model call) or when the block ends:
-    the shared storage's round trip overlaps the block's work. A client over its limit
-    gets 429 whatever the block did or raised; nothing the block made leaves."""
+    """limit_model_calls counted as the block starts, its answer awaited by the function
+    given to the block (to run before anything but this process's memory is used: a
+    query, a model call, a metric, a log line) or when the block ends: the shared storage's
+    round trip overlaps the block's parsing and look-ups in memory. A client over its
+    limit gets 429 whatever the block did or raised, and nothing the block made leaves."""
     with services.quote_limiter.counting("quote", client) as answer:
 
         def admit() -> None:
