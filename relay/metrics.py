@@ -15,7 +15,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from decimal import Decimal
 from functools import lru_cache
@@ -123,12 +123,16 @@ def timed(histogram: Histogram) -> Iterator[None]:
 
 
 @contextmanager
-def counted_errors(counter: Counter) -> Iterator[None]:
-    """Count a RelayError raised by the block under its code."""
+def counted_errors(
+    counter: Counter, *, unless: Callable[[], bool] = lambda: False
+) -> Iterator[None]:
+    """Count a RelayError raised by the block under its code, unless ``unless()`` says it
+    is not the kind counted."""
     try:
         yield
     except RelayError as exc:
-        counter.labels(code=exc.code).inc()
+        if not unless():
+            counter.labels(code=exc.code).inc()
         raise
 
 

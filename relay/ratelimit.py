@@ -133,14 +133,14 @@ class _Sent:
 
     def read(self) -> bool:
         """Whether the hit was within the limit. The connection goes back to the pool, once
-        (closed first if the reply did not come, or was not the script's 1 or nil: nothing
-        stale is left on it); it is never read again from here."""
+        (closed first if the reply did not come, or was not the script's 1 or false:
+        nothing stale is left on it); it is never read again from here."""
         connection, self._connection = self._connection, None
         if connection is None:
             raise redis.ConnectionError("the reply was read already")
         try:
             reply = connection.read_response()
-            if reply not in (1, None):
+            if reply not in (1, None, False):  # Lua's false is nil in RESP2, False in RESP3
                 raise redis.ResponseError(f"unexpected reply to the window's script: {reply!r}")
             return bool(reply == 1)
         except BaseException:

@@ -20,6 +20,7 @@ import redis
 import requests
 from flask import Flask
 from flask.testing import FlaskClient
+from prometheus_client import REGISTRY
 from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError
 
@@ -148,7 +149,7 @@ def test_a_client_over_its_limit_costs_no_model_call_and_gets_no_quote(
     known = {"message": f"Known text {secrets.token_hex(4)}", "to": US}
     assert client.post("/api/quote", json=known).status_code == 200
     assert client.post("/api/quote", json=known).get_json()["moderation_usage"]["cached"]
-    calls, queries = gemini.request_count, []
+    calls, queries, counted = gemini.request_count, [], model_counters(settings)
     event.listen(
         services_of(app).ledger.engine, "before_cursor_execute", lambda *a: queries.append(1)
     )
@@ -164,6 +165,17 @@ def test_a_client_over_its_limit_costs_no_model_call_and_gets_no_quote(
     assert all("quote_token" not in a.get_data(as_text=True) for a in over)
     assert gemini.request_count == calls
     assert queries == []  # no query, no model call: the limit bounds the unpaid work
+    assert model_counters(settings) == counted  # no cache hit, no model error counted
+
+
+def model_counters(settings: Settings) -> tuple[float, ...]:
+    """The moderation counters of /metrics an over-limit quote must not move."""
+    samples = [
+        ("relay_model_cache_hits_total", {"model": settings.gemini_model}),
+        ("relay_model_errors_total", {"code": "rate_limited"}),
+        ("relay_model_errors_total", {"code": "storage_unavailable"}),
+    ]
+    return tuple(REGISTRY.get_sample_value(name, labels) or 0.0 for name, labels in samples)
 
 
 def test_ipv6_clients_are_limited_by_their_64(make_settings: Callable[..., Settings]) -> None:

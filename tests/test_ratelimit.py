@@ -171,7 +171,7 @@ def test_a_counts_connection_goes_back_to_the_pool_once_whatever_fails_after() -
     storage = open_storage(REDIS_URL)
     assert isinstance(storage, RedisStorage)
     redis.Redis.from_url(REDIS_URL).set(
-        storage.prefixed_key(parse("5/hour").key_for("quote", key)), "not a window"
+        storage.prefixed_key(parse("5/hour").key_for("quote", key)), "not a window", ex=60
     )
     client = limiter.redis()
     assert client is not None
@@ -192,4 +192,17 @@ def test_a_counts_connection_goes_back_to_the_pool_once_whatever_fails_after() -
             answer()
         finally:
             answer()
-    assert taken["taken"] >= 2 and given_back["given back"] == taken["taken"]
+    # Two connections taken (the count sent ahead, limits' count of the hour), each given
+    # back once; asking again neither reads nor counts anything.
+    assert taken["taken"] == 2 and given_back["given back"] == 2
+
+
+def test_a_reply_that_is_not_the_scripts_is_counted_again_the_usual_way() -> None:
+    limiter, key = Limiter(REDIS_URL, "3/minute"), fresh_key()
+    client = limiter.redis()
+    assert client is not None and limiter._early is not None
+    limiter._early._sha = client.script_load("return 2")  # a script that answers oddly
+    window = f"LIMITS:LIMITER/quote/{key}/3/1/minute"
+    assert counted(limiter, key) is None
+    assert client.llen(window) == 1  # counted once, limits' own way
+    assert client.set(key, "mine", ex=60) is True  # the odd reply left on no connection

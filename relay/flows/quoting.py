@@ -78,8 +78,18 @@ def refuse_opted_out(
 def moderate(services: Services, text: str, admit: Callable[[], None] = admitted) -> Verdict:
     """The verdict on the text; a rejection is raised as 422 rejected. ``admit`` runs
     before anything but this process's memory is used, and before the verdict counts."""
-    with metrics.counted_errors(metrics.MODEL_ERRORS):
-        verdict = services.moderator.moderate(text, admit)
+    refused: list[BaseException] = []
+
+    def admitting() -> None:
+        try:
+            admit()
+        except BaseException as exc:
+            refused.append(exc)
+            raise
+
+    # A refusal by the limit (or its storage) is not moderation that failed.
+    with metrics.counted_errors(metrics.MODEL_ERRORS, unless=lambda: bool(refused)):
+        verdict = services.moderator.moderate(text, admitting)
     admit()
     metrics.moderated(verdict, verdict_cost(services, verdict))
     if not verdict.approved:
