@@ -52,8 +52,8 @@ def post_quote() -> Response:
 
 def answer_quote(svc: Services, raw: bytes, client: str) -> dict[str, Any]:
     """The quote of the request body ``raw``, counted against ``client``'s limit as it
-    starts; the limit's answer is awaited before any model call and before the quote
-    leaves."""
+    starts; the limit's answer is awaited before anything but this process's memory is
+    used (a query, a model call, a metric) and before the quote leaves."""
     with quoting.model_calls_counted(svc, client) as admit:
         req = message_request(svc, raw, allow_token=False)
         return quote_body(svc, quoting.quote(svc, req, admit=admit))
