@@ -45,6 +45,14 @@ def proxy(chain: DevChain) -> Iterator[RpcProxy]:
         yield served
 
 
+@pytest.fixture
+def proxied(paid_settings: Callable[..., Settings], proxy: RpcProxy) -> Iterator[Flask]:
+    """A paid app whose chain calls go through the counting proxy; its payments closed after."""
+    app = make_app(paid_settings(rpc_url=proxy.url))
+    yield app
+    services_of(app).payments.close()
+
+
 def pending_transfers(chain: DevChain, count: int) -> list[str]:
     """``count`` ETH transfers from a dev account, sent while automine is off."""
     sender = chain.accounts[5].address
@@ -161,13 +169,12 @@ def _data(params: list[Any]) -> str:
 
 
 def test_a_paid_send_asks_the_chain_each_thing_once(
-    paid_settings: Callable[..., Settings], proxy: RpcProxy, payer: Wallet, chain: DevChain
+    proxied: Flask, proxy: RpcProxy, payer: Wallet, chain: DevChain
 ) -> None:
     """Verify simulates the transfer and reads the payer's code; settle reuses both; the
     chain id is asked once per client, not per call; what the broadcast needs to know comes
     in one batch."""
-    app = make_app(paid_settings(rpc_url=proxy.url))
-    client = app.test_client()
+    client = proxied.test_client()
     assert paid(client, BODY, payer.key).status_code == 200
     proxy.forget()
     other = new_wallet(chain, 10_000_000)
@@ -184,7 +191,6 @@ def test_a_paid_send_asks_the_chain_each_thing_once(
     receipts = proxy.count("eth_getTransactionReceipt")
     assert receipts >= 1
     assert proxy.requests - proxy.count("eth_blockNumber") - (receipts - 1) == 5
-    services_of(app).payments.close()
 
 
 def test_a_node_that_takes_no_batches_is_asked_one_call_at_a_time(
@@ -227,7 +233,7 @@ def commits_of_a_paid_send(app: Flask, chain: DevChain) -> int:
 
 
 def test_a_payment_taken_over_after_its_claim_is_never_broadcast_from_here(
-    paid_settings: Callable[..., Settings],
+    proxied: Flask,
     proxy: RpcProxy,
     payer: Wallet,
     chain: DevChain,
@@ -237,10 +243,9 @@ def test_a_payment_taken_over_after_its_claim_is_never_broadcast_from_here(
     the request's lease is checked where the transaction's hash is recorded, so it stops
     there: nothing broadcast, and the nonce it had reserved given back (the next settlement
     takes it, and is mined: no gap)."""
-    app = make_app(paid_settings(rpc_url=proxy.url))
-    services, taken = services_of(app), taken_over_after_claim(app, monkeypatch)
+    services, taken = services_of(proxied), taken_over_after_claim(proxied, monkeypatch)
     ledger = services.ledger
-    client = app.test_client()
+    client = proxied.test_client()
     settler = Account.from_key(services.settings.settler_private_key).address
     nonce = chain.w3.eth.get_transaction_count(settler)
     answer = paid(client, BODY, payer.key)
@@ -256,11 +261,10 @@ def test_a_payment_taken_over_after_its_claim_is_never_broadcast_from_here(
     (settled,) = [p for p in ledger.list_payments() if p.state == "dispatched"]
     assert settled.tx_hash is not None
     assert chain.w3.eth.get_transaction(settled.tx_hash)["nonce"] == nonce
-    services.payments.close()
 
 
 def test_a_nonce_taken_over_before_the_broadcast_is_not_broadcast_from_here(
-    paid_settings: Callable[..., Settings],
+    proxied: Flask,
     proxy: RpcProxy,
     payer: Wallet,
     chain: DevChain,
@@ -269,8 +273,7 @@ def test_a_nonce_taken_over_before_the_broadcast_is_not_broadcast_from_here(
     """The settler stalled past NONCE_GAP_SECONDS between reserving its nonce and
     broadcasting, and another process took the nonce over: nothing is broadcast with it
     from here; the payment waits (202) and its retry settles with a nonce of its own."""
-    app = make_app(paid_settings(rpc_url=proxy.url))
-    ledger = services_of(app).ledger
+    ledger = services_of(proxied).ledger
     reserve = ledger.reserve_nonce
 
     def reserved_then_taken_over(address: str, pending: int, latest: int, now: float) -> int:
@@ -281,14 +284,14 @@ def test_a_nonce_taken_over_before_the_broadcast_is_not_broadcast_from_here(
 
     monkeypatch.setattr(ledger, "reserve_nonce", reserved_then_taken_over)
     monkeypatch.setattr(relay.facilitator, "FRESH_RESERVATION_SECONDS", -1.0)
-    client = app.test_client()
+    client = proxied.test_client()
     signature = signed_headers(client, BODY, payer.key)
     waiting = client.post("/api/send", json=BODY, headers=signature)
     assert waiting.status_code == 202, waiting.get_data(as_text=True)
     assert proxy.count("eth_sendRawTransaction") == 0
     monkeypatch.undo()
     # The process that took the nonce over broadcasts with it.
-    settler = Account.from_key(services_of(app).settings.settler_private_key)
+    settler = Account.from_key(services_of(proxied).settings.settler_private_key)
     nonce = chain.w3.eth.get_transaction_count(settler.address, "pending")
     transfer = {"to": settler.address, "value": 0, "gas": 21_000, "nonce": nonce}
     tx = {**transfer, "gasPrice": chain.w3.eth.gas_price, "chainId": chain.w3.eth.chain_id}
@@ -296,7 +299,6 @@ def test_a_nonce_taken_over_before_the_broadcast_is_not_broadcast_from_here(
     settled = client.post("/api/send", json=BODY, headers=signature)
     assert settled.status_code == 200, settled.get_data(as_text=True)
     assert proxy.count("eth_sendRawTransaction") == 1
-    services_of(app).payments.close()
 
 
 def test_a_paid_send_through_sinch_writes_the_ledger_five_times(
