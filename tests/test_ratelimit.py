@@ -206,3 +206,16 @@ def test_a_reply_that_is_not_the_scripts_is_counted_again_the_usual_way() -> Non
     assert counted(limiter, key) is None
     assert client.llen(window) == 1  # counted once, limits' own way
     assert client.set(key, "mine", ex=60) is True  # the odd reply left on no connection
+
+
+def test_a_redis_that_dies_before_the_counts_reply_is_a_503() -> None:
+    """The count was sent, Redis goes away before answering: the count is tried again the
+    usual way, which finds no Redis either: 503, never an uncounted request let through."""
+    port = free_port()
+    with redis_server(port) as server:
+        limiter = Limiter(f"redis://127.0.0.1:{port}/0", "3/minute")
+        redis.Redis(port=port).execute_command("CLIENT", "PAUSE", 5000, "ALL")
+        with pytest.raises(StorageUnavailable), limiter.counting("quote", fresh_key()) as answer:
+            server.kill()
+            server.wait()
+            answer()
