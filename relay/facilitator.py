@@ -141,7 +141,7 @@ def recording_broadcasts(record: Callable[[str, str], None]) -> Iterator[None]:
     finally:
         _on_broadcast.reset(token)
         _receipts.reset(seen)
-    if refused:
+    if refused:  # the SDK returned as if nothing was refused: the refusal stands anyway
         raise refused[0]
 
 

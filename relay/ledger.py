@@ -479,7 +479,7 @@ class Ledger(MessageBook, NonceBook, EventBook):
         **fields: Any,
     ) -> bool:
         """What follows a message's hand-over, in one transaction: the message with its
-        statuses (``statuses`` in order; one stored already is given the later ones), the
+        statuses (``statuses`` in order; one stored already stays as it is), the
         events for the callback URL (each kept once), and the payment's move with ``fields``
         (its answer). All of it or none: until it commits the payment is still dispatching,
         and whoever takes it next finds the message at the provider. False if the payment

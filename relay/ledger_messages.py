@@ -47,17 +47,12 @@ class MessageBook:
     @staticmethod
     def _store_message(conn: Connection, message: MessageRecord, statuses: tuple[str, ...]) -> None:
         """The message with its status history, ``statuses`` in order (the last its status);
-        a message stored already gets only the later ones."""
+        a message stored already stays as it is (whoever stored it wrote its history)."""
         columns = {k: v for k, v in message.columns().items() if k != "events"}
-        columns["status"] = statuses[-1]
-        stored = insert_new(messages, conn.dialect.name)
-        if conn.execute(stored, columns).rowcount == 1:
+        if conn.execute(insert_new(messages, conn.dialect.name), columns).rowcount == 1:
             at = message.created_at
             history = [{"message_id": message.message_id, "status": s, "at": at} for s in statuses]
             conn.execute(insert(message_events), history)
-            return
-        for status in statuses[1:]:
-            _set_status(conn, message.message_id, status, message.updated_at, None)
 
     def message(self, message_id: str) -> MessageRecord | None:
         """A message with its status history."""

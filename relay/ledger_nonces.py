@@ -111,10 +111,12 @@ class NonceBook:
                     retake = {**mine, "number": pending, "was": lowest.reserved_at, "now": now}
                     return pending if conn.execute(_RESTAMP, retake).rowcount == 1 else None
                 gap = lowest is not None and lowest.nonce > pending and lowest.reserved_at < stale
-                given_back = [r.nonce for r in rows if r.nonce >= pending and r.reserved_at == 0.0]
-                if given_back and not gap:  # never broadcast: its hole is filled first
-                    retake = {**mine, "number": given_back[0], "was": 0.0, "now": now}
-                    return given_back[0] if conn.execute(_RESTAMP, retake).rowcount == 1 else None
+                given_back = next(
+                    (r.nonce for r in rows if r.nonce >= pending and r.reserved_at == 0.0), None
+                )
+                if given_back is not None and not gap:  # never broadcast: its hole filled first
+                    retake = {**mine, "number": given_back, "was": 0.0, "now": now}
+                    return given_back if conn.execute(_RESTAMP, retake).rowcount == 1 else None
                 after = rows[-1].nonce + 1 if rows else pending
                 nonce = pending if gap else max(high, pending, after)
                 row = {"address": address, "nonce": nonce, "reserved_at": now}

@@ -80,8 +80,6 @@ def serving(request_id: str) -> AbstractContextManager[None]:
 class _Serving(AbstractContextManager[None]):
     """serving()'s block (a class: it is entered for every request)."""
 
-    __slots__ = ("_request_id", "_token")
-
     def __init__(self, request_id: str) -> None:
         self._request_id = request_id
         self._token: Token[str] | None = None

@@ -15,7 +15,7 @@ from relay.flows.answers import (
     payment_headers,
     sent,
 )
-from relay.flows.leases import busy, hold, renewed
+from relay.flows.leases import busy, hold, moved_while_held
 from relay.flows.notifying import event_for, notify
 from relay.flows.refunding import refunded_answer
 from relay.payment_headers import ParsedPayment
@@ -79,11 +79,8 @@ def redispatch(
         return dispatched(services, payment, found, settlement)
     if services.clock() - float(payment.updated_at) < DISPATCH_QUIET_SECONDS:
         raise not_confirmed(settlement)
-    sending = (P.DISPATCHING, P.DISPATCH_UNKNOWN)  # only while the lease is still ours
-    now = services.clock()
-    if not services.ledger.transition(
-        payment.id, sending, P.DISPATCHING, now, holder=payment.holder, **renewed(services, now)
-    ):
+    sending = (P.DISPATCHING, P.DISPATCH_UNKNOWN)
+    if not moved_while_held(services, payment, sending, P.DISPATCHING):
         raise busy()
     return dispatch(services, payment, settlement)
 

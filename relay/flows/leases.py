@@ -12,6 +12,7 @@ from typing import Any
 from relay.errors import RequestInProgress
 from relay.records import PaymentRecord
 from relay.services import Services
+from relay.states import PaymentState
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,17 @@ def hold(services: Services, payment: PaymentRecord) -> None:
         raise busy()
 
 
-def renewed(services: Services, now: float) -> dict[str, float]:
-    """The lease renewed by a move made only while it is ours (``holder=``): that move is
-    the check, and its write renews it too."""
-    return {"lease_until": now + lease_seconds(services)}
+def moved_while_held(
+    services: Services,
+    payment: PaymentRecord,
+    from_states: tuple[PaymentState, ...],
+    to_state: PaymentState,
+    **fields: Any,
+) -> bool:
+    """The payment's move made only while its lease is ours, the lease renewed in the same
+    write (the move is the check); False, and no move, once another has taken it over."""
+    now = services.clock()
+    until = now + lease_seconds(services)
+    return services.ledger.transition(
+        payment.id, from_states, to_state, now, holder=payment.holder, lease_until=until, **fields
+    )

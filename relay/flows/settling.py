@@ -15,7 +15,7 @@ from relay import metrics
 from relay.errors import PaymentSettlementFailed, RelayError, SettlementPending
 from relay.facilitator import recording_broadcasts
 from relay.flows.answers import Outcome, finish
-from relay.flows.leases import busy, hold, renewed
+from relay.flows.leases import busy, hold, moved_while_held
 from relay.ledger import Conflict
 from relay.payment_headers import ParsedPayment
 from relay.payments import NOT_PAID, Settlement, settlement_pending
@@ -65,22 +65,12 @@ def dispatching(services: Services, payment: PaymentRecord, settlement: Settleme
     """Record the settlement with the move to dispatching, only while our lease holds (and
     renewing it); from settled too: a worker whose lease ran out may have recorded it
     meanwhile. A lease lost: the settlement recorded for its holder, RequestInProgress."""
-    ledger = services.ledger
     paid: dict[str, Any] = {"tx_hash": settlement.transaction, "log_index": settlement.log_index}
-    now = services.clock()
     before = (*SETTLING, P.SETTLED)
     try:
-        ours = ledger.transition(
-            payment.id,
-            before,
-            P.DISPATCHING,
-            now,
-            holder=payment.holder,
-            **paid,
-            **renewed(services, now),
-        )
+        ours = moved_while_held(services, payment, before, P.DISPATCHING, **paid)
         if not ours:
-            ledger.transition(payment.id, before, P.SETTLED, now, **paid)
+            services.ledger.transition(payment.id, before, P.SETTLED, services.clock(), **paid)
     except Conflict:
         log.warning("transfer %s already paid another payment", settlement.transaction)
         taken = PaymentSettlementFailed(
@@ -150,15 +140,8 @@ def broadcast(
         if to.lower() != req.asset.lower():  # not the transfer (a wallet's deployment)
             hold(services, payment)
             return
-        now = services.clock()
-        if not services.ledger.transition(
-            payment.id,
-            (P.SETTLING, P.SETTLE_PENDING),
-            P.SETTLING,
-            now,
-            holder=payment.holder,
-            tx_hash=tx_hash,
-            **renewed(services, now),
+        if not moved_while_held(
+            services, payment, (P.SETTLING, P.SETTLE_PENDING), P.SETTLING, tx_hash=tx_hash
         ):
             log.warning("payment %s was taken over; this worker stops", payment.id)
             raise busy()
