@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from eth_account import Account
@@ -23,6 +23,7 @@ from relay.dev.chain import DevChain
 from relay.flows.leases import lease_seconds
 from relay.schema import nonce_reservations
 from relay.settings import Settings
+from relay.sinch import SinchSender
 from tests.conftest import SINCH_PLAN, SINCH_TOKEN, Wallet, new_wallet, services_of, sinch_overrides
 from tests.fake_sinch import FakeSinch
 from tests.rpc_proxy import RpcProxy
@@ -323,3 +324,31 @@ def test_a_paid_send_through_sinch_writes_the_ledger_five_times(
         services.sms.send = send_and_look  # type: ignore[method-assign]
         assert commits_of_a_paid_send(app, chain) == 5
     assert leases and leases[0] > lease_seconds(services) - 5
+
+
+def test_a_payment_taken_over_between_sinch_attempts_is_not_posted_again(
+    paid_settings: Callable[..., Settings], payer: Wallet
+) -> None:
+    """Sinch refuses the first attempt (429) and, while the sender waits, an operator's
+    forced repair takes the payment over: the renewal before the next attempt fails, so
+    nothing more is posted from here; the answer is 409, the payment left dispatching for
+    its new holder."""
+    with FakeSinch(plan_id=SINCH_PLAN, token=SINCH_TOKEN) as fake:
+        app = make_app(paid_settings(**sinch_overrides(fake.base_url)))
+        services = services_of(app)
+
+        def taken_over_while_waiting(_seconds: float) -> None:
+            (row,) = services.ledger.list_payments()
+            assert services.ledger.take(row.id, services.clock(), 60.0, force=True)
+
+        cast(SinchSender, services.sms).close()
+        services.sms = SinchSender(services.settings.sinch(), sleep=taken_over_while_waiting)
+        fake.script({"status": 429, "retry_after": 1})
+        answer = paid(app.test_client(), BODY, payer.key)
+        assert answer.status_code == 409, answer.get_data(as_text=True)
+        assert answer.get_json()["error"] == "request_in_progress"
+        assert fake.create_attempts() == 1
+        (row,) = services.ledger.list_payments()
+        assert row.state == "dispatching"
+        cast(SinchSender, services.sms).close()
+        services.payments.close()

@@ -22,6 +22,7 @@ from relay.dev.stack import DevStack
 from relay.flows.answers import Outcome, finish
 from relay.flows.reconciling import reconcile
 from relay.flows.settling import EXPIRY_MARGIN_SECONDS
+from relay.payments import Settlement
 from relay.records import PaymentRecord
 from relay.schema import messages, outbox, payments, refunds
 from relay.services import Services, build_services
@@ -387,3 +388,35 @@ def paid_after_each_settlement(
     answer = client.post("/api/send", json=BODY, headers={"PAYMENT-SIGNATURE": signature})
     monkeypatch.undo()
     return answer, signature
+
+
+def test_a_transfer_that_paid_another_payment_buys_no_second_sms(
+    paid_settings: Callable[..., Settings], chain: DevChain, payer: Wallet, monkeypatch: Any
+) -> None:
+    """A second payment whose settlement comes back as the transfer that already paid the
+    first (what a copy of one payment or a replayed batch would try to pass off): the move
+    to dispatching meets the (transaction, log) already credited, and the answer is a 402
+    transfer_already_credited; no second SMS, the second payment failed, its payer charged
+    nothing."""
+    app = create_app(services=build_services(paid_settings()))
+    services = services_of(app)
+    paid_send(app, payer.key)
+    (first,) = services.ledger.list_payments()
+    other = new_wallet(chain, 10_000_000)
+
+    def the_first_transfer(*_: Any, **__: Any) -> Any:
+        assert first.tx_hash is not None and first.log_index is not None
+        return Settlement(first.tx_hash, first.log_index, other.address, "", None)
+
+    monkeypatch.setattr(services.payments, "settle", the_first_transfer)
+    client, body = app.test_client(), {**BODY, "message": "A copy of the first"}
+    head = client.post("/api/send", json=body).headers["PAYMENT-REQUIRED"]
+    answer = client.post(
+        "/api/send", json=body, headers={"PAYMENT-SIGNATURE": pay(head, other.key)}
+    )
+    assert answer.status_code == 402, answer.get_data(as_text=True)
+    assert answer.get_json()["details"]["reason"] == "transfer_already_credited"
+    second = [p for p in services.ledger.list_payments() if p.id != first.id]
+    assert [p.state for p in second] == ["settle_failed"]
+    assert len(services.ledger.outbox_messages()) == 1
+    assert chain.usdc_balance(other.address) == 10_000_000
