@@ -13,7 +13,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -29,6 +29,7 @@ from relay.moderation import (
     POLICY_VERSION,
     Moderator,
     Verdict,
+    admitted,
     cache_key,
     verdict_id_for,
 )
@@ -732,15 +733,24 @@ def test_a_redis_that_dies_while_a_text_is_moderated(
     """Redis goes away between the claim and the verdict: a 503 (nothing stored, nothing
     approved); back again, the text is moderated afresh."""
     port = free_port()
-    text = "Dinner at 8? [[slow:0.5]]"
+    text = "Dinner at 8?"
+
+    class KillingRedisFirst:
+        """Gemini, asked only after Redis is gone: the claim is held, the verdict unstorable."""
+
+        def moderate(self, text: str, admit: Callable[[], None] = admitted) -> Verdict:
+            server.kill()
+            server.wait()
+            return gemini.moderate(text, admit)
+
     with redis_server(port) as server:
         client = Limiter(f"redis://127.0.0.1:{port}/0", "10/minute").redis()
         assert client is not None
-        moderator = CachingModerator(gemini, RedisVerdictCache(client), gemini.model)
-        threading.Timer(0.2, server.kill).start()  # while the model answers
+        cache = RedisVerdictCache(client)
         with pytest.raises(StorageUnavailable):
-            moderator.moderate(text)
+            CachingModerator(KillingRedisFirst(), cache, gemini.model).moderate(text)
     assert fake.request_count == 1
+    moderator = CachingModerator(gemini, cache, gemini.model)  # the same store, memory and all
     with redis_server(port):
         assert not moderator.moderate(text).cached
         assert moderator.moderate(text).cached
