@@ -19,11 +19,18 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis
 
 from relay.errors import ModerationUnavailable, StorageUnavailable
-from relay.gemini import SYSTEM_INSTRUCTION, GeminiModerator
+from relay.gemini import (
+    SYSTEM_INSTRUCTION,
+    GeminiModerator,
+    gemini_client,
+    generation_config,
+    user_turn,
+)
 from relay.moderation import (
     CATEGORIES,
     POLICY_VERSION,
@@ -177,6 +184,25 @@ def test_request_shape(gemini: GeminiModerator, fake: fg.FakeGemini) -> None:
     assert request.system_instruction == SYSTEM_INSTRUCTION
     assert "Dentist tomorrow at 9." in request.user_text
     assert {s["threshold"] for s in request.safety_settings} == {"BLOCK_NONE"}
+
+
+def test_each_request_is_the_one_the_sdk_writes_for_the_generation_config(
+    gemini: GeminiModerator, fake: fg.FakeGemini, settings: Settings
+) -> None:
+    """The config converted once and sent with every request: each body is the very body
+    google-genai writes when handed the whole generation config on that call, and a
+    second call carries nothing left over from the first."""
+    with httpx.Client() as http:
+        plain = gemini_client(settings.gemini(), http)
+        for text in ("Dentist tomorrow at 9.", "Your parcel is on its way."):
+            gemini.moderate(text)
+            plain.models.generate_content(
+                model=gemini.model, contents=user_turn(text), config=generation_config(gemini.model)
+            )
+    first, first_plain, second, second_plain = fake.requests
+    assert first.body == first_plain.body and second.body == second_plain.body
+    assert first.body != second.body
+    assert first.path == first_plain.path and first.headers["x-goog-api-key"] == fg.FAKE_API_KEY
 
 
 def test_system_instruction_states_the_carrier_policy() -> None:
