@@ -726,7 +726,7 @@ def test_moderators_of_two_processes_on_redis_call_the_model_once(
         CachingModerator(gemini, redis_cache()[0], gemini.model, poll_seconds=0.01)
         for _ in range(2)
     ]
-    text = f"Meet at {secrets.token_hex(4)} [[slow:0.4]]"  # under the 0.5 s timeout
+    text = f"Meet at {secrets.token_hex(4)} [[slow:0.2]]"  # well under the 0.5 s timeout
     ready = threading.Barrier(8)
 
     def moderate(i: int) -> Verdict:
