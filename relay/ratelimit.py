@@ -44,7 +44,11 @@ class Limiter:
         self._storage = open_storage(storage_url)
         self._limiter = MovingWindowRateLimiter(self._storage)
         self._items: list[RateLimitItem] = parse_many(rules)
-        self._early = _EarlyHits.of(self._storage)
+        shared = self.redis()
+        # A plain client's pool takes early hits; a cluster's is counted the usual way.
+        self._early = None
+        if isinstance(shared, redis.Redis) and isinstance(self._storage, RedisStorage):
+            self._early = _EarlyHits(shared, self._storage)
 
     def hit(self, namespace: str, key: str) -> int | None:
         """Count one event; None when allowed, else the seconds to wait."""
@@ -159,23 +163,12 @@ class _Sent:
 
 class _EarlyHits:
     """Moving-window hits sent to Redis ahead of their reply: limits' own script and key,
-    on a connection of redis-py's pool (a plain client; a cluster's is counted the usual
-    way)."""
+    on a connection of the storage's client's pool."""
 
-    def __init__(self, client: redis.Redis, storage: RedisStorage, sha: str) -> None:
+    def __init__(self, client: redis.Redis, storage: RedisStorage) -> None:
         self._pool = client.connection_pool
         self._storage = storage
-        self._sha = sha
-
-    @classmethod
-    def of(cls, storage: Storage) -> _EarlyHits | None:
-        """Early hits on this storage, if it is a plain Redis one."""
-        if not isinstance(storage, RedisStorage):
-            return None
-        client = storage.get_connection()
-        if not isinstance(client, redis.Redis):
-            return None
-        return cls(client, storage, storage.lua_acquire_moving_window.sha)
+        self._sha = storage.lua_acquire_moving_window.sha
 
     def send(self, item: RateLimitItem, namespace: str, key: str) -> _Sent | None:
         """The hit sent (what limits' MovingWindowRateLimiter.hit would send); None if it
