@@ -230,8 +230,8 @@ def user_turn(text: str) -> str:
     return json.dumps({"sms": text}, ensure_ascii=False)
 
 
-#: What a call's config says besides the fields sent with every request: no automatic
-#: function calling or continuation (the SDK's own steps, which never reach the wire).
+#: No automatic function calling or continuation: the SDK's own steps, which never reach
+#: the wire. All a call's config says besides the fields sent with every request.
 _NOTHING_AUTOMATIC = types.GenerateContentConfig(
     automatic_function_calling=types.AutomaticFunctionCallingConfig(disable=True),
     automatic_continuation=False,
@@ -253,8 +253,8 @@ def generation_config(model: str) -> types.GenerateContentConfig:
         # The model must read abusive texts to classify them; Google's filters would only
         # turn those into blocked answers.
         safety_settings=_SAFETY_OFF,
-        automatic_function_calling=types.AutomaticFunctionCallingConfig(disable=True),
-        automatic_continuation=False,
+        automatic_function_calling=_NOTHING_AUTOMATIC.automatic_function_calling,
+        automatic_continuation=_NOTHING_AUTOMATIC.automatic_continuation,
     )
 
 

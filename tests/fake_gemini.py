@@ -116,6 +116,14 @@ def reject(category: str, reason: str | None = None, confidence: float = 0.93) -
     )
 
 
+def cut_short() -> Reply:
+    """The answer stopped at the per-request token limit, with the token that would continue
+    it in another request."""
+    reply = answer('{"reason": "Ordinary transac', finish_reason="CONTINUATION")
+    reply.body["candidates"][0]["continuationToken"] = "bW9yZQ=="
+    return reply
+
+
 def blocked(reason: str = "SAFETY") -> Reply:
     """The prompt itself is blocked: promptFeedback.blockReason and no candidates."""
     feedback = {"blockReason": reason, "safetyRatings": []}

@@ -235,6 +235,7 @@ OFF_SCHEMA = [
         (fg.blocked("PROHIBITED_CONTENT"), "blocked"),
         (fg.safety_stop(), "blocked"),
         (fg.answer({"approved": True}, finish_reason="MAX_TOKENS"), "incomplete"),
+        (fg.cut_short(), "incomplete"),  # never continued by the SDK: one call
         (fg.malformed(), "invalid_answer"),
         *[(fg.answer(a), "invalid_answer") for a in OFF_SCHEMA],
         (fg.Reply(body="<html>not json</html>"), "invalid_response"),
