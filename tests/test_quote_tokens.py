@@ -1,4 +1,5 @@
 import pytest
+from itsdangerous import URLSafeSerializer
 
 from relay.errors import InvalidInput, QuoteContentMismatch, QuoteExpired
 from relay.quote_tokens import QuoteClaims, QuoteSigner, message_sha256
@@ -89,3 +90,19 @@ def test_a_rotation_keeps_live_quotes_valid() -> None:
         QuoteSigner(old, 600).verify(after, message="hello", to="+13012576365", now=NOW)
     with pytest.raises(InvalidInput):  # once the previous secret is dropped
         QuoteSigner(new, 600).verify(before, message="hello", to="+13012576365", now=NOW)
+
+
+def test_tokens_are_read_by_relays_that_compress_them_and_read_theirs() -> None:
+    """Tokens are written without zlib (any URLSafeSerializer reads them); a token written
+    compressed, as an itsdangerous URLSafeSerializer with the same key and salt does, still
+    verifies: relays of either kind in one fleet accept each other's quotes."""
+    compressing = URLSafeSerializer(["s" * 32], salt="relay.quote-token")
+    original = claims()
+    token = SIGNER.sign(original)
+    assert not token.startswith(".")  # not compressed
+    assert compressing.loads(token) == {"v": 1, **vars(original)}
+    written_compressed = compressing.dumps({"v": 1, **vars(original)})
+    assert written_compressed.startswith(".")
+    assert (
+        SIGNER.verify(written_compressed, message="hello", to="+13012576365", now=NOW) == original
+    )
