@@ -8,6 +8,9 @@ per call (``time.process_time``: the fake's own work is another process's) for:
 - the relay's moderator (``relay.gemini.GeminiModerator``: google-genai builds the request
   from the generation config, sends it through httpx and reads the answer into its models;
   the relay checks the answer against its schema);
+- google-genai asked for the answer raw (``should_return_http_response``: the SDK builds and
+  sends the request as for the moderator but leaves the answer unread by its models; the
+  body is parsed with ``json.loads``): what the SDK's request side costs alone;
 - the same request body, built once, posted with a kept-alive ``httpx.Client`` and the
   answer parsed with ``json.loads`` (what is left of a call without google-genai's models);
 - the same with a ``urllib3`` pool (what is left without httpx).
@@ -34,9 +37,10 @@ if str(REPO) not in sys.path:
 
 import httpx  # noqa: E402
 import urllib3  # noqa: E402
+from google.genai import types  # noqa: E402
 
 from relay.configs import GeminiConfig  # noqa: E402
-from relay.gemini import GEMINI_API_VERSION, GeminiModerator  # noqa: E402
+from relay.gemini import GEMINI_API_VERSION, GeminiModerator, user_turn  # noqa: E402
 from tests.fake_gemini import FAKE_API_KEY, FakeGemini  # noqa: E402
 
 MODEL = "gemini-2.5-flash"
@@ -89,6 +93,19 @@ def main(argv: list[str] | None = None) -> int:
         def through_sdk(number: int) -> object:
             return moderator.moderate(TEXT.format(number))
 
+        raw_answer = types.GenerateContentConfig(
+            automatic_function_calling=types.AutomaticFunctionCallingConfig(disable=True),
+            automatic_continuation=False,
+            should_return_http_response=True,
+        )
+
+        def through_sdk_raw(number: int) -> object:
+            response = moderator._client.models.generate_content(
+                model=MODEL, contents=user_turn(TEXT.format(number)), config=raw_answer
+            )
+            assert response.sdk_http_response is not None
+            return json.loads(response.sdk_http_response.body or "")
+
         def through_httpx(_number: int) -> object:
             return json.loads(plain.post(endpoint, content=body, headers=headers).content)
 
@@ -97,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
         rows = [
             ("relay moderator (google-genai, httpx)", through_sdk),
+            ("google-genai, the answer left raw", through_sdk_raw),
             ("the same body, httpx + json", through_httpx),
             ("the same body, urllib3 + json", through_urllib3),
         ]
