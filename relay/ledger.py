@@ -438,6 +438,16 @@ class Ledger(MessageBook, NonceBook, EventBook):
         """The payment that used this payment-identifier."""
         return self._payment_by("payment_identifier", identifier)
 
+    def last_marked(self, payer: str, error: str, since: float) -> float | None:
+        """When a payment of ``payer`` marked with ``error`` last moved, if at or after
+        ``since`` (the payer's payments are found by the authorization's unique index)."""
+        query = select(func.max(payments.c.updated_at)).where(
+            payments.c.payer == payer, payments.c.error == error, payments.c.updated_at >= since
+        )
+        with self.engine.connect() as conn:
+            last = conn.execute(query).scalar()
+        return None if last is None else float(last)
+
     def transition(
         self,
         payment_id: str,

@@ -76,6 +76,7 @@ from relay.chain import (
 )
 from relay.configs import PaymentConfig
 from relay.errors import (
+    ChainUnavailable,
     InternalError,
     PaymentSettlementFailed,
     PaymentVerifyFailed,
@@ -290,7 +291,10 @@ class Payments:
             )
         if not result.success:
             self._settle_failed(result.error_reason or "settlement_failed", result.transaction)
-        settlement = self.confirm(parsed, req, result.transaction)
+        try:
+            settlement = self.confirm(parsed, req, result.transaction)
+        except ChainUnavailable:  # settled, by the facilitator's word: pending, never lost
+            raise settlement_pending(result.transaction) from None
         if settlement is None:  # a remote facilitator's node may be ahead of ours
             raise settlement_pending(result.transaction)
         return settlement

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -63,6 +64,8 @@ class FakeFacilitator(ServedInBackground):
         self.fail_paths: tuple[str, ...] = ("/verify", "/settle")
         # Settle for real, then lose the answer (a gateway timeout after broadcast).
         self.lose_settle_answers = False
+        # Called once after the next real settle, before its answer leaves.
+        self.after_settle: Callable[[], object] | None = None
         # url: FACILITATOR_URL
         super().__init__(ThreadingHTTPServer(("127.0.0.1", port), _handler_for(self)))
 
@@ -80,6 +83,9 @@ class FakeFacilitator(ServedInBackground):
         except (ValueError, TypeError) as exc:
             return 400, {"error": "invalid_request", "message": str(exc)[:500]}
         result = as_json(_dispatch(self.facilitator, path, payload, requirements))
+        if path == "/settle" and self.after_settle is not None:
+            hook, self.after_settle = self.after_settle, None
+            hook()
         if path == "/settle" and self.lose_settle_answers:
             return 504, {"error": "gateway_timeout"}
         return 200, result

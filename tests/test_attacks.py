@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +18,10 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from web3 import Web3
+from x402 import PaymentPayload
 from x402.http import decode_payment_required_header
+from x402.mechanisms.evm.types import ExactEIP3009Authorization, ExactEIP3009Payload
 
 import relay.chain
 import relay.ledger_nonces
@@ -25,7 +29,14 @@ from relay.app import create_app
 from relay.dev.chain import DevChain
 from relay.flows.dispatching import DISPATCH_QUIET_SECONDS
 from relay.flows.reconciling import reconcile
-from relay.flows.settling import CANCELED
+from relay.flows.settling import (
+    CANCELED,
+    EXPIRY_MARGIN_SECONDS,
+    PAYER_SETTLEMENT_REVERTED,
+    REVERTED_PAYER_SECONDS,
+    SETTLEMENT_REVERTED,
+    refuse_reverted_payer,
+)
 from relay.payments import NOT_PAID, VALIDITY_TOO_LONG
 from relay.schema import messages, outbox
 from relay.services import Services, build_services
@@ -256,10 +267,127 @@ def test_a_cancel_mined_between_verify_and_broadcast_is_a_certain_failure(
         signed = signed_payment(settings, "Canceled after verify", payer.key)
         proxy.before_broadcast = lambda: cancel(chain, payer.key, signed.nonce)
         answer = send(signed.client, signed.body, signed.signature)
+        assert proxy.before_broadcast is None  # the cancel went ahead of the broadcast
+        assert proxy.count("eth_sendRawTransaction") == 1  # the relay's, mined and reverted
+        assert_failed_for_certain(answer, signed, chain, payer)
+        # The revert cost the settler gas: the payer's next payment is refused unbroadcast.
+        (row,) = signed.services.ledger.list_payments()
+        assert row.error == SETTLEMENT_REVERTED
+        body = {"message": "Canceled again", "to": US}
+        again = send(signed.client, body, pay(challenge(signed.client, body), payer.key))
+        assert_payer_refused(again)
+        assert proxy.count("eth_sendRawTransaction") == 1
         signed.services.payments.close()
-    assert proxy.before_broadcast is None  # the cancel went ahead of the broadcast
-    assert proxy.count("eth_sendRawTransaction") == 1  # the relay's, mined and reverted
-    assert_failed_for_certain(answer, signed, chain, payer)
+
+
+def assert_payer_refused(answer: Any) -> None:
+    """402: the payer's settlement reverted within the hour, so it pays nothing now."""
+    assert answer.status_code == 402, answer.get_data(as_text=True)
+    assert answer.get_json()["details"]["reason"] == PAYER_SETTLEMENT_REVERTED
+    assert 3500 < int(answer.headers["Retry-After"]) <= REVERTED_PAYER_SECONDS
+
+
+#: Runtime code of a contract wallet whose ERC-1271 isValidSignature says yes to anything
+#: while more than a million gas is left, and no otherwise: yes in any simulation (eth_call
+#: runs with the block's gas limit), no inside the settlement transaction (500,000 gas).
+#: PUSH3 1000000, GAS, GT, PUSH4 0x1626ba7e, PUSH1 224, SHL, MUL, then return that word.
+SIMULATION_ONLY_WALLET = "0x620f42405a11631626ba7e60e01b0260005260206000f3"
+
+
+def contract_payment(required_header: str, wallet: str) -> str:
+    """A v2 payment from a contract wallet: its authorization with a signature that only
+    the wallet's own ERC-1271 check judges (any bytes but 65 of them)."""
+    required = decode_payment_required_header(required_header)
+    (req,) = required.accepts
+    authorization = ExactEIP3009Authorization(
+        from_address=wallet,
+        to=req.pay_to,
+        value=req.amount,
+        valid_after="0",
+        valid_before=str(int(time.time()) + req.max_timeout_seconds),
+        nonce="0x" + secrets.token_hex(32),
+    )
+    inner = ExactEIP3009Payload(authorization=authorization, signature="0x" + "11" * 66)
+    return header(PaymentPayload(x402_version=2, payload=inner.to_dict(), accepted=req))
+
+
+def test_a_contract_wallet_valid_only_in_simulation_costs_one_revert_then_is_refused(
+    paid_settings: Callable[..., Settings], chain: DevChain
+) -> None:
+    """A contract payer signs nothing: its isValidSignature passes the verify's simulation
+    and fails inside the real transaction, which reverts at the settler's cost and the
+    payer's none. The payment waits for its authorization's expiry (anyone may still use
+    it), the payer is refused for an hour without a broadcast, and once the authorization
+    has expired the payment fails for certain, never broadcast again."""
+    wallet = Web3.to_checksum_address("0x" + secrets.token_hex(20))
+    chain.rpc("anvil_setCode", wallet, SIMULATION_ONLY_WALLET)
+    chain.mint(wallet, FUNDS)
+    settler = chain.accounts[0].address
+    with RpcProxy(chain.rpc_url) as proxy:
+        app = create_app(services=build_services(paid_settings(rpc_url=proxy.url)))
+        services, client = services_of(app), app.test_client()
+        gas_before = chain.w3.eth.get_balance(settler)
+        body = {"message": "Valid in simulation only", "to": US}
+        first = send(client, body, contract_payment(challenge(client, body), wallet))
+        assert first.status_code == 202, first.get_data(as_text=True)
+        (row,) = services.ledger.list_payments()
+        assert row.state == "settle_pending" and row.error == SETTLEMENT_REVERTED
+        assert first.get_json()["transaction"] == row.tx_hash
+        assert chain.w3.eth.get_transaction_receipt(row.tx_hash)["status"] == 0
+        assert chain.w3.eth.get_balance(settler) < gas_before  # the revert's gas
+        for text in ("Another try", "And one more"):
+            again_body = {"message": text, "to": US}
+            again = send(
+                client, again_body, contract_payment(challenge(client, again_body), wallet)
+            )
+            assert_payer_refused(again)
+        assert proxy.count("eth_sendRawTransaction") == 1
+        now = time.time()
+        services.clock = lambda: now + REVERTED_PAYER_SECONDS + 1
+        refuse_reverted_payer(services, wallet.lower())  # an hour on, it may pay again
+        services.clock = lambda: now + 360 + EXPIRY_MARGIN_SECONDS + 1  # expired
+        assert reconcile(services, force=True) == {row.id: "settle_failed"}
+        assert proxy.count("eth_sendRawTransaction") == 1
+        final = services.ledger.payment(row.id)
+        assert final is not None and final.quote_id.startswith("released:")
+        services.payments.close()
+    assert chain.usdc_balance(wallet) == FUNDS
+    assert services.ledger.outbox_messages() == []
+
+
+def test_a_reverted_settlement_whose_authorization_is_used_later_still_sends_the_sms(
+    paid_settings: Callable[..., Settings], chain: DevChain, payer: Wallet
+) -> None:
+    """The payer's balance leaves just ahead of the relay's settlement, which reverts. The
+    authorization is not dead: it is public in the reverted transaction, and anyone may
+    submit it once the balance is back. The payment waits (202), so when the transfer to
+    payTo happens the repair finds it and sends the SMS: never paid without one."""
+    with RpcProxy(chain.rpc_url) as proxy:
+        settings = paid_settings(rpc_url=proxy.url)
+        signed = signed_payment(settings, "Balance gone for a moment", payer.key)
+        elsewhere = new_wallet(chain).address
+        drain = authorize(payer.key, elsewhere, FUNDS)
+        proxy.before_broadcast = lambda: batch(chain, [drain])
+        answer = send(signed.client, signed.body, signed.signature)
+        assert answer.status_code == 202, answer.get_data(as_text=True)
+        services = signed.services
+        (row,) = services.ledger.list_payments()
+        assert row.state == "settle_pending" and row.error == SETTLEMENT_REVERTED
+        assert chain.w3.eth.get_transaction_receipt(row.tx_hash)["status"] == 0
+        chain.mint(payer.address, FUNDS)
+        parsed = services.payments.parse_payment({"PAYMENT-SIGNATURE": signed.signature})
+        assert parsed is not None
+        used = batch(chain, [_signed_authorization(parsed.payload)])  # a stranger submits it
+        assert chain.w3.eth.get_transaction_receipt(used)["status"] == 1
+        assert reconcile(services, force=True) == {row.id: "dispatched"}
+        assert len(services.ledger.outbox_messages()) == 1
+        assert proxy.count("eth_sendRawTransaction") == 1  # the relay broadcast once
+        replayed = send(signed.client, signed.body, signed.signature)
+        assert replayed.status_code == 200, replayed.get_data(as_text=True)
+        assert replayed.get_json()["transaction"] == used
+        services.payments.close()
+    assert chain.usdc_balance(settings.pay_to_address) == PRICE
+    assert chain.usdc_balance(payer.address) == FUNDS - PRICE
 
 
 # 5. A late repair sends twice -------------------------------------------------------------

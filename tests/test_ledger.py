@@ -230,6 +230,27 @@ def test_one_transfer_log_pays_for_one_payment(ledger: Ledger) -> None:
     assert ledger.transition(second.id, ("settling",), "settled", 2.0, tx_hash="0xt", log_index=5)
 
 
+def test_a_payers_marked_payments_are_found_by_when_they_last_moved(ledger: Ledger) -> None:
+    """last_marked: the latest move of the payer's payments with that mark, within the
+    window; other payers, other marks and older moves are not it."""
+    rows = [
+        payment(quote_id="q1", nonce="0x01", payer="0xa"),
+        payment(quote_id="q2", nonce="0x02", payer="0xa"),
+        payment(quote_id="q3", nonce="0x03", payer="0xb"),
+    ]
+    for row in rows:
+        ledger.claim_payment(row)
+    assert ledger.last_marked("0xa", "reverted", 0.0) is None
+    ledger.transition(rows[0].id, ("settling",), "settle_pending", 10.0, error="reverted")
+    ledger.transition(rows[1].id, ("settling",), "settle_pending", 20.0, error="other")
+    ledger.transition(rows[2].id, ("settling",), "settle_pending", 30.0, error="reverted")
+    assert ledger.last_marked("0xa", "reverted", 0.0) == 10.0
+    assert ledger.last_marked("0xa", "reverted", 10.0) == 10.0
+    assert ledger.last_marked("0xa", "reverted", 10.5) is None
+    assert ledger.last_marked("0xb", "reverted", 0.0) == 30.0
+    assert ledger.last_marked("0xc", "reverted", 0.0) is None
+
+
 def release(commit: str) -> ModuleType:
     """relay/ledger.py as the release at COMMIT had it (git show), as a module."""
     source = subprocess.run(

@@ -33,6 +33,7 @@ from tests.conftest import (
 )
 from tests.fake_facilitator import FakeFacilitator
 from tests.fake_sinch import FakeSinch, delivery_report, signature_headers
+from tests.rpc_proxy import RpcProxy
 from tests.x402_helpers import header, pay, pay_payload, pay_v1, signed
 
 US = "+13012576365"
@@ -615,6 +616,62 @@ def test_a_lost_settlement_answer_is_found_on_chain(
     assert remote.facilitator.calls.count("POST /settle") == settles
     assert chain.usdc_balance(payer.address) == 10_000_000 - PRICE
     assert len(services_of(remote.app).ledger.outbox_messages()) == 1
+
+
+@pytest.fixture
+def proxied_remote(
+    paid_settings: Callable[..., Settings], chain: DevChain
+) -> Iterator[tuple[Remote, RpcProxy]]:
+    """The remote facilitator reaching the chain directly, the relay through a proxy."""
+    settler = new_wallet(chain)
+    chain.set_eth_balance(settler.address, 10**18)
+    with RpcProxy(chain.rpc_url) as proxy, FakeFacilitator(chain.rpc_url, settler.key) as fac:
+        settings = paid_settings(facilitator="remote", facilitator_url=fac.url, rpc_url=proxy.url)
+        app = make_app(settings)
+        yield Remote(fac, app, app.test_client()), proxy
+        services_of(app).payments.close()
+
+
+def test_a_settlement_whose_receipt_cannot_be_read_is_pending_with_its_hash(
+    proxied_remote: tuple[Remote, RpcProxy], chain: DevChain, payer: Wallet
+) -> None:
+    """The remote facilitator settles, and the relay's own node goes away before the
+    receipt is read: money moved by the facilitator's word, so 202 with the transaction,
+    stored; once the node is back, the same request finds the settlement and sends once."""
+    remote, proxy = proxied_remote
+    signature = signed_headers(remote.client, BODY, payer.key)
+    remote.facilitator.after_settle = lambda: setattr(proxy, "down", True)
+    pending = post(remote.client, BODY, **signature)
+    assert pending.status_code == 202, pending.get_data(as_text=True)
+    (row,) = services_of(remote.app).ledger.list_payments()
+    assert row.state == "settle_pending" and row.tx_hash == pending.get_json()["transaction"]
+    proxy.down = False
+    settles = remote.facilitator.calls.count("POST /settle")
+    final = post(remote.client, BODY, **signature)
+    assert final.status_code == 200, final.get_data(as_text=True)
+    assert final.get_json()["transaction"] == row.tx_hash
+    assert remote.facilitator.calls.count("POST /settle") == settles
+    assert len(services_of(remote.app).ledger.outbox_messages()) == 1
+    assert chain.usdc_balance(payer.address) == 10_000_000 - PRICE
+
+
+def test_no_payment_is_taken_while_the_chain_cannot_be_read(
+    proxied_remote: tuple[Remote, RpcProxy], chain: DevChain, payer: Wallet
+) -> None:
+    """A remote facilitator could settle, but the relay's node is away: the claim needs
+    the chain's height (where the settlement's log is searched from), so 503 before the
+    facilitator is asked anything; nothing claimed, nothing moved."""
+    remote, proxy = proxied_remote
+    signature = signed_headers(remote.client, BODY, payer.key)
+    proxy.down = True
+    answer = post(remote.client, BODY, **signature)
+    assert answer.status_code == 503, answer.get_data(as_text=True)
+    assert answer.get_json()["error"] == "chain_unavailable"
+    assert services_of(remote.app).ledger.list_payments() == []
+    assert "POST /verify" not in remote.facilitator.calls
+    proxy.down = False
+    assert post(remote.client, BODY, **signature).status_code == 200
+    assert chain.usdc_balance(payer.address) == 10_000_000 - PRICE
 
 
 def test_signed_callbacks_are_required_when_a_signing_secret_is_set(

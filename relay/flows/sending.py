@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from x402 import PaymentRequirements
 
 from relay.callbacks import new_secret
+from relay.chain import chain_unavailable
 from relay.errors import (
     IdempotencyKeyReused,
     PaymentVerifyFailed,
@@ -25,7 +26,7 @@ from relay.flows.dispatching import dispatch, redispatch
 from relay.flows.leases import busy, lease_seconds
 from relay.flows.quoting import limit_model_calls, quote, refuse_opted_out
 from relay.flows.refunding import finish_refund
-from relay.flows.settling import settle
+from relay.flows.settling import refuse_reverted_payer, settle
 from relay.inputs import MessageRequest
 from relay.ledger import Conflict
 from relay.payment_headers import ParsedPayment
@@ -72,6 +73,8 @@ def send(
     stored = None if parsed is None else replay(services, parsed)
     if stored is not None:
         return stored
+    if parsed is not None:
+        refuse_reverted_payer(services, parsed.payer)
     if req.quote_token is None:
         limit_model_calls(services, client)
     order = order_for(services, req, paying=parsed is not None)
@@ -90,7 +93,9 @@ def send(
     # Read before verify, less a margin: a settlement (even one the payer sends itself as
     # soon as it has signed) can never be older, so its logs are searched from here.
     height = payments.block_number()
-    claim_block = None if height is None else max(0, height - CLAIM_BLOCK_MARGIN)
+    if height is None:  # a payment is claimed with the height its settlement is searched from
+        raise chain_unavailable()
+    claim_block = max(0, height - CLAIM_BLOCK_MARGIN)
     try:
         payer = payments.verify(parsed, requirements)
     except PaymentVerifyFailed:

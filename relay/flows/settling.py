@@ -1,18 +1,22 @@
 """A payment's settlement, committed step by step and judged by the chain (SPEC §9, §11).
 
 Only a certain failure is final (402 settlement failed, the quote freed); when money may
-have moved the answer is 202 settlement_pending, and the chain decides later.
+have moved the answer is 202 settlement_pending, and the chain decides later. A settlement
+transaction of ours that reverted moved nothing, but the authorization it carried stays
+usable until it expires: the payment waits for the chain until then, and its payer is
+refused for a while (``refuse_reverted_payer``).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from x402 import PaymentRequirements
 
 from relay import metrics
-from relay.errors import PaymentSettlementFailed, RelayError, SettlementPending
+from relay.errors import PaymentSettlementFailed, PaymentVerifyFailed, RelayError, SettlementPending
 from relay.facilitator import recording_broadcasts
 from relay.flows.answers import Outcome, finish
 from relay.flows.leases import busy, hold, moved_while_held
@@ -32,6 +36,30 @@ CREDITED_ELSEWHERE = "transfer_already_credited"
 #: Facilitator reasons that say the authorization was (or may have been) used: never
 #: certain failures, whatever their prefix; the chain decides.
 _MAYBE_USED = ("nonce_already_used", "transfer_event")
+#: The mark (the payment's ``error``) of a payment whose settlement transaction reverted.
+SETTLEMENT_REVERTED = "settlement_reverted"
+#: The reason a payer is refused after one of its settlements reverted.
+PAYER_SETTLEMENT_REVERTED = "payer_settlement_reverted"
+#: How long a payer is refused after a settlement of its reverted: the revert cost the
+#: settler gas and, for a contract wallet that answers a simulation and not the real
+#: transaction, cost the payer nothing; each further try now needs another payer address.
+REVERTED_PAYER_SECONDS = 3600
+
+
+def refuse_reverted_payer(services: Services, payer: str) -> None:
+    """402 payment_verify_failed (``payer_settlement_reverted``, Retry-After) while a
+    payment of ``payer`` whose settlement reverted moved within REVERTED_PAYER_SECONDS."""
+    now = services.clock()
+    since = now - REVERTED_PAYER_SECONDS
+    last = services.ledger.last_marked(payer, SETTLEMENT_REVERTED, since)
+    if last is None:
+        return
+    raise PaymentVerifyFailed(
+        "A settlement from this payer reverted on-chain; its payments are refused for a while.",
+        details={"reason": PAYER_SETTLEMENT_REVERTED, "payer": payer},
+        extra={"reason": PAYER_SETTLEMENT_REVERTED},
+        retry_after=max(1, math.ceil(last + REVERTED_PAYER_SECONDS - now)),
+    )
 
 
 def settle(
@@ -102,7 +130,8 @@ def attempt(
             if failed.details.get("reason") == NOT_PAID:
                 raise
             # Ours moved nothing of this payment (reverted, or some other call): as if
-            # nothing had been sent, once the chain says the authorization is unused.
+            # nothing had been sent, once the chain says the authorization is unused; a
+            # revert waits for the authorization's expiry, as anyone may still use it.
             found, tx = None, None
             if services.payments.reverted(failed.details.get("transaction") or ""):
                 reverted = failed
@@ -111,12 +140,12 @@ def attempt(
     found = chain_verdict(services, payment, parsed, req)
     if found is not None:
         return found
-    if reverted is not None:
-        raise reverted
     if payment.state == P.SETTLE_UNKNOWN:  # a node said "used" before: never expire it
         raise settlement_pending(payment.tx_hash)
     if services.clock() > parsed.valid_before + EXPIRY_MARGIN_SECONDS:
         raise PaymentSettlementFailed(details={"reason": "expired", "transaction": tx})
+    if reverted is not None:  # never broadcast again: it may revert again, at our cost
+        raise reverted
     if tx:
         raise settlement_pending(tx)
     return broadcast(services, payment, parsed, req)
@@ -185,27 +214,46 @@ def chain_verdict(
 def settlement_failed(
     services: Services, payment_id: str, failed: PaymentSettlementFailed
 ) -> RelayError:
-    """A certain failure is final (402); an ambiguous one stays pending (202)."""
+    """A certain failure is final (402); an ambiguous one stays pending (202), and so does
+    a reverted settlement while its authorization may still be used. A payment whose
+    settlement transaction reverted is marked, so that its payer is refused for a while."""
     reason = str(failed.details.get("reason") or "")
     tx = failed.details.get("transaction")
     certain = (
-        (reason.startswith("invalid_") and not any(m in reason for m in _MAYBE_USED))
-        or reason in ("expired", CANCELED, CREDITED_ELSEWHERE, NOT_PAID)
-        or (tx is not None and services.payments.reverted(tx))
-    )
+        reason.startswith("invalid_") and not any(m in reason for m in _MAYBE_USED)
+    ) or reason in ("expired", CANCELED, CREDITED_ELSEWHERE, NOT_PAID)
+    mark = {"error": SETTLEMENT_REVERTED} if ours_reverted(services, payment_id, tx) else {}
     if not certain:
         known = {"tx_hash": tx} if tx else {}
         services.ledger.transition(
-            payment_id, (P.SETTLING, P.SETTLE_PENDING), P.SETTLE_PENDING, services.clock(), **known
+            payment_id,
+            (P.SETTLING, P.SETTLE_PENDING),
+            P.SETTLE_PENDING,
+            services.clock(),
+            **known,
+            **mark,
         )
         return settlement_pending(tx)
-    settle_failed(services, payment_id, failed)
+    settle_failed(services, payment_id, failed, **mark)
     return failed
 
 
-def settle_failed(services: Services, payment_id: str, failed: RelayError) -> None:
-    """Record a failed settlement and free the quote for another payment."""
+def ours_reverted(services: Services, payment_id: str, tx: str | None) -> bool:
+    """Whether the settlement transaction of this payment (``tx``, else the one recorded
+    before its broadcast) was mined and reverted: gas spent, nothing moved."""
+    if tx is None:
+        current = services.ledger.payment(payment_id)
+        tx = None if current is None else current.tx_hash
+    if tx is None:
+        return False
+    reverted = services.payments.reverted(tx)
+    if reverted:
+        log.warning("settlement %s of payment %s reverted", tx, payment_id)
+    return reverted
+
+
+def settle_failed(services: Services, payment_id: str, failed: RelayError, **fields: Any) -> None:
+    """Record a failed settlement (with ``fields``) and free the quote for another payment."""
     answer = Outcome.of_error(failed)
-    finish(
-        services, payment_id, SETTLING, P.SETTLE_FAILED, answer, quote_id=f"released:{payment_id}"
-    )
+    released = f"released:{payment_id}"
+    finish(services, payment_id, SETTLING, P.SETTLE_FAILED, answer, quote_id=released, **fields)
