@@ -127,7 +127,11 @@ def _decode(name: str, raw: str) -> PaymentPayload | PaymentPayloadV1:
 
 
 def _authorization(name: str, inner: dict[str, Any]) -> _Authorization:
-    """The EIP-3009 authorization fields, validated and normalised (lowercase hex)."""
+    """The EIP-3009 authorization fields, validated and normalised (lowercase hex). Nothing
+    else may come with them: the SDK would pay by a Permit2 authorization beside them, and
+    the relay would check and search the chain for the one it does not use."""
+    if set(inner) - {"authorization", "signature"}:
+        raise _malformed(name, "the payload may hold only an EIP-3009 authorization and signature")
     auth, signature = inner.get("authorization"), inner.get("signature")
     if (
         not isinstance(auth, dict)

@@ -359,6 +359,8 @@ def _drop_0x(payment: dict[str, Any], field: str) -> None:
         (lambda p: _drop_0x(p, "from"), "addresses"),
         (lambda p: p["payload"]["authorization"].update(value="-1"), "value"),
         (lambda p: p["payload"]["authorization"].update(validBefore=None), "validBefore"),
+        # a second way to pay beside the authorization (which the SDK would take instead)
+        (lambda p: p["payload"].update(permit2Authorization={"from": "0x" + "1" * 40}), "only"),
     ],
 )
 def test_malformed_payment_is_invalid_input(
