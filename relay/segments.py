@@ -185,11 +185,12 @@ _SMART_TABLE: Final = str.maketrans(SMART_ENCODING)
 
 
 def smart_encode(text: str) -> str:
-    """The text with look-alikes replaced (after NFC) if that makes it cheaper GSM-7."""
+    """The text with look-alikes replaced (after NFC) if that makes it cheaper GSM-7, and
+    never blank: a text of invisible characters alone stays as it is (and is priced so)."""
     if detect_encoding(text) == "GSM-7":
         return text
     encoded = unicodedata.normalize("NFC", text).translate(_SMART_TABLE)
-    if detect_encoding(encoded) != "GSM-7":
+    if detect_encoding(encoded) != "GSM-7" or not encoded.strip():
         return text
     saves = count_segments(encoded).segments <= count_segments(text).segments
     return encoded if saves else text

@@ -674,6 +674,29 @@ def test_no_payment_is_taken_while_the_chain_cannot_be_read(
     assert chain.usdc_balance(payer.address) == 10_000_000 - PRICE
 
 
+@pytest.mark.parametrize("message", ["\u200b", "\u200b\u2060\ufeff", "\u00ad\u200d"])
+def test_smart_encoding_never_leaves_a_blank_message_to_send(
+    client: FlaskClient, app: Flask, message: str
+) -> None:
+    """Smart encoding drops invisible characters; a message of nothing else would become
+    blank (0 segments, priced as the moderation alone, and still an SMS with the opt-out
+    line). It is kept as it was and priced as what is sent: one segment, in the quote and
+    in the one-shot 402 alike."""
+    body = {"message": message, "to": US, "smart_encoding": True}
+    answer = client.post("/api/quote", json=body)
+    assert answer.status_code == 200, answer.get_data(as_text=True)
+    quoted = answer.get_json()
+    assert quoted["segments"] == 1 and quoted["smart_encoding"]["applied"] is False
+    assert quoted["smart_encoding"]["text"] == message
+    assert quoted["sms_price_usd"] == float(services_of(app).settings.price_per_segment_usd)
+    challenge = post(client, body)
+    assert challenge.status_code == 402, challenge.get_data(as_text=True)
+    assert (
+        decode(challenge.headers["PAYMENT-REQUIRED"])["accepts"][0]["amount"]
+        == (quoted["price_atomic"])
+    )
+
+
 def test_signed_callbacks_are_required_when_a_signing_secret_is_set(
     paid_settings: Callable[..., Settings],
 ) -> None:
