@@ -210,7 +210,7 @@ def require_password(svc: Services) -> None:
     expected = svc.settings.pay_password
     if not expected:
         return
-    client = client_address()
+    client = client_key()  # an IPv6 host's whole /64, as every limit counts it
     wait = svc.password_limiter.blocked("password", client)
     if wait is not None:
         raise Unauthorized("Too many wrong passwords; try again later.", retry_after=wait)

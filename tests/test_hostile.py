@@ -191,6 +191,29 @@ def test_ipv6_clients_are_limited_by_their_64(make_settings: Callable[..., Setti
     assert client_at(app, other).post("/api/quote", json=body).status_code == 200
 
 
+def test_ipv6_clients_are_locked_out_of_the_pay_password_by_their_64(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """Wrong X-Pay-Password guesses count against the sender's /64, like every limit: a
+    host cannot try again from its next address, and even the right password is refused
+    from any address of the /64 until the lock-out ends."""
+    settings = make_settings(pay_password="open-sesame-42", pay_password_max_failures=3)
+    app = create_app(services=build_services(settings))
+    prefix = f"2001:db8:{secrets.randbelow(0xFFFF):x}:3"
+    wrong = {"X-Pay-Password": "wrong"}
+    for number in (1, 2, 3):
+        guess = client_at(app, f"{prefix}::{number}").post("/api/send", headers=wrong)
+        assert guess.status_code == 401
+    locked = client_at(app, f"{prefix}::9").post(
+        "/api/send", headers={"X-Pay-Password": "open-sesame-42"}
+    )
+    assert locked.status_code == 401
+    assert locked.get_json()["retry_after_seconds"] > 0
+    other = client_at(app, f"2001:db8:{secrets.randbelow(0xFFFF):x}:4::1")
+    past = other.post("/api/send", headers={"X-Pay-Password": "open-sesame-42"})
+    assert past.status_code != 401  # past the password (no chain here: 503)
+
+
 # 3. Herds: one model call for one new text ------------------------------------------------
 
 
