@@ -71,6 +71,7 @@ class PaymentRecord(_Record):
     response_headers: dict[str, str] | None
     created_at: float
     updated_at: float
+    request_sha256: str | None = None  # the request it pays for (None: claimed before 0004)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state", PaymentState(self.state))

@@ -75,6 +75,9 @@ payments = Table(
     # Where the agent wants to hear of the message, and the secret its events are signed with.
     Column("callback_url", String(2048)),
     Column("callback_secret", String(64)),
+    # SHA-256 of the destination and the message the payment was made for: only a request
+    # for them gets the payment's stored answer (its payload is public once settled).
+    Column("request_sha256", String(64)),
     Column("message_id", String(64)),
     Column("error", String(200)),
     Column("response_status", Integer),

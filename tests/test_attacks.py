@@ -138,6 +138,62 @@ def _signed_authorization(payload: Any) -> Authorization:
     )
 
 
+def rebuilt_from_the_chain(chain: DevChain, transaction: str, required_header: str) -> str:
+    """A payment header as anyone can rebuild it: the authorization and its signature from
+    the settlement's calldata, everything else from a public 402 of the same price."""
+    call = chain.w3.eth.get_transaction(transaction)  # type: ignore[arg-type]
+    _, args = chain.token.decode_function_input(call["input"])
+    signature = args["r"] + args["s"] + bytes([args["v"]])
+    required = decode_payment_required_header(required_header)
+    authorization = ExactEIP3009Authorization(
+        from_address=args["from"],
+        to=args["to"],
+        value=str(args["value"]),
+        valid_after=str(args["validAfter"]),
+        valid_before=str(args["validBefore"]),
+        nonce="0x" + args["nonce"].hex(),
+    )
+    inner = ExactEIP3009Payload(authorization=authorization, signature="0x" + signature.hex())
+    payload = PaymentPayload(
+        x402_version=2,
+        payload=inner.to_dict(),
+        accepted=required.accepts[0],
+        resource=required.resource,
+        extensions=required.extensions,
+    )
+    return header(payload)
+
+
+def test_a_payment_rebuilt_from_the_chain_gets_no_answer_of_another_request(
+    paid_settings: Callable[..., Settings], chain: DevChain, payer: Wallet
+) -> None:
+    """Once settled, a payment's payload is public: its authorization is in the
+    transaction's calldata, the rest in any 402 of the same price. Its stored answer holds
+    the full number (and a callback's secret), so only a request for the destination and
+    message it paid for gets it; anyone else's is refused and learns nothing."""
+    app = create_app(services=build_services(paid_settings()))
+    client = app.test_client()
+    body = {"message": "Your code is 424242", "to": US}
+    signature = pay(challenge(client, body), payer.key)
+    paid = send(client, body, signature)
+    assert paid.status_code == 200, paid.get_data(as_text=True)
+    spy_body = {"message": "Any text of one segment", "to": "+14155550100"}
+    rebuilt = rebuilt_from_the_chain(
+        chain, paid.get_json()["transaction"], challenge(client, spy_body)
+    )
+    parsed = services_of(app).payments.parse_payment({"PAYMENT-SIGNATURE": rebuilt})
+    assert parsed is not None
+    assert parsed.payment_key == services_of(app).ledger.list_payments()[0].payment_key
+    for other in (spy_body, {"message": "Your code is 424242", "to": "+14155550100"}):
+        answer = send(client, other, rebuilt)
+        assert answer.status_code == 402, answer.get_data(as_text=True)
+        assert answer.get_json()["details"]["reason"] == "authorization_already_used"
+        assert US.removeprefix("+") not in answer.get_data(as_text=True)
+    again = send(client, body, rebuilt)  # the request it paid for: its answer, as stored
+    assert again.status_code == 200 and again.get_json() == paid.get_json()
+    assert len(services_of(app).ledger.outbox_messages()) == 1
+
+
 # 2. Settled but booked as failed ---------------------------------------------------------
 
 

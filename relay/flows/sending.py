@@ -7,6 +7,7 @@ a replay of it and the reconciler all go through `advance`.
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -70,7 +71,7 @@ def send(
     """
     payments = services.payments
     parsed = payments.parse_payment(headers)
-    stored = None if parsed is None else replay(services, parsed)
+    stored = None if parsed is None else replay(services, parsed, req)
     if stored is not None:
         return stored
     if parsed is not None:
@@ -100,12 +101,11 @@ def send(
         payer = payments.verify(parsed, requirements)
     except PaymentVerifyFailed:
         # A concurrent copy of this payment may have claimed and settled it meanwhile.
-        stored = replay(services, parsed)
+        stored = replay(services, parsed, req)
         if stored is not None:
             return stored
         raise
-    callback = req.callback_url if isinstance(req, SendRequest) else None
-    payment = claim(services, order, parsed, requirements, payer, claim_block, callback)
+    payment = claim(services, order, parsed, requirements, payer, claim_block, req)
     return advance(services, payment, parsed, requirements, first=True)
 
 
@@ -123,8 +123,10 @@ def order_for(services: Services, req: MessageRequest, *, paying: bool) -> Order
     return Order(to, text, claims.segments, claims.price_atomic, claims.quote_id)
 
 
-def replay(services: Services, parsed: ParsedPayment) -> Outcome | None:
-    """The answer for a payment seen before, or None for a new one."""
+def replay(services: Services, parsed: ParsedPayment, req: MessageRequest) -> Outcome | None:
+    """The answer for a payment seen before, or None for a new one. Only a request for the
+    destination and message it paid for gets it: the payment's payload is public on-chain
+    once settled, and its answer holds the full number and the callback's secret."""
     payment = services.ledger.payment_by_key(parsed.payment_key)
     if payment is None:
         if parsed.payment_identifier is not None:
@@ -132,7 +134,15 @@ def replay(services: Services, parsed: ParsedPayment) -> Outcome | None:
             if other is not None:
                 raise IdempotencyKeyReused(details={"payment_identifier": other.payment_identifier})
         return None
+    if payment.request_sha256 is not None and payment.request_sha256 != request_sha256(req):
+        raise authorization_used()
     return resume(services, payment, parsed)
+
+
+def request_sha256(req: MessageRequest) -> str:
+    """SHA-256 of a request's destination (normalised) and message, as a payment keeps it."""
+    to = normalize_destination(req.to)
+    return hashlib.sha256(f"{to}\n{req.message}".encode()).hexdigest()
 
 
 def resume(services: Services, payment: PaymentRecord, parsed: ParsedPayment) -> Outcome:
@@ -156,10 +166,11 @@ def claim(
     requirements: PaymentRequirements,
     payer: str,
     claim_block: int | None,
-    callback_url: str | None = None,
+    req: MessageRequest,
 ) -> PaymentRecord:
     """Claim quote, authorization and identifier in one insert, leased to this request."""
     now = services.clock()
+    callback_url = req.callback_url if isinstance(req, SendRequest) else None
     payment = PaymentRecord(
         id=secrets.token_hex(12),
         payment_key=parsed.payment_key,
@@ -193,6 +204,7 @@ def claim(
         response_headers=None,
         created_at=now,
         updated_at=now,
+        request_sha256=request_sha256(req),
     )
     try:
         services.ledger.claim_payment(payment)
@@ -208,13 +220,18 @@ def claim_error(conflict: Conflict, parsed: ParsedPayment) -> RelayError:
     if conflict.kind == "identifier":
         return IdempotencyKeyReused(details={"payment_identifier": parsed.payment_identifier})
     if conflict.kind == "authorization":
-        return PaymentVerifyFailed(
-            "This authorization was already used for another request.",
-            details={"reason": "authorization_already_used"},
-            extra={"reason": "authorization_already_used"},
-        )
+        return authorization_used()
     existing = conflict.existing
     return QuoteAlreadyUsed(details={"message_id": existing and existing.message_id})
+
+
+def authorization_used() -> PaymentVerifyFailed:
+    """402: this authorization paid (or pays) for another request."""
+    return PaymentVerifyFailed(
+        "This authorization was already used for another request.",
+        details={"reason": "authorization_already_used"},
+        extra={"reason": "authorization_already_used"},
+    )
 
 
 def advance(
