@@ -19,7 +19,10 @@ import ipaddress
 import json
 import secrets
 import socket
+import ssl
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -28,12 +31,17 @@ import httpx
 from standardwebhooks import Webhook
 
 from relay.errors import InvalidInput
-from relay.transport import closed_with
 
 MAX_URL_CHARS = 2048
-#: Each delivery attempt: connect, then the whole answer, within these.
+#: Each delivery attempt: connect within the first, each read within the second...
 CONNECT_TIMEOUT_SECONDS = 5.0
 DELIVERY_TIMEOUT_SECONDS = 10.0
+#: ...and the whole attempt, up to the answer's status line and headers, within this (its
+#: body is never read): an endpoint that answers a byte at a time, or never stops, holds a
+#: worker no longer, and sends nothing into its memory.
+DELIVERY_DEADLINE_SECONDS = 15.0
+#: Attempts under way at once in a process (the rest wait their turn, within the deadline).
+DELIVERY_THREADS = 4
 
 Resolver = Callable[[str, int], list[str]]
 
@@ -88,17 +96,13 @@ class Delivery:
 
 
 class CallbackSender:
-    """POSTs signed events, connecting only to an address the policy allows."""
+    """POSTs signed events, connecting only to an address the policy allows, each attempt
+    bounded by DELIVERY_DEADLINE_SECONDS."""
 
-    def __init__(self, policy: CallbackPolicy, http: httpx.Client | None = None) -> None:
+    def __init__(self, policy: CallbackPolicy) -> None:
         self.policy = policy
-        self._http = http
-
-    def _client(self) -> httpx.Client:
-        if self._http is None:  # made on first use, closed with the sender
-            timeout = httpx.Timeout(DELIVERY_TIMEOUT_SECONDS, connect=CONNECT_TIMEOUT_SECONDS)
-            self._http = closed_with(self, httpx.Client(timeout=timeout, follow_redirects=False))
-        return self._http
+        self._threads = ThreadPoolExecutor(DELIVERY_THREADS, thread_name_prefix="relay-callback")
+        self._tls: ssl.SSLContext | None = None
 
     def send(self, url: str, secret: str, delivery: Delivery) -> None:
         """Deliver once; raises CallbackFailed with a short reason unless the agent took it
@@ -113,21 +117,45 @@ class CallbackSender:
         headers["Content-Type"] = "application/json"
         pinned = target.copy_with(host=address)  # the address that was checked, not a new lookup
         extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
+        # A client of its own, so that an attempt past the deadline is cut off alone (its
+        # thread ends at its next read); the TLS context is made once.
+        timeout = httpx.Timeout(DELIVERY_TIMEOUT_SECONDS, connect=CONNECT_TIMEOUT_SECONDS)
+        client = httpx.Client(timeout=timeout, follow_redirects=False, verify=self._context())
+        attempt = self._threads.submit(
+            _status_of, client, pinned, delivery.body, headers, extensions
+        )
         try:
-            answer = self._client().post(
-                pinned, content=delivery.body, headers=headers, extensions=extensions
-            )
-        except httpx.TimeoutException:
+            status = attempt.result(timeout=DELIVERY_DEADLINE_SECONDS)
+        except (FutureTimeout, httpx.TimeoutException):
+            attempt.cancel()  # not started yet: it never will be
             raise CallbackFailed("timed out") from None
         except httpx.HTTPError as exc:
             raise CallbackFailed(f"no answer ({type(exc).__name__})") from None
-        if not answer.is_success:
-            raise CallbackFailed(f"HTTP {answer.status_code}")
+        finally:
+            client.close()
+        if not 200 <= status < 300:
+            raise CallbackFailed(f"HTTP {status}")
 
     def close(self) -> None:
-        """Release the connections."""
-        if self._http is not None:
-            self._http.close()
+        """Stop taking attempts (those under way end at their deadline)."""
+        self._threads.shutdown(wait=False, cancel_futures=True)
+
+    def _context(self) -> ssl.SSLContext:
+        if self._tls is None:
+            self._tls = httpx.create_ssl_context()
+        return self._tls
+
+
+def _status_of(
+    client: httpx.Client,
+    url: httpx.URL,
+    body: str,
+    headers: dict[str, str],
+    extensions: dict[str, Any],
+) -> int:
+    """The status of the answer to one POST; its body is left unread."""
+    with client.stream("POST", url, content=body, headers=headers, extensions=extensions) as answer:
+        return answer.status_code
 
 
 class CallbackFailed(Exception):

@@ -6,6 +6,7 @@ given and when an event is sent."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import threading
 import time
@@ -19,6 +20,7 @@ from flask import Flask
 from sqlalchemy import select, update
 from standardwebhooks import Webhook, WebhookVerificationError
 
+import relay.callbacks
 import relay.ledger
 from relay.app import create_app
 from relay.callbacks import (
@@ -257,6 +259,72 @@ def test_slow_endpoints_cannot_hold_back_the_workers_pass(
     second = deliver_events(services, budget_seconds=10.0)
     assert sorted(first | second) == [f"evt_slow{n}_delivered" for n in range(4)]
     slow.close()
+
+
+class Dripping:
+    """An agent's endpoint that answers one byte at a time, every ``every`` seconds, for
+    ever: from its status line (``headers_first`` False) or after a whole 200's headers,
+    then an endless body. Counts the bytes it sent."""
+
+    def __init__(self, *, headers_first: bool, every: float = 0.2) -> None:
+        self.sent = 0
+        self._closing = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}/hooks/sms"
+        self._headers_first, self._every = headers_first, every
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self._closing.is_set():
+            try:
+                connection, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._drip, args=(connection,), daemon=True).start()
+
+    def _drip(self, connection: socket.socket) -> None:
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000\r\n\r\n"
+        with connection:
+            connection.recv(65536)
+            try:
+                if self._headers_first:
+                    connection.sendall(head)
+                stream = b"x" * 1_000_000_000 if self._headers_first else head
+                for byte in stream:
+                    if self._closing.wait(self._every):
+                        return
+                    connection.sendall(bytes([byte]))
+                    self.sent += 1
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self._closing.set()
+        self._listener.close()
+
+
+@pytest.mark.parametrize("headers_first", [False, True])
+def test_an_endpoint_that_answers_a_byte_at_a_time_holds_no_worker(
+    monkeypatch: pytest.MonkeyPatch, headers_first: bool
+) -> None:
+    """A drip of one byte every 0.2 s keeps each read's timeout from ever running out.
+    Dripped from the status line, the attempt ends at its deadline, failed; dripped after a
+    whole 2xx head, the event is delivered at once and the endless body never read."""
+    monkeypatch.setattr(relay.callbacks, "DELIVERY_DEADLINE_SECONDS", 1.0)
+    endpoint = Dripping(headers_first=headers_first)
+    sender = CallbackSender(CallbackPolicy(allow_private=True))
+    started = time.monotonic()
+    try:
+        if headers_first:
+            sender.send(endpoint.url, new_secret(), Delivery("evt_drip", time.time(), "{}"))
+        else:
+            with pytest.raises(CallbackFailed, match="timed out"):
+                sender.send(endpoint.url, new_secret(), Delivery("evt_drip", time.time(), "{}"))
+        assert time.monotonic() - started < 2.0
+    finally:
+        sender.close()
+        endpoint.close()
+    assert endpoint.sent < 20  # the body was not waited for
 
 
 @pytest.mark.parametrize("signing", [None, "hmac-key"])
