@@ -303,28 +303,31 @@ class Dripping:
         self._listener.close()
 
 
-@pytest.mark.parametrize("headers_first", [False, True])
 def test_an_endpoint_that_answers_a_byte_at_a_time_holds_no_worker(
-    monkeypatch: pytest.MonkeyPatch, headers_first: bool
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A drip of one byte every 0.2 s keeps each read's timeout from ever running out.
     Dripped from the status line, the attempt ends at its deadline, failed; dripped after a
-    whole 2xx head, the event is delivered at once and the endless body never read."""
+    whole 2xx head, the event is delivered and the endless body is never read."""
     monkeypatch.setattr(relay.callbacks, "DELIVERY_DEADLINE_SECONDS", 1.0)
-    endpoint = Dripping(headers_first=headers_first)
     sender = CallbackSender(CallbackPolicy(allow_private=True))
+    endpoint = Dripping(headers_first=False)
     started = time.monotonic()
     try:
-        if headers_first:
+        with pytest.raises(CallbackFailed, match="timed out"):
             sender.send(endpoint.url, new_secret(), Delivery("evt_drip", time.time(), "{}"))
-        else:
-            with pytest.raises(CallbackFailed, match="timed out"):
-                sender.send(endpoint.url, new_secret(), Delivery("evt_drip", time.time(), "{}"))
-        assert time.monotonic() - started < 2.0
+        assert time.monotonic() - started < 4.0  # the deadline, and a loaded machine's slack
+    finally:
+        endpoint.close()
+    monkeypatch.setattr(relay.callbacks, "DELIVERY_DEADLINE_SECONDS", 10.0)
+    endpoint = Dripping(headers_first=True)
+    try:
+        sender.send(endpoint.url, new_secret(), Delivery("evt_drip", time.time(), "{}"))
+        time.sleep(1.0)
     finally:
         sender.close()
         endpoint.close()
-    assert endpoint.sent < 20  # the body was not waited for
+    assert endpoint.sent < 3  # the body was not waited for: nothing more was taken
 
 
 @pytest.mark.parametrize("signing", [None, "hmac-key"])
