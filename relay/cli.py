@@ -132,7 +132,7 @@ def quote(args: argparse.Namespace) -> int:
 
 def send(args: argparse.Namespace) -> int:
     """Quote, pay and send one SMS; PAYER_PRIVATE_KEY pays, never above --max-price."""
-    from relay.client import RelayClient
+    from relay.client import RelayClient, new_payment_id
 
     config = load_client_settings()
     if not config.payer_private_key:
@@ -144,9 +144,15 @@ def send(args: argparse.Namespace) -> int:
         pay_password=config.pay_password,
         on_step=lambda step: say(f"... {step}"),
     ) as client:
+        payment_id = args.payment_id or new_payment_id()
         say(f"paying from {client.address}, at most {args.max_price} USD")
+        say(f"payment id {payment_id}: after an error, repeat with --payment-id {payment_id}")
         result = client.send(
-            args.message, args.to, max_price_usd=args.max_price, smart_encoding=args.smart_encoding
+            args.message,
+            args.to,
+            max_price_usd=args.max_price,
+            smart_encoding=args.smart_encoding,
+            payment_id=payment_id,
         )
     show(result)
     return 0
@@ -336,6 +342,15 @@ def show(data: dict[str, Any]) -> None:
     print(simplejson.dumps(data, indent=2, use_decimal=True, default=str), flush=True)
 
 
+def payment_identifier(raw: str) -> str:
+    """An x402 payment identifier (argparse type), as the SDK defines one."""
+    from x402.extensions.payment_identifier import is_valid_payment_id
+
+    if not is_valid_payment_id(raw):
+        raise argparse.ArgumentTypeError(f"not a payment id: {raw!r}")
+    return raw
+
+
 def usd(raw: str) -> Decimal:
     """A positive dollar amount (argparse type)."""
     try:
@@ -371,6 +386,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--smart-encoding", action="store_true")
         if name == "send":
             p.add_argument("--max-price", type=usd, required=True, help="USD cap, e.g. 0.10")
+            p.add_argument(
+                "--payment-id",
+                type=payment_identifier,
+                help="the id printed by a send that ended in an error: repeating it never "
+                "pays twice",
+            )
         p.add_argument("message")
         p.set_defaults(func=func)
     p = sub.add_parser("mcp", help="MCP server whose tools pay for SMS (stdio by default)")

@@ -10,13 +10,19 @@ from typing import Any
 
 import httpx
 from eth_account import Account
-from x402 import PaymentRequired, x402ClientSync
+from x402 import PaymentRequired, PaymentRequirements, x402ClientSync
 from x402.extensions.payment_identifier import append_payment_identifier_to_extensions
 from x402.http import decode_payment_required_header, encode_payment_signature_header
 from x402.mechanisms.evm import EthAccountSigner
 from x402.mechanisms.evm.exact import register_exact_evm_client
 
-from relay.errors import InvalidInput, PriceLimitExceeded, RelayError, error_for_code
+from relay.errors import (
+    InvalidInput,
+    PaymentTermsMismatch,
+    PriceLimitExceeded,
+    RelayError,
+    error_for_code,
+)
 from relay.pricing import from_atomic, to_atomic
 from relay.retry import Backoff, retry
 from relay.transport import closed_with
@@ -32,6 +38,8 @@ POLL_CAP_SECONDS = 15.0
 DEFAULT_WAIT_SECONDS = 300.0
 #: Waits between paid attempts without a Retry-After: up to 2, 4, 8... seconds.
 FIRST_WAIT_SECONDS = 2.0
+#: The longest validity the client signs an authorization for (the relay asks for 300 s).
+MAX_VALIDITY_SECONDS = 900
 
 
 class RelayClient:
@@ -126,20 +134,23 @@ class RelayClient:
             self._ok(challenge)
             raise InvalidInput("The relay did not ask for payment.")
         self._on_step("402 Payment Required received")
-        header = self._pay(challenge, cap, payment_id or "pay_" + secrets.token_hex(16))
+        header = self._pay(challenge, quoted, payment_id or new_payment_id())
         self._on_step(f"payment signed by {self.address}; settling on-chain")
         return self._paid_retry(body, header)
 
-    def _pay(self, challenge: httpx.Response, cap: int, payment_id: str) -> str:
-        """Sign the challenge's exact requirement, never above the cap."""
+    def _pay(self, challenge: httpx.Response, quoted: dict[str, Any], payment_id: str) -> str:
+        """Sign the challenge's requirement that is exactly the quote's (its price, already
+        under the cap, its network, asset and payee, for a bounded time); refuse any other."""
         required = decode_payment_required_header(challenge.headers["PAYMENT-REQUIRED"])
         assert isinstance(required, PaymentRequired)
-        for accept in required.accepts:
-            check_cap(int(accept.amount), cap)
+        offers = [accept for accept in required.accepts if as_quoted(accept, quoted)]
+        if not offers:
+            raise PaymentTermsMismatch(details={"quoted": quoted["next_step"]["payment"]})
         extensions = append_payment_identifier_to_extensions(
             dict(required.extensions or {}), payment_id
         )
-        payload = self._x402.create_payment_payload(required, extensions=extensions)
+        chosen = required.model_copy(update={"accepts": offers[:1]})
+        payload = self._x402.create_payment_payload(chosen, extensions=extensions)
         return str(encode_payment_signature_header(payload))
 
     def _paid_retry(self, body: dict[str, Any], header: str) -> dict[str, Any]:
@@ -189,10 +200,18 @@ def send(
     private_key: str,
     pay_password: str | None = None,
     smart_encoding: bool = False,
+    payment_id: str | None = None,
 ) -> dict[str, Any]:
-    """Quote, pay and send one SMS in one call; never pays more than ``max_price_usd``."""
+    """Quote, pay and send one SMS in one call; never pays more than ``max_price_usd``.
+    Repeat a call that ended in doubt with the same ``payment_id``: it never pays twice."""
     with RelayClient(base_url, private_key, pay_password=pay_password) as client:
-        return client.send(message, to, max_price_usd=max_price_usd, smart_encoding=smart_encoding)
+        return client.send(
+            message,
+            to,
+            max_price_usd=max_price_usd,
+            smart_encoding=smart_encoding,
+            payment_id=payment_id,
+        )
 
 
 def poll_until_final(
@@ -251,6 +270,25 @@ class _NotFinal(Exception):
     def __init__(self, asked: int | None) -> None:
         super().__init__(asked)
         self.asked = None if asked is None else float(asked)
+
+
+def new_payment_id() -> str:
+    """A fresh x402 payment identifier."""
+    return "pay_" + secrets.token_hex(16)
+
+
+def as_quoted(accept: PaymentRequirements, quoted: dict[str, Any]) -> bool:
+    """Whether a 402's requirement is the quote's: the exact scheme, its price, network,
+    asset and payee, and a validity no longer than MAX_VALIDITY_SECONDS."""
+    terms = quoted["next_step"]["payment"]
+    return (
+        accept.scheme == "exact"
+        and accept.amount == str(quoted["price_atomic"])
+        and accept.network == terms["network"]
+        and accept.asset.lower() == str(terms["asset"]).lower()
+        and accept.pay_to.lower() == str(terms["recipient"]).lower()
+        and 0 < accept.max_timeout_seconds <= MAX_VALIDITY_SECONDS
+    )
 
 
 def check_cap(amount_atomic: int, cap_atomic: int) -> None:

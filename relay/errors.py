@@ -146,6 +146,14 @@ class PriceLimitExceeded(RelayError):
     default_message = "The price is above the limit set for this send; nothing was signed."
 
 
+class PaymentTermsMismatch(RelayError):
+    """Raised by the client, before signing, when the 402 asks for other terms than the
+    quote: another amount, network, asset or payee, or an authorization valid too long."""
+
+    code, status = "payment_terms_mismatch", 402
+    default_message = "The payment asked for differs from the quote; nothing was signed."
+
+
 class BudgetExceeded(RelayError):
     """Raised by `relay mcp`, before signing, when a send would overspend its session budget."""
 

@@ -23,16 +23,6 @@ from relay.errors import BudgetExceeded, InvalidInput, RelayError
 from relay.pricing import from_atomic, to_atomic
 from relay.settings import ClientSettings
 
-#: Codes a paid request can end with although its payment may have settled (or will).
-MAY_HAVE_PAID = frozenset(
-    {
-        "settlement_pending",
-        "request_in_progress",
-        "chain_unavailable",
-        "internal_error",
-        "sinch_send_failed_after_payment",
-    }
-)
 #: The code, and the wait suggested, when the relay cannot be reached at all (as `relay send`).
 UNREACHABLE = "relay_unreachable"
 UNREACHABLE_RETRY_SECONDS = 5
@@ -84,22 +74,17 @@ class SessionPayer:
             return answer
 
     def _pay(self, message: str, to: str, price: int, payment_id: str) -> dict[str, Any]:
-        """Send with the quoted price as the cap; count it once money may have moved."""
+        """Send with the quoted price as the cap; count it once a payment is signed, whatever
+        the relay answers: whoever holds a signed authorization can settle it until it
+        expires, and an answer saying it failed may not be the truth."""
         self._signed = False
         try:
-            answer = self.client.send(
+            return self.client.send(
                 message, to, max_price_usd=from_atomic(price), payment_id=payment_id
             )
-        except RelayError as exc:
-            if self._signed and exc.code in MAY_HAVE_PAID:
-                self._spent += price
-            raise
-        except httpx.HTTPError:
+        finally:
             if self._signed:
                 self._spent += price
-            raise
-        self._spent += price
-        return answer
 
     def _check_budget(self, price: int) -> None:
         if self._spent + price > self._budget:

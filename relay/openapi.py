@@ -31,7 +31,7 @@ REF_TEMPLATE = "#/components/schemas/{model}"
 # Codes any request can meet, whatever the operation.
 GLOBAL_CODES = ("not_found", "method_not_allowed", "internal_error")
 # Codes raised by the Python client (relay.client) before any request; never sent by the server.
-CLIENT_ONLY_CODES = ("price_limit_exceeded", "budget_exceeded")
+CLIENT_ONLY_CODES = ("price_limit_exceeded", "payment_terms_mismatch", "budget_exceeded")
 
 # What each code means to a caller; a code missing here falls back to its default message.
 WHEN: dict[str, str] = {
@@ -68,6 +68,8 @@ WHEN: dict[str, str] = {
     "same request (same payment header) after Retry-After",
     "price_limit_exceeded": "client only: the quoted price is above your max_price_usd; "
     "nothing was signed",
+    "payment_terms_mismatch": "client only: the 402 asked for another amount, network, asset "
+    "or payee than the quote, or for an authorization valid too long; nothing was signed",
     "budget_exceeded": "client only (`relay mcp`): the send would overspend MCP_BUDGET_USD; "
     "nothing was signed",
 }

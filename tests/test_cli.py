@@ -321,6 +321,25 @@ def test_send_pays_once_and_prints_the_answer(sent: Sent, stack: Stack) -> None:
     assert len(outbox) == 1
 
 
+def test_a_send_repeated_with_its_payment_id_never_pays_twice(
+    sent: Sent, stack: Stack, chain: DevChain
+) -> None:
+    """`relay send` prints its payment id before it pays; a send that ended in an error
+    (the relay unreachable once the payment was signed, say) repeated with --payment-id
+    pays nothing more: the relay takes one payment under one identifier."""
+    printed = [line for line in sent.result.stdout.splitlines() if line.startswith("payment id")]
+    payment_id = printed[0].split()[2].rstrip(":")
+    assert f"repeat with --payment-id {payment_id}" in printed[0]
+    result = stack.run(
+        "send",
+        *("--to", US, "--max-price", "0.10", "--payment-id", payment_id, MESSAGE),
+        **stack.client_env(PAYER_PRIVATE_KEY=sent.payer.key),
+    )
+    assert result.returncode == 1, explain(result)
+    assert "idempotency_key_reused" in result.stderr
+    assert chain.usdc_balance(sent.payer.address) == sent.after
+
+
 def test_send_above_max_price_is_refused_before_signing(stack: Stack, chain: DevChain) -> None:
     payer = new_wallet(chain, PAYER_USDC)
     payments_before = len(stack.ledger.list_payments(1000))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +20,7 @@ from relay.dev.chain import DevChain
 from relay.errors import (
     MessageTooLong,
     NotFound,
+    PaymentTermsMismatch,
     PriceLimitExceeded,
     RateLimited,
     Rejected,
@@ -127,6 +130,49 @@ def test_price_cap_is_checked_before_signing(
         client.send("Too dear", US, max_price_usd="0.049999")
     assert info.value.details == {"price_atomic": "50000", "max_atomic": "49999"}
     assert [url.rsplit("/", 1)[-1] for url, _, _ in http.answers] == ["quote"]
+    assert chain.usdc_balance(payer.address) == 10_000_000
+
+
+class Tampering(Recorder):
+    """A man in the middle (or a relay gone wrong) that changes the first requirement of
+    every 402's PAYMENT-REQUIRED before the client reads it."""
+
+    def __init__(self, change: dict[str, Any]) -> None:
+        super().__init__()
+        self.event_hooks["response"].insert(0, self._tamper)
+        self._change = change
+
+    def _tamper(self, response: httpx.Response) -> None:
+        if response.status_code == 402 and "PAYMENT-REQUIRED" in response.headers:
+            required = json.loads(base64.b64decode(response.headers["PAYMENT-REQUIRED"]))
+            required["accepts"][0].update(self._change)
+            encoded = base64.b64encode(json.dumps(required).encode()).decode()
+            response.headers["PAYMENT-REQUIRED"] = encoded
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"amount": "100000"},  # the cap, not the quoted price
+        {"payTo": "0x000000000000000000000000000000000000dEaD"},
+        {"network": "eip155:8453"},  # Base mainnet, real USDC
+        {"asset": "0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913"},
+        {"maxTimeoutSeconds": 10**9},  # an authorization good for thirty years
+        {"scheme": "upto"},
+    ],
+)
+def test_a_402_unlike_the_quote_is_never_signed(
+    serve: Callable[..., Served], chain: DevChain, payer: Wallet, change: dict[str, Any]
+) -> None:
+    """The client signs only the requirement that is exactly its quote's (price, network,
+    asset, payee) for a bounded time; anything else is refused before signing, within the
+    caller's cap or not."""
+    served = serve()
+    with Tampering(change) as http:
+        client = RelayClient(served.url, payer.key, http=http)
+        with pytest.raises(PaymentTermsMismatch):
+            client.send("Hello from the client", US, max_price_usd=Decimal("0.10"))
+    assert [signature for _, _, signature in http.answers] == [None, None]
     assert chain.usdc_balance(payer.address) == 10_000_000
 
 

@@ -29,6 +29,7 @@ EXPECTED = {
     "payload_too_large": 413,
     "internal_error": 500,
     "price_limit_exceeded": 402,
+    "payment_terms_mismatch": 402,
     "budget_exceeded": 402,
 }
 

@@ -200,13 +200,14 @@ def test_the_session_budget_is_never_exceeded(stack: Stack) -> None:
     assert len(stack.outbox(second_text)) == 1
 
 
-def test_a_payment_that_fails_is_not_counted(stack: Stack) -> None:
+def test_a_signed_payment_counts_whatever_the_relay_answers(stack: Stack) -> None:
+    """Whoever holds a signed authorization can settle it until it expires, and a relay
+    that says the payment failed may not be telling the truth: once signed, it counts."""
     poor = new_wallet(stack.chain, PRICE_ATOMIC - 1)
     env = stack.env(poor.key, MCP_BUDGET_USD="0.05")
-    failed, retried = call_tools(stack, env, [send(unique("No funds")), send(unique("No funds"))])
+    failed, refused = call_tools(stack, env, [send(unique("No funds")), send(unique("No funds"))])
     assert error(failed)["error"] == "payment_verify_failed"
-    # Had the failed payment counted, the budget of one message would refuse this one.
-    assert error(retried)["error"] == "payment_verify_failed"
+    assert error(refused)["error"] == "budget_exceeded"
 
 
 def test_bad_input_and_an_unreachable_relay_are_coded_errors(stack: Stack) -> None:
