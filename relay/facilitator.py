@@ -30,7 +30,7 @@ from relay.calldata import checksum, plain_function
 from relay.chain import receipt_watcher, web3_for
 from relay.configs import ChainConfig, PaymentConfig
 from relay.memo import Memo
-from relay.nonces import NonceStore, NonceTakenOver, reserve_nonce
+from relay.nonces import NonceStore, NonceTakenOver, fill_gap, reserve_nonce
 
 HTTP_TIMEOUT_SECONDS = 60.0
 #: A nonce reserved this recently needs no new timestamp when it is broadcast.
@@ -87,7 +87,7 @@ class SimulatingFacilitator(x402FacilitatorSync):
     it a moment ago, and a second simulation would only repeat it. Both ways share one
     pending-settlement store, so a settle retried after a pending one finds its transaction."""
 
-    def __init__(self, network: str, signer: FacilitatorEvmSigner) -> None:
+    def __init__(self, network: str, signer: SettlerSigner) -> None:
         super().__init__()
         pending = InMemoryPendingSettlementStore()
 
@@ -95,6 +95,7 @@ class SimulatingFacilitator(x402FacilitatorSync):
             config = ExactEvmSchemeConfig(simulate_in_settle=simulate)
             return ExactEvmScheme(signer, config, pending_store=pending)
 
+        self.signer = signer
         self.register([network], scheme(True))
         self._unsimulated = x402FacilitatorSync()
         self._unsimulated.register([network], scheme(False))
@@ -170,6 +171,10 @@ class SettlerSigner(FacilitatorWeb3Signer):
         final word either way."""
         read = super().get_code
         return self._codes.get_or_make(address.lower(), lambda: read(address))
+
+    def fill_nonce_gap(self) -> str | None:
+        """Fill a gap in the settler's nonces (relay.nonces.fill_gap)."""
+        return fill_gap(self._w3, self._nonces, self._account)
 
     def wait_for_transaction_receipt(self, tx_hash: str) -> TransactionReceipt:
         """The SDK's receipt wait, through the process's one receipt watcher."""

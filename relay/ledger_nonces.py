@@ -137,6 +137,20 @@ class NonceBook:
         postgresql = conn.dialect.name == "postgresql"
         conn.execute(_RAISE_MARK_POSTGRESQL if postgresql else _RAISE_MARK, raised)
 
+    def nonce_gap(self, address: str, pending: int, latest: int, now: float) -> bool:
+        """Whether the account's next nonce (``pending``: not even in the mempool) was
+        reserved longer than NONCE_GAP_SECONDS ago, or skipped, while a reservation above it
+        waits: its transactions cannot be mined until that nonce is used."""
+        mine = {"account": address}
+        with self.engine.begin() as conn:
+            conn.execute(_FORGET_MINED, {**mine, "latest": latest})
+            rows = conn.execute(_RESERVED, mine).all()
+        if not rows:
+            return False
+        lowest, highest = rows[0], rows[-1]
+        stale = lowest.reserved_at < now - NONCE_GAP_SECONDS
+        return bool(lowest.nonce >= pending and stale and highest.nonce > pending)
+
     def release_nonce(self, address: str, nonce: int, reserved_at: float) -> None:
         """A reserved nonce that will never be broadcast: the next reservation takes it
         at once (as if its age had run out). Only while the reservation is still the one

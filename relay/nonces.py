@@ -6,9 +6,10 @@ import logging
 import time
 from typing import NamedTuple, Protocol
 
+from eth_account.signers.local import LocalAccount
 from eth_typing import ChecksumAddress
 from web3 import Web3
-from web3.types import RPCEndpoint
+from web3.types import Nonce, RPCEndpoint, TxParams, Wei
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,8 @@ class NonceStore(Protocol):
     ) -> bool: ...
 
     def release_nonce(self, address: str, nonce: int, reserved_at: float) -> None: ...
+
+    def nonce_gap(self, address: str, pending: int, latest: int, now: float) -> bool: ...
 
 
 class NonceTakenOver(RuntimeError):
@@ -48,6 +51,36 @@ def reserve_nonce(w3: Web3, nonces: NonceStore, address: ChecksumAddress) -> Res
     pending, latest, gas_price = _chain_counts(w3, address)
     now = time.time()
     return Reservation(nonces.reserve_nonce(address, pending, latest, now), gas_price, now)
+
+
+def fill_gap(w3: Web3, nonces: NonceStore, account: LocalAccount) -> str | None:
+    """Use up a nonce the account reserved and never got onto the chain (a process died
+    between reserving and broadcasting, or its broadcast was lost) while its later
+    transactions wait behind it, with a transfer of nothing to itself: they are mined then,
+    with no new payment needed to fill the gap. Its hash; None when there is no gap."""
+    address = account.address
+    pending, latest, gas_price = _chain_counts(w3, address)
+    now = time.time()
+    if not nonces.nonce_gap(address, pending, latest, now):
+        return None
+    nonce = nonces.reserve_nonce(address, pending, latest, now)
+    if nonce != pending:  # filled meanwhile by another process: nothing to send
+        nonces.release_nonce(address, nonce, now)
+        return None
+    transfer: TxParams = {
+        "from": address,
+        "to": address,
+        "value": Wei(0),
+        "gas": 21_000,
+        "gasPrice": Wei(gas_price),
+        "nonce": Nonce(nonce),
+        "chainId": w3.eth.chain_id,
+    }
+    signed = account.sign_transaction(transfer)  # type: ignore[arg-type]
+    w3.eth.send_raw_transaction(signed.raw_transaction)
+    tx_hash = str(signed.hash.to_0x_hex())
+    log.warning("nonce %d of %s was a gap; filled by %s", nonce, address, tx_hash)
+    return tx_hash
 
 
 def _chain_counts(w3: Web3, address: ChecksumAddress) -> tuple[int, int, int]:

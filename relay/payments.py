@@ -83,7 +83,12 @@ from relay.errors import (
     RelayError,
     SettlementPending,
 )
-from relay.facilitator import build_facilitator, just_verified, waited_receipt
+from relay.facilitator import (
+    SimulatingFacilitator,
+    build_facilitator,
+    just_verified,
+    waited_receipt,
+)
 from relay.memo import Memo
 from relay.nonces import NonceStore
 from relay.payment_headers import ParsedPayment, as_json, parse_payment, parse_stored
@@ -332,6 +337,13 @@ class Payments:
     def stored(self, header: str, version: int) -> ParsedPayment:
         """A payment the ledger kept, parsed again from the header exactly as it arrived."""
         return parse_stored(header, version)
+
+    def fill_nonce_gap(self) -> str | None:
+        """With the local facilitator, fill a gap in the settler's nonces that holds its
+        later settlements back (relay.nonces.fill_gap): the fill's hash, or None."""
+        if not isinstance(self._facilitator, SimulatingFacilitator):
+            return None
+        return self._facilitator.signer.fill_nonce_gap()
 
     def block_number(self) -> int | None:
         """The chain's height (cached a few seconds, so possibly a little lower); None when

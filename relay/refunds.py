@@ -19,7 +19,7 @@ from relay.abi import load_abi
 from relay.chain import chain_unavailable, receipt_watcher, web3_for
 from relay.configs import RefundConfig
 from relay.errors import InternalError
-from relay.nonces import NonceStore, reserve_nonce
+from relay.nonces import NonceStore, fill_gap, reserve_nonce
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,10 @@ class Refunder:
     def address(self) -> str:
         """The refund wallet, which needs USDC and gas."""
         return str(self._account.address)
+
+    def fill_nonce_gap(self) -> str | None:
+        """Fill a gap in the refund wallet's nonces (relay.nonces.fill_gap)."""
+        return fill_gap(self._w3, self._nonces, self._account)
 
     def sign(self, payer: str, amount_atomic: int) -> SignedRefund:
         """A signed USDC transfer back to ``payer``, not yet broadcast.

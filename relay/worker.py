@@ -26,6 +26,20 @@ LEASE_NAME = "reconciler"
 LEASE_INTERVALS = 4
 
 
+def fill_nonce_gaps(services: Services) -> None:
+    """Use up a nonce of the settler (or the refund wallet) that never reached the chain
+    while later transactions wait behind it, so that they are mined without waiting for
+    new traffic to fill it; a chain that cannot be asked is left for the next pass."""
+    fillers = [services.payments.fill_nonce_gap]
+    if services.refunder is not None:
+        fillers.append(services.refunder.fill_nonce_gap)
+    for fill in fillers:
+        try:
+            fill()
+        except Exception as exc:  # the next pass tries again
+            log.warning("nonce gap not filled: %s", type(exc).__name__)
+
+
 class Worker:
     """One reconciler loop."""
 
@@ -47,6 +61,7 @@ class Worker:
         events = deliver_events(self.services, still_elected=self._elected)
         if events:
             log.info("events %s", events)
+        fill_nonce_gaps(self.services)
         return results
 
     def _elected(self) -> bool:

@@ -41,6 +41,7 @@ from relay.payments import NOT_PAID, VALIDITY_TOO_LONG
 from relay.schema import messages, outbox
 from relay.services import Services, build_services
 from relay.settings import Settings
+from relay.worker import Worker
 from tests.chain_attacks import Authorization, authorize, batch, cancel, wait_for
 from tests.conftest import (
     SINCH_PLAN,
@@ -678,3 +679,38 @@ def test_a_nonce_reserved_by_a_crashed_process_is_filled_under_steady_traffic(
     assert [a.status_code for a in answers] == [200] * len(payers), [a.get_json() for a in answers]
     assert all(chain.usdc_balance(p.address) == 1_000_000 - PRICE for p in payers)
     assert chain.w3.eth.get_transaction_count(settler, "latest") == latest + len(payers)
+
+
+def test_a_nonce_gap_is_filled_by_the_worker_without_new_traffic(
+    paid_settings: Callable[..., Settings], chain: DevChain, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process reserved the settler's next nonce and died before broadcasting; one
+    payment is broadcast behind the gap, and no other arrives. The elected worker uses the
+    abandoned nonce up with a transfer of nothing to the settler itself, so the waiting
+    settlement is mined and the replay gets its SMS, long before its authorization expires.
+    (NONCE_GAP_SECONDS is shortened so that the test takes seconds, not a minute.)"""
+    monkeypatch.setattr(relay.ledger_nonces, "NONCE_GAP_SECONDS", 4.0)
+    app = create_app(services=build_services(paid_settings(settlement_timeout_seconds=1)))
+    services = services_of(app)
+    settler = chain.accounts[0].address
+    pending = chain.w3.eth.get_transaction_count(settler, "pending")
+    latest = chain.w3.eth.get_transaction_count(settler, "latest")
+    reserved = time.time()
+    assert services.ledger.reserve_nonce(settler, pending, latest, reserved) == pending
+    payer = new_wallet(chain, 1_000_000)
+    body = {"message": "Behind the gap", "to": US}
+    signature = pay(challenge(app.test_client(), body), payer.key)
+    waiting = send(app.test_client(), body, signature)
+    assert waiting.status_code == 202, waiting.get_data(as_text=True)  # queued behind the gap
+    worker = Worker(services)
+    assert worker.run_once() is not None  # elected; the reservation is not stale yet
+    assert chain.w3.eth.get_transaction_count(settler, "latest") == latest
+    time.sleep(max(0.0, reserved + 4.5 - time.time()))
+    worker.run_once()  # the reservation is stale now: it fills the gap
+    wait_for(lambda: chain.w3.eth.get_transaction_count(settler, "latest") == latest + 2)
+    answer = send(app.test_client(), body, signature)
+    assert answer.status_code == 200, answer.get_data(as_text=True)
+    assert chain.usdc_balance(payer.address) == 1_000_000 - PRICE
+    assert len(services.ledger.outbox_messages()) == 1
+    worker.run_once()  # no gap left: nothing more is sent
+    assert chain.w3.eth.get_transaction_count(settler, "pending") == latest + 2

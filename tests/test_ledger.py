@@ -230,6 +230,21 @@ def test_one_transfer_log_pays_for_one_payment(ledger: Ledger) -> None:
     assert ledger.transition(second.id, ("settling",), "settled", 2.0, tx_hash="0xt", log_index=5)
 
 
+def test_a_nonce_gap_is_told_by_its_age_and_what_waits_behind_it(ledger: Ledger) -> None:
+    """nonce_gap: the next nonce reserved (or skipped) longer than NONCE_GAP_SECONDS ago
+    with a reservation waiting above it; not while it is young, alone, or on its way."""
+    account = "0x" + secrets.token_hex(20)
+    late = 100.0 + NONCE_GAP_SECONDS + 1
+    assert not ledger.nonce_gap(account, 5, 5, late)  # nothing reserved
+    assert ledger.reserve_nonce(account, 5, 5, 100.0) == 5  # then its process died
+    assert not ledger.nonce_gap(account, 5, 5, late)  # nothing waits behind it
+    assert ledger.reserve_nonce(account, 5, 5, 101.0) == 6  # broadcast, waits behind 5
+    assert not ledger.nonce_gap(account, 5, 5, 110.0)  # 5 may still be on its way
+    assert ledger.nonce_gap(account, 5, 5, late)
+    assert not ledger.nonce_gap(account, 6, 5, late)  # 5 reached the mempool
+    assert not ledger.nonce_gap(account, 7, 7, late)  # both mined
+
+
 def test_a_payers_marked_payments_are_found_by_when_they_last_moved(ledger: Ledger) -> None:
     """last_marked: the latest move of the payer's payments with that mark, within the
     window; other payers, other marks and older moves are not it."""
