@@ -64,7 +64,9 @@ class FakeFacilitator(ServedInBackground):
         self.fail_paths: tuple[str, ...] = ("/verify", "/settle")
         # Settle for real, then lose the answer (a gateway timeout after broadcast).
         self.lose_settle_answers = False
-        # Called once after the next real settle, before its answer leaves.
+        # Called once before the next settle, and once after the next real settle (before
+        # its answer leaves).
+        self.before_settle: Callable[[], object] | None = None
         self.after_settle: Callable[[], object] | None = None
         # url: FACILITATOR_URL
         super().__init__(ThreadingHTTPServer(("127.0.0.1", port), _handler_for(self)))
@@ -82,6 +84,9 @@ class FakeFacilitator(ServedInBackground):
             payload, requirements = _parse_request(body)
         except (ValueError, TypeError) as exc:
             return 400, {"error": "invalid_request", "message": str(exc)[:500]}
+        if path == "/settle" and self.before_settle is not None:
+            hook, self.before_settle = self.before_settle, None
+            hook()
         result = as_json(_dispatch(self.facilitator, path, payload, requirements))
         if path == "/settle" and self.after_settle is not None:
             hook, self.after_settle = self.after_settle, None

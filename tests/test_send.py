@@ -18,11 +18,13 @@ from x402.http import decode_payment_required_header
 from relay.app import create_app
 from relay.dev.chain import USDC_ADDRESS, DevChain
 from relay.flows.leases import lease_seconds
+from relay.flows.settling import SETTLEMENT_REVERTED
 from relay.ledger import Ledger
 from relay.payment_headers import parse_payment
 from relay.records import PaymentRecord
 from relay.services import build_services
 from relay.settings import Settings
+from tests.chain_attacks import authorize, batch
 from tests.conftest import (
     SINCH_PLAN,
     SINCH_TOKEN,
@@ -653,6 +655,35 @@ def test_a_settlement_whose_receipt_cannot_be_read_is_pending_with_its_hash(
     assert remote.facilitator.calls.count("POST /settle") == settles
     assert len(services_of(remote.app).ledger.outbox_messages()) == 1
     assert chain.usdc_balance(payer.address) == 10_000_000 - PRICE
+
+
+def test_a_reverted_settlement_is_recorded_while_the_chain_cannot_be_read(
+    proxied_remote: tuple[Remote, RpcProxy], chain: DevChain, payer: Wallet
+) -> None:
+    """The payer's balance leaves just before the remote facilitator settles, so its
+    transaction reverts, and the relay's node goes away before the revert can be read:
+    the payment waits with its transaction stored (202), rather than a 503 with nothing
+    kept; once the node is back, the revert is found and marked."""
+    remote, proxy = proxied_remote
+    signature = signed_headers(remote.client, BODY, payer.key)
+    drain = authorize(payer.key, new_wallet(chain).address, 10_000_000)
+    remote.facilitator.before_settle = lambda: wait_mined(chain, batch(chain, [drain]))
+    remote.facilitator.after_settle = lambda: setattr(proxy, "down", True)
+    answer = post(remote.client, BODY, **signature)
+    assert answer.status_code == 202, answer.get_data(as_text=True)
+    (row,) = services_of(remote.app).ledger.list_payments()
+    assert row.state == "settle_pending" and row.tx_hash == answer.get_json()["transaction"]
+    assert chain.w3.eth.get_transaction_receipt(row.tx_hash)["status"] == 0
+    assert row.error is None  # not known then
+    proxy.down = False
+    assert post(remote.client, BODY, **signature).status_code == 202
+    marked = services_of(remote.app).ledger.payment(row.id)
+    assert marked is not None and marked.error == SETTLEMENT_REVERTED
+    assert services_of(remote.app).ledger.outbox_messages() == []
+
+
+def wait_mined(chain: DevChain, transaction: str) -> None:
+    chain.w3.eth.wait_for_transaction_receipt(transaction, timeout=30)  # type: ignore[arg-type]
 
 
 def test_no_payment_is_taken_while_the_chain_cannot_be_read(

@@ -16,7 +16,13 @@ from typing import Any
 from x402 import PaymentRequirements
 
 from relay import metrics
-from relay.errors import PaymentSettlementFailed, PaymentVerifyFailed, RelayError, SettlementPending
+from relay.errors import (
+    ChainUnavailable,
+    PaymentSettlementFailed,
+    PaymentVerifyFailed,
+    RelayError,
+    SettlementPending,
+)
 from relay.facilitator import recording_broadcasts
 from relay.flows.answers import Outcome, finish
 from relay.flows.leases import busy, hold, moved_while_held
@@ -180,8 +186,11 @@ def broadcast(
     try:
         with recording_broadcasts(record), metrics.timed(metrics.SETTLEMENT_SECONDS):
             return services.payments.settle(parsed, req, verified=verified)
-    except PaymentSettlementFailed:
-        found = chain_verdict(services, payment, parsed, req)
+    except PaymentSettlementFailed as failed:
+        try:
+            found = chain_verdict(services, payment, parsed, req)
+        except ChainUnavailable:  # the chain decides later; its transaction is kept meanwhile
+            raise settlement_pending(failed.details.get("transaction")) from None
         if found is None:
             raise
         return found
@@ -246,7 +255,10 @@ def ours_reverted(services: Services, payment_id: str, tx: str | None) -> bool:
         tx = None if current is None else current.tx_hash
     if tx is None:
         return False
-    reverted = services.payments.reverted(tx)
+    try:
+        reverted = services.payments.reverted(tx)
+    except ChainUnavailable:  # not known now: the failure is recorded unmarked
+        return False
     if reverted:
         log.warning("settlement %s of payment %s reverted", tx, payment_id)
     return reverted
