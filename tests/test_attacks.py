@@ -650,6 +650,27 @@ def test_refunds_from_the_settler_key_share_its_nonces(
 # 6. A settler nonce reserved and never broadcast ------------------------------------------
 
 
+def abandoned_nonce(
+    paid_settings: Callable[..., Settings],
+    chain: DevChain,
+    monkeypatch: pytest.MonkeyPatch,
+    gap_seconds: float,
+    settlement_timeout: float,
+) -> tuple[Flask, str, int, float]:
+    """An app whose settler's next nonce a process reserved and died before broadcasting
+    (NONCE_GAP_SECONDS shortened to ``gap_seconds``): the app, the settler, its mined
+    count and when the nonce was reserved."""
+    monkeypatch.setattr(relay.ledger_nonces, "NONCE_GAP_SECONDS", gap_seconds)
+    settings = paid_settings(settlement_timeout_seconds=settlement_timeout)
+    app = create_app(services=build_services(settings))
+    settler = chain.accounts[0].address
+    pending = chain.w3.eth.get_transaction_count(settler, "pending")
+    latest = chain.w3.eth.get_transaction_count(settler, "latest")
+    reserved = time.time()
+    assert services_of(app).ledger.reserve_nonce(settler, pending, latest, reserved) == pending
+    return app, settler, latest, reserved
+
+
 def test_a_nonce_reserved_by_a_crashed_process_is_filled_under_steady_traffic(
     paid_settings: Callable[..., Settings], chain: DevChain, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -657,13 +678,7 @@ def test_a_nonce_reserved_by_a_crashed_process_is_filled_under_steady_traffic(
     sends keep arriving, one every half second; the later transactions queue behind the
     gap until a settlement re-uses the abandoned nonce, and every send is paid and sent.
     (NONCE_GAP_SECONDS is shortened so that the test takes seconds, not a minute.)"""
-    monkeypatch.setattr(relay.ledger_nonces, "NONCE_GAP_SECONDS", 3.0)
-    app = create_app(services=build_services(paid_settings(settlement_timeout_seconds=10)))
-    services = services_of(app)
-    settler = chain.accounts[0].address
-    pending = chain.w3.eth.get_transaction_count(settler, "pending")
-    latest = chain.w3.eth.get_transaction_count(settler, "latest")
-    assert services.ledger.reserve_nonce(settler, pending, latest, time.time()) == pending
+    app, settler, latest, _ = abandoned_nonce(paid_settings, chain, monkeypatch, 3.0, 10)
     payers = [new_wallet(chain, 1_000_000) for _ in range(14)]
     bodies = [{"message": f"Steady {i}", "to": US} for i in range(len(payers))]
     signatures = [
@@ -689,14 +704,8 @@ def test_a_nonce_gap_is_filled_by_the_worker_without_new_traffic(
     abandoned nonce up with a transfer of nothing to the settler itself, so the waiting
     settlement is mined and the replay gets its SMS, long before its authorization expires.
     (NONCE_GAP_SECONDS is shortened so that the test takes seconds, not a minute.)"""
-    monkeypatch.setattr(relay.ledger_nonces, "NONCE_GAP_SECONDS", 4.0)
-    app = create_app(services=build_services(paid_settings(settlement_timeout_seconds=1)))
+    app, settler, latest, reserved = abandoned_nonce(paid_settings, chain, monkeypatch, 4.0, 1)
     services = services_of(app)
-    settler = chain.accounts[0].address
-    pending = chain.w3.eth.get_transaction_count(settler, "pending")
-    latest = chain.w3.eth.get_transaction_count(settler, "latest")
-    reserved = time.time()
-    assert services.ledger.reserve_nonce(settler, pending, latest, reserved) == pending
     payer = new_wallet(chain, 1_000_000)
     body = {"message": "Behind the gap", "to": US}
     signature = pay(challenge(app.test_client(), body), payer.key)
