@@ -190,6 +190,14 @@ class ChainReader:
         receipt = self.receipt(transaction)
         return receipt is not None and receipt["status"] != 1
 
+    def has_code(self, address: str) -> bool:
+        """Whether ``address`` holds code; ChainUnavailable when the chain cannot be asked."""
+        try:
+            return len(self._w3.eth.get_code(Web3.to_checksum_address(address))) > 0
+        except Exception as exc:
+            log.warning("code lookup failed: %s", type(exc).__name__)
+            raise chain_unavailable() from exc
+
     def block_number(self) -> int | None:
         """The chain's height (cached a few seconds, so possibly a little lower); None when
         the chain cannot be asked."""

@@ -438,11 +438,17 @@ class Ledger(MessageBook, NonceBook, EventBook):
         """The payment that used this payment-identifier."""
         return self._payment_by("payment_identifier", identifier)
 
-    def last_marked(self, payer: str, error: str, since: float) -> float | None:
-        """When a payment of ``payer`` marked with ``error`` last moved, if at or after
-        ``since`` (the payer's payments are found by the authorization's unique index)."""
-        query = select(func.max(payments.c.updated_at)).where(
-            payments.c.payer == payer, payments.c.error == error, payments.c.updated_at >= since
+    def last_marked(
+        self, payer: str, error: str, since: float, states: tuple[str, ...]
+    ) -> float | None:
+        """When the latest payment of ``payer`` marked with ``error`` and now in one of
+        ``states`` was claimed, if at or after ``since`` (the payer's payments are found by
+        the authorization's unique index)."""
+        query = select(func.max(payments.c.created_at)).where(
+            payments.c.payer == payer,
+            payments.c.error == error,
+            payments.c.created_at >= since,
+            payments.c.state.in_(states),
         )
         with self.engine.connect() as conn:
             last = conn.execute(query).scalar()

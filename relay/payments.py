@@ -359,6 +359,11 @@ class Payments:
         """Whether ``transaction`` was mined and reverted (so it moved nothing)."""
         return self._chain.reverted(transaction)
 
+    def has_code(self, address: str) -> bool:
+        """Whether ``address`` holds code (a contract wallet, or an account delegating to
+        one); ChainUnavailable when the chain cannot be asked."""
+        return self._chain.has_code(address)
+
     def response_header(self, settlement: Settlement, version: int) -> tuple[str, str]:
         """The PAYMENT-RESPONSE (v2) or X-PAYMENT-RESPONSE (v1) header of a settlement."""
         if version == 1:

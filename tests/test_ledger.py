@@ -245,25 +245,30 @@ def test_a_nonce_gap_is_told_by_its_age_and_what_waits_behind_it(ledger: Ledger)
     assert not ledger.nonce_gap(account, 7, 7, late)  # both mined
 
 
-def test_a_payers_marked_payments_are_found_by_when_they_last_moved(ledger: Ledger) -> None:
-    """last_marked: the latest move of the payer's payments with that mark, within the
-    window; other payers, other marks and older moves are not it."""
+def test_a_payers_marked_payments_are_found_by_when_they_were_claimed(ledger: Ledger) -> None:
+    """last_marked: the latest claim of the payer's payments with that mark, within the
+    window, among those in the states asked; later moves do not count, and neither do
+    other payers, other marks, or payments that moved on."""
     rows = [
-        payment(quote_id="q1", nonce="0x01", payer="0xa"),
-        payment(quote_id="q2", nonce="0x02", payer="0xa"),
-        payment(quote_id="q3", nonce="0x03", payer="0xb"),
+        payment(quote_id="q1", nonce="0x01", payer="0xa", created_at=10.0),
+        payment(quote_id="q2", nonce="0x02", payer="0xa", created_at=20.0),
+        payment(quote_id="q3", nonce="0x03", payer="0xb", created_at=30.0),
+        payment(quote_id="q4", nonce="0x04", payer="0xb", created_at=40.0),
     ]
     for row in rows:
         ledger.claim_payment(row)
-    assert ledger.last_marked("0xa", "reverted", 0.0) is None
-    ledger.transition(rows[0].id, ("settling",), "settle_pending", 10.0, error="reverted")
-    ledger.transition(rows[1].id, ("settling",), "settle_pending", 20.0, error="other")
-    ledger.transition(rows[2].id, ("settling",), "settle_pending", 30.0, error="reverted")
-    assert ledger.last_marked("0xa", "reverted", 0.0) == 10.0
-    assert ledger.last_marked("0xa", "reverted", 10.0) == 10.0
-    assert ledger.last_marked("0xa", "reverted", 10.5) is None
-    assert ledger.last_marked("0xb", "reverted", 0.0) == 30.0
-    assert ledger.last_marked("0xc", "reverted", 0.0) is None
+    waiting = ("settle_pending", "settle_failed")
+    assert ledger.last_marked("0xa", "reverted", 0.0, waiting) is None
+    ledger.transition(rows[0].id, ("settling",), "settle_pending", 50.0, error="reverted")
+    ledger.transition(rows[1].id, ("settling",), "settle_pending", 60.0, error="other")
+    ledger.transition(rows[2].id, ("settling",), "settle_pending", 70.0, error="reverted")
+    ledger.transition(rows[3].id, ("settling",), "settle_pending", 80.0, error="reverted")
+    ledger.transition(rows[3].id, ("settle_pending",), "settled", 90.0)  # paid after all
+    assert ledger.last_marked("0xa", "reverted", 0.0, waiting) == 10.0
+    assert ledger.last_marked("0xa", "reverted", 10.0, waiting) == 10.0
+    assert ledger.last_marked("0xa", "reverted", 10.5, waiting) is None  # moved at 50: no matter
+    assert ledger.last_marked("0xb", "reverted", 0.0, waiting) == 30.0
+    assert ledger.last_marked("0xc", "reverted", 0.0, waiting) is None
 
 
 def release(commit: str) -> ModuleType:

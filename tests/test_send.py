@@ -18,7 +18,6 @@ from x402.http import decode_payment_required_header
 from relay.app import create_app
 from relay.dev.chain import USDC_ADDRESS, DevChain
 from relay.flows.leases import lease_seconds
-from relay.flows.settling import SETTLEMENT_REVERTED
 from relay.ledger import Ledger
 from relay.payment_headers import parse_payment
 from relay.records import PaymentRecord
@@ -663,7 +662,7 @@ def test_a_reverted_settlement_is_recorded_while_the_chain_cannot_be_read(
     """The payer's balance leaves just before the remote facilitator settles, so its
     transaction reverts, and the relay's node goes away before the revert can be read:
     the payment waits with its transaction stored (202), rather than a 503 with nothing
-    kept; once the node is back, the revert is found and marked."""
+    kept; once the node is back, it waits for its authorization's expiry, nothing sent."""
     remote, proxy = proxied_remote
     signature = signed_headers(remote.client, BODY, payer.key)
     drain = authorize(payer.key, new_wallet(chain).address, 10_000_000)
@@ -674,12 +673,41 @@ def test_a_reverted_settlement_is_recorded_while_the_chain_cannot_be_read(
     (row,) = services_of(remote.app).ledger.list_payments()
     assert row.state == "settle_pending" and row.tx_hash == answer.get_json()["transaction"]
     assert chain.w3.eth.get_transaction_receipt(row.tx_hash)["status"] == 0
-    assert row.error is None  # not known then
     proxy.down = False
     assert post(remote.client, BODY, **signature).status_code == 202
-    marked = services_of(remote.app).ledger.payment(row.id)
-    assert marked is not None and marked.error == SETTLEMENT_REVERTED
+    kept = services_of(remote.app).ledger.payment(row.id)
+    assert kept is not None and kept.tx_hash == row.tx_hash
     assert services_of(remote.app).ledger.outbox_messages() == []
+
+
+def test_a_broadcast_that_fails_while_the_chain_is_away_keeps_its_recorded_hash(
+    paid_settings: Callable[..., Settings], chain: DevChain, payer: Wallet
+) -> None:
+    """The settlement's hash is recorded, then its broadcast's answer is lost (the node
+    took it) and the chain cannot tell what became of the authorization (its state read
+    answers nothing): 202 with the recorded hash kept, not written over; the same request
+    later finds that transaction and sends once, never settling blindly again."""
+
+    def node_trouble() -> None:
+        proxy.lagging = {"eth_sendRawTransaction", "eth_call"}
+
+    with RpcProxy(chain.rpc_url) as proxy:
+        app = make_app(paid_settings(rpc_url=proxy.url))
+        client = app.test_client()
+        signature = signed_headers(client, BODY, payer.key)
+        proxy.before_broadcast = node_trouble
+        answer = post(client, BODY, **signature)
+        assert answer.status_code == 202, answer.get_data(as_text=True)
+        (row,) = services_of(app).ledger.list_payments()
+        assert row.state == "settle_pending" and row.tx_hash is not None
+        assert chain.w3.eth.get_transaction_receipt(row.tx_hash)["status"] == 1  # it was taken
+        proxy.lagging = set()
+        final = post(client, BODY, **signature)
+        assert final.status_code == 200, final.get_data(as_text=True)
+        assert final.get_json()["transaction"] == row.tx_hash
+        assert proxy.count("eth_sendRawTransaction") == 1
+        services_of(app).payments.close()
+    assert len(services_of(app).ledger.outbox_messages()) == 1
 
 
 def wait_mined(chain: DevChain, transaction: str) -> None:

@@ -46,18 +46,21 @@ _MAYBE_USED = ("nonce_already_used", "transfer_event")
 SETTLEMENT_REVERTED = "settlement_reverted"
 #: The reason a payer is refused after one of its settlements reverted.
 PAYER_SETTLEMENT_REVERTED = "payer_settlement_reverted"
-#: How long a payer is refused after a settlement of its reverted: the revert cost the
-#: settler gas and, for a contract wallet that answers a simulation and not the real
-#: transaction, cost the payer nothing; each further try now needs another payer address.
+#: How long a contract payer is refused after its payment whose settlement reverted was
+#: claimed: the revert cost the settler gas and the payer nothing; each further try now
+#: needs another payer address, which costs its owner gas.
 REVERTED_PAYER_SECONDS = 3600
+#: Where a payment marked as reverted still stands so (it has not settled since).
+_REVERT_STANDS = (P.SETTLE_PENDING, P.SETTLE_UNKNOWN, P.SETTLE_FAILED)
 
 
 def refuse_reverted_payer(services: Services, payer: str) -> None:
-    """402 payment_verify_failed (``payer_settlement_reverted``, Retry-After) while a
-    payment of ``payer`` whose settlement reverted moved within REVERTED_PAYER_SECONDS."""
+    """402 payment_verify_failed (``payer_settlement_reverted``, Retry-After) within
+    REVERTED_PAYER_SECONDS of the claim of a payment of ``payer`` marked as reverted, while
+    that payment has not settled since (anyone may still submit its authorization)."""
     now = services.clock()
     since = now - REVERTED_PAYER_SECONDS
-    last = services.ledger.last_marked(payer, SETTLEMENT_REVERTED, since)
+    last = services.ledger.last_marked(payer, SETTLEMENT_REVERTED, since, _REVERT_STANDS)
     if last is None:
         return
     raise PaymentVerifyFailed(
@@ -88,7 +91,8 @@ def settle(
     except SettlementPending as pending:
         tx = pending.details.get("transaction") or payment.tx_hash
         waiting = (P.SETTLING, P.SETTLE_PENDING)  # settle_unknown stays for review
-        ledger.transition(payment.id, waiting, P.SETTLE_PENDING, services.clock(), tx_hash=tx)
+        known = {"tx_hash": tx} if tx else {}  # never written over a hash recorded meanwhile
+        ledger.transition(payment.id, waiting, P.SETTLE_PENDING, services.clock(), **known)
         raise
     except PaymentSettlementFailed as failed:
         raise settlement_failed(services, payment.id, failed) from None
@@ -231,7 +235,7 @@ def settlement_failed(
     certain = (
         reason.startswith("invalid_") and not any(m in reason for m in _MAYBE_USED)
     ) or reason in ("expired", CANCELED, CREDITED_ELSEWHERE, NOT_PAID)
-    mark = {"error": SETTLEMENT_REVERTED} if ours_reverted(services, payment_id, tx) else {}
+    mark = revert_mark(services, payment_id, tx)
     if not certain:
         known = {"tx_hash": tx} if tx else {}
         services.ledger.transition(
@@ -247,21 +251,24 @@ def settlement_failed(
     return failed
 
 
-def ours_reverted(services: Services, payment_id: str, tx: str | None) -> bool:
-    """Whether the settlement transaction of this payment (``tx``, else the one recorded
-    before its broadcast) was mined and reverted: gas spent, nothing moved."""
-    if tx is None:
-        current = services.ledger.payment(payment_id)
-        tx = None if current is None else current.tx_hash
-    if tx is None:
-        return False
+def revert_mark(services: Services, payment_id: str, tx: str | None) -> dict[str, Any]:
+    """The mark of a payment whose settlement transaction (``tx``, else the one recorded
+    before its broadcast) reverted, when its payer is a contract wallet: its signature
+    check may pass the verify's simulation and fail on-chain at no cost to it. A payer
+    without code can only make a settlement revert by spending gas of its own (a cancel,
+    or moving its balance away), and is not marked. Nothing when the chain cannot say."""
+    current = services.ledger.payment(payment_id)
+    tx = tx or (None if current is None else current.tx_hash)
+    if current is None or tx is None:
+        return {}
+    payments = services.payments
     try:
-        reverted = services.payments.reverted(tx)
-    except ChainUnavailable:  # not known now: the failure is recorded unmarked
-        return False
-    if reverted:
-        log.warning("settlement %s of payment %s reverted", tx, payment_id)
-    return reverted
+        if not payments.reverted(tx) or not payments.has_code(current.payer):
+            return {}
+    except ChainUnavailable:
+        return {}
+    log.warning("settlement %s of payment %s reverted; its payer is a contract", tx, payment_id)
+    return {"error": SETTLEMENT_REVERTED}
 
 
 def settle_failed(services: Services, payment_id: str, failed: RelayError, **fields: Any) -> None:
