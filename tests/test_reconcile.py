@@ -239,6 +239,44 @@ def test_a_dropped_pending_settlement_fails_once_expired(
     assert services.ledger.outbox_messages() == []
 
 
+def test_a_stop_after_the_payment_means_no_sms_and_a_refund(
+    paid_settings: Callable[..., Settings], chain: DevChain, payer: Wallet
+) -> None:
+    """The settlement waits unconfirmed (202); meanwhile the recipient replies STOP, its
+    report handled by the relay (any process). When the settlement is mined the repair
+    reads the registry again before the hand-over: no batch is posted to Sinch, and the
+    payer is refunded."""
+    refunder = new_wallet(chain, 1_000_000)
+    chain.set_eth_balance(refunder.address, 10**18)
+    with FakeSinch(plan_id=SINCH_PLAN, token=SINCH_TOKEN) as fake:
+        settings = paid_settings(
+            **sinch_overrides(fake.base_url),
+            refund_private_key=refunder.key,
+            settlement_timeout_seconds=0.3,
+        )
+        app = create_app(services=build_services(settings))
+        services, client = services_of(app), app.test_client()
+        head = client.post("/api/send", json=BODY).headers["PAYMENT-REQUIRED"]
+        signature = {"PAYMENT-SIGNATURE": pay(head, payer.key)}
+        chain.set_automine(False)
+        try:
+            pending = client.post("/api/send", json=BODY, headers=signature)
+            assert pending.status_code == 202, pending.get_data(as_text=True)
+            stop = {"type": "mo_text", "from": BODY["to"].lstrip("+"), "to": "1", "body": "STOP"}
+            hook = client.post("/webhooks/sinch/callback-secret-123", json=stop)
+            assert hook.status_code < 300, hook.get_data(as_text=True)
+        finally:
+            chain.set_automine(True)
+        chain.mine()
+        (row,) = services.ledger.list_payments()
+        assert reconcile(services, force=True)[row.id] in ("dispatch_failed", "refunded")
+        wait_for(lambda: reconcile(services, force=True).get(row.id, "refunded") == "refunded")
+        assert fake.batches == []
+    assert chain.usdc_balance(payer.address) == 10_000_000
+    answer = client.post("/api/send", json=BODY, headers=signature)
+    assert answer.status_code == 502 and answer.get_json()["refund"]["state"] == "confirmed"
+
+
 def test_relay_dev_runs_the_reconciler() -> None:
     """`relay dev` finishes a payment a crash left behind without any request."""
     with DevStack.start(port=0, say=lambda _: None) as stack:

@@ -35,12 +35,20 @@ DISPATCH_QUIET_SECONDS = 60
 
 
 def dispatch(services: Services, payment: PaymentRecord, settlement: Settlement) -> Outcome:
-    """Hand the paid SMS to the provider; answer 200, or 502 with the refund.
+    """Hand the paid SMS to the provider; answer 200, or 502 with the refund (also when
+    the recipient replied STOP since the payment was claimed: the registry is read again
+    here, in the database, so no SMS follows a STOP whatever the payment waited for).
 
     The payment was moved to dispatching a moment ago, only while its lease was ours and
     renewing it: that was the check before the first attempt; each later attempt and
     look-up renews the lease again (or stops)."""
     assert payment.body is not None, "a payment being dispatched keeps its text"
+    if services.ledger.is_opted_out(payment.destination):  # a STOP since it was paid for
+        log.warning(
+            "payment %s: %s opted out since; not sent", payment.id, mask(payment.destination)
+        )
+        opted_out = SmsDispatchError("The recipient replied STOP after the payment was made.")
+        return dispatch_failed(services, payment, settlement, opted_out)
     body_text = compose_body(payment.body, services.settings.opt_out_line)
     first = True
 
