@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+from eth_account import Account
 from flask import Flask
 from flask.testing import FlaskClient
 from web3 import Web3
@@ -37,6 +38,7 @@ from relay.flows.settling import (
     SETTLEMENT_REVERTED,
     refuse_reverted_payer,
 )
+from relay.nonces import fill_gap
 from relay.payments import NOT_PAID, VALIDITY_TOO_LONG
 from relay.schema import messages, outbox
 from relay.services import Services, build_services
@@ -145,7 +147,6 @@ def rebuilt_from_the_chain(chain: DevChain, transaction: str, required_header: s
     call = chain.w3.eth.get_transaction(transaction)  # type: ignore[arg-type]
     _, args = chain.token.decode_function_input(call["input"])
     signature = args["r"] + args["s"] + bytes([args["v"]])
-    required = decode_payment_required_header(required_header)
     authorization = ExactEIP3009Authorization(
         from_address=args["from"],
         to=args["to"],
@@ -154,15 +155,7 @@ def rebuilt_from_the_chain(chain: DevChain, transaction: str, required_header: s
         valid_before=str(args["validBefore"]),
         nonce="0x" + args["nonce"].hex(),
     )
-    inner = ExactEIP3009Payload(authorization=authorization, signature="0x" + signature.hex())
-    payload = PaymentPayload(
-        x402_version=2,
-        payload=inner.to_dict(),
-        accepted=required.accepts[0],
-        resource=required.resource,
-        extensions=required.extensions,
-    )
-    return header(payload)
+    return v2_header(required_header, authorization, "0x" + signature.hex())
 
 
 def test_a_payment_rebuilt_from_the_chain_gets_no_answer_of_another_request(
@@ -354,8 +347,7 @@ SIMULATION_ONLY_WALLET = "0x620f42405a11631626ba7e60e01b0260005260206000f3"
 def contract_payment(required_header: str, wallet: str) -> str:
     """A v2 payment from a contract wallet: its authorization with a signature that only
     the wallet's own ERC-1271 check judges (any bytes but 65 of them)."""
-    required = decode_payment_required_header(required_header)
-    (req,) = required.accepts
+    (req,) = decode_payment_required_header(required_header).accepts
     authorization = ExactEIP3009Authorization(
         from_address=wallet,
         to=req.pay_to,
@@ -364,8 +356,24 @@ def contract_payment(required_header: str, wallet: str) -> str:
         valid_before=str(int(time.time()) + req.max_timeout_seconds),
         nonce="0x" + secrets.token_hex(32),
     )
-    inner = ExactEIP3009Payload(authorization=authorization, signature="0x" + "11" * 66)
-    return header(PaymentPayload(x402_version=2, payload=inner.to_dict(), accepted=req))
+    return v2_header(required_header, authorization, "0x" + "11" * 66)
+
+
+def v2_header(
+    required_header: str, authorization: ExactEIP3009Authorization, signature: str
+) -> str:
+    """The PAYMENT-SIGNATURE of an authorization and its signature, the rest as a stock v2
+    client writes it for a 402 (its first requirement, resource and extensions)."""
+    required = decode_payment_required_header(required_header)
+    inner = ExactEIP3009Payload(authorization=authorization, signature=signature)
+    payload = PaymentPayload(
+        x402_version=2,
+        payload=inner.to_dict(),
+        accepted=required.accepts[0],
+        resource=required.resource,
+        extensions=required.extensions,
+    )
+    return header(payload)
 
 
 def test_a_contract_wallet_valid_only_in_simulation_costs_one_revert_then_is_refused(
@@ -723,3 +731,34 @@ def test_a_nonce_gap_is_filled_by_the_worker_without_new_traffic(
     assert len(services.ledger.outbox_messages()) == 1
     worker.run_once()  # no gap left: nothing more is sent
     assert chain.w3.eth.get_transaction_count(settler, "pending") == latest + 2
+
+
+def test_a_nonce_gap_another_process_fills_first_is_not_filled_twice(
+    paid_settings: Callable[..., Settings], chain: DevChain
+) -> None:
+    """Two processes see the same gap: the other retakes the abandoned nonce between this
+    one's look and its reservation. This one then holds a fresh nonce instead, gives it
+    back at once, and sends nothing (a transfer at a new nonce would itself leave a gap)."""
+    services = build_services(paid_settings())
+    ledger, settler = services.ledger, Account.from_key(chain.accounts[0].private_key)
+    pending = chain.w3.eth.get_transaction_count(settler.address, "pending")
+    latest = chain.w3.eth.get_transaction_count(settler.address, "latest")
+    long_ago = time.time() - 100
+    assert ledger.reserve_nonce(settler.address, pending, latest, long_ago) == pending
+    assert ledger.reserve_nonce(settler.address, pending, latest, long_ago) == pending + 1
+
+    class OtherProcessFirst:
+        """The ledger, with another process's reservation just after the gap is seen."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(ledger, name)
+
+        def nonce_gap(self, address: str, *args: Any) -> bool:
+            seen = ledger.nonce_gap(address, *args)
+            assert ledger.reserve_nonce(address, pending, latest, time.time()) == pending
+            return seen
+
+    assert fill_gap(chain.w3, OtherProcessFirst(), settler) is None  # type: ignore[arg-type]
+    assert chain.w3.eth.get_transaction_count(settler.address, "pending") == pending
+    # The nonce it held was given back: the next reservation takes it before any other.
+    assert ledger.reserve_nonce(settler.address, pending, latest, time.time()) == pending + 2

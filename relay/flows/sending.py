@@ -134,15 +134,15 @@ def replay(services: Services, parsed: ParsedPayment, req: MessageRequest) -> Ou
             if other is not None:
                 raise IdempotencyKeyReused(details={"payment_identifier": other.payment_identifier})
         return None
-    if payment.request_sha256 is not None and payment.request_sha256 != request_sha256(req):
+    asked = request_sha256(normalize_destination(req.to), req.message)
+    if payment.request_sha256 is not None and payment.request_sha256 != asked:
         raise authorization_used()
     return resume(services, payment, parsed)
 
 
-def request_sha256(req: MessageRequest) -> str:
-    """SHA-256 of a request's destination (normalised) and message, as a payment keeps it."""
-    to = normalize_destination(req.to)
-    return hashlib.sha256(f"{to}\n{req.message}".encode()).hexdigest()
+def request_sha256(to: str, message: str) -> str:
+    """SHA-256 of a normalised destination and a message, as a payment keeps them."""
+    return hashlib.sha256(f"{to}\n{message}".encode()).hexdigest()
 
 
 def resume(services: Services, payment: PaymentRecord, parsed: ParsedPayment) -> Outcome:
@@ -204,7 +204,7 @@ def claim(
         response_headers=None,
         created_at=now,
         updated_at=now,
-        request_sha256=request_sha256(req),
+        request_sha256=request_sha256(order.to, req.message),
     )
     try:
         services.ledger.claim_payment(payment)

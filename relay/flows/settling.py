@@ -95,7 +95,7 @@ def settle(
         ledger.transition(payment.id, waiting, P.SETTLE_PENDING, services.clock(), **known)
         raise
     except PaymentSettlementFailed as failed:
-        raise settlement_failed(services, payment.id, failed) from None
+        raise settlement_failed(services, payment, failed) from None
     return dispatching(services, payment, settlement)
 
 
@@ -114,7 +114,7 @@ def dispatching(services: Services, payment: PaymentRecord, settlement: Settleme
         taken = PaymentSettlementFailed(
             details={"reason": CREDITED_ELSEWHERE, "transaction": settlement.transaction}
         )
-        raise settlement_failed(services, payment.id, taken) from None
+        raise settlement_failed(services, payment, taken) from None
     if not ours:
         raise busy()
     return settlement
@@ -225,7 +225,7 @@ def chain_verdict(
 
 
 def settlement_failed(
-    services: Services, payment_id: str, failed: PaymentSettlementFailed
+    services: Services, payment: PaymentRecord, failed: PaymentSettlementFailed
 ) -> RelayError:
     """A certain failure is final (402); an ambiguous one stays pending (202), and so does
     a reverted settlement while its authorization may still be used. A payment whose
@@ -235,11 +235,11 @@ def settlement_failed(
     certain = (
         reason.startswith("invalid_") and not any(m in reason for m in _MAYBE_USED)
     ) or reason in ("expired", CANCELED, CREDITED_ELSEWHERE, NOT_PAID)
-    mark = revert_mark(services, payment_id, tx)
+    mark = revert_mark(services, payment, tx)
     if not certain:
         known = {"tx_hash": tx} if tx else {}
         services.ledger.transition(
-            payment_id,
+            payment.id,
             (P.SETTLING, P.SETTLE_PENDING),
             P.SETTLE_PENDING,
             services.clock(),
@@ -247,27 +247,30 @@ def settlement_failed(
             **mark,
         )
         return settlement_pending(tx)
-    settle_failed(services, payment_id, failed, **mark)
+    settle_failed(services, payment.id, failed, **mark)
     return failed
 
 
-def revert_mark(services: Services, payment_id: str, tx: str | None) -> dict[str, Any]:
+def revert_mark(services: Services, payment: PaymentRecord, tx: str | None) -> dict[str, Any]:
     """The mark of a payment whose settlement transaction (``tx``, else the one recorded
     before its broadcast) reverted, when its payer is a contract wallet: its signature
     check may pass the verify's simulation and fail on-chain at no cost to it. A payer
     without code can only make a settlement revert by spending gas of its own (a cancel,
-    or moving its balance away), and is not marked. Nothing when the chain cannot say."""
-    current = services.ledger.payment(payment_id)
-    tx = tx or (None if current is None else current.tx_hash)
-    if current is None or tx is None:
+    or moving its balance away), and is not marked. Nothing when the chain cannot say.
+    (``payment`` may have been read before the broadcast: its hash is read again only
+    when ``tx`` is not known.)"""
+    if tx is None:
+        current = services.ledger.payment(payment.id)
+        tx = None if current is None else current.tx_hash
+    if tx is None:
         return {}
     payments = services.payments
     try:
-        if not payments.reverted(tx) or not payments.has_code(current.payer):
+        if not payments.reverted(tx) or not payments.has_code(payment.payer):
             return {}
     except ChainUnavailable:
         return {}
-    log.warning("settlement %s of payment %s reverted; its payer is a contract", tx, payment_id)
+    log.warning("settlement %s of payment %s reverted; its payer is a contract", tx, payment.id)
     return {"error": SETTLEMENT_REVERTED}
 
 
